@@ -1,0 +1,196 @@
+"""The small interface every backend kind implements (the only part of spear_rt they import).
+
+A *kind* is an implementation registered under the entry-point group ``spear_rt.backends``;
+an *instance* is a configured endpoint of a kind. For realtime transcription a kind opens a
+`TranscriptionUpstream` per session: the session sends it commands (audio at the upstream's
+rate, commit, clear) and reads append-only transcript events back.
+
+Contract of a transcription upstream:
+
+* audio arrives as ``AppendAudio`` (int16 mono at ``input_rate_hz``) for the *current turn*;
+* ``Commit(item_id)`` ends the turn: the upstream emits zero or more ``TranscriptDelta`` and
+  exactly one ``TranscriptCompleted`` (or ``TranscriptFailed``) for that ``item_id``;
+* ``Clear`` drops the current turn's audio; nothing is emitted for it;
+* deltas of one item are append-only: their concatenation equals the completed transcript.
+  Deltas may arrive *before* the commit (live partials), tagged with the ``item_id`` the
+  session announced in ``BeginTurn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import msgspec
+import numpy as np
+from numpy.typing import NDArray
+
+from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport
+
+Pcm16 = NDArray[np.int16]
+
+
+class InstanceDefaults(msgspec.Struct, frozen=True):
+    """Capabilities a kind declares; an instance's config may narrow or override them."""
+
+    ops: frozenset[Operation]
+    features: frozenset[Feature] = frozenset()
+    transports: frozenset[Transport] = frozenset({Transport.IN_PROCESS})
+    hosting: Hosting = Hosting.LOCAL
+    limits: Limits = Limits()
+
+
+class Secret:
+    """A credential value that never shows itself in repr, str, logs or errors."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value itself, for the one place that sends it upstream."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+class InstanceInfo(msgspec.Struct, frozen=True):
+    """What a kind may know of the instance it serves; the key is a `Secret`."""
+
+    name: str
+    model: str | None = None
+    base_url: str | None = None
+    api_key: Secret | None = None
+    options: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+
+
+class TranscriptionSpec(msgspec.Struct, frozen=True):
+    """What the session asks of a transcription upstream."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+
+
+# --- commands: session -> upstream ------------------------------------------------------------
+
+
+class BeginTurn(msgspec.Struct, frozen=True):
+    """A new turn starts; live deltas for it carry `item_id`."""
+
+    item_id: str
+
+
+class AppendAudio(msgspec.Struct, frozen=True):
+    """Audio of the current turn, int16 mono at the upstream's `input_rate_hz`."""
+
+    pcm: Pcm16
+
+
+class Commit(msgspec.Struct, frozen=True):
+    """End the current turn; its transcript belongs to `item_id`."""
+
+    item_id: str
+
+
+class Clear(msgspec.Struct, frozen=True):
+    """Drop the current turn's audio."""
+
+
+UpstreamCommand = BeginTurn | AppendAudio | Commit | Clear
+
+
+# --- events: upstream -> session --------------------------------------------------------------
+
+
+class TranscriptDelta(msgspec.Struct, frozen=True):
+    """Text appended to `item_id`'s transcript (never a retraction)."""
+
+    item_id: str
+    delta: str
+
+
+class TranscriptCompleted(msgspec.Struct, frozen=True):
+    """The final transcript of `item_id`: the concatenation of its deltas."""
+
+    item_id: str
+    transcript: str
+
+
+class TranscriptFailed(msgspec.Struct, frozen=True):
+    """`item_id` could not be transcribed; `retryable` tells whether a reconnect may help."""
+
+    item_id: str
+    message: str
+    retryable: bool = False
+
+
+UpstreamEvent = TranscriptDelta | TranscriptCompleted | TranscriptFailed
+
+
+class TranscriptionUpstream(Protocol):
+    """One session's connection to a transcription engine or service."""
+
+    input_rate_hz: int
+
+    async def send(self, command: UpstreamCommand) -> None:
+        """Deliver one command; may wait when the upstream applies backpressure."""
+        ...
+
+    async def receive(self) -> UpstreamEvent:
+        """Next event; raises `anyio.EndOfStream` once the upstream is closed."""
+        ...
+
+
+class BackendKind(Protocol):
+    """An implementation of one or more operations, loaded by entry point."""
+
+    name: str
+    extra: str | None  # the pip extra that provides its dependencies
+    defaults: InstanceDefaults
+
+    def unavailable_reason(self, instance: InstanceInfo) -> str | None:
+        """Why this instance cannot serve right now (missing engine, binary...), or None."""
+        ...
+
+    def open_transcription(
+        self, instance: InstanceInfo, spec: TranscriptionSpec
+    ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
+        """Open a streaming transcription upstream for one session."""
+        ...
+
+
+class StreamingRecognizer(Protocol):
+    """A synchronous local speech recognizer, one utterance at a time.
+
+    Runs in a worker thread (see `spear_rt.local_asr`). Hypotheses may revise earlier words;
+    the adapter turns them into append-only deltas with the stable-prefix rule.
+    """
+
+    sample_rate_hz: int
+
+    def start_utterance(self) -> None:
+        """Begin a new utterance."""
+        ...
+
+    def feed(self, pcm: Pcm16) -> str | None:
+        """Feed audio; return the current full hypothesis, or None when unchanged."""
+        ...
+
+    def end_utterance(self) -> str:
+        """Finish the utterance and return its final hypothesis."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine."""
+        ...
+
+
+def words(text: str) -> Sequence[str]:
+    """Split a transcript into words the way every transcript comparison here does."""
+    return text.split()

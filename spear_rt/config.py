@@ -1,0 +1,167 @@
+"""TOML config -> typed config (msgspec Structs).
+
+Credentials are referenced by environment-variable *name*, never by value. With no file, the
+embedded `default_config.toml` serves every operation from local backends. A bad file raises
+`ConfigError` naming the key and the reason, so the CLI can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import msgspec
+
+from spear_rt.errors import ConfigError
+from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Listener, client auth and global caps."""
+
+    listen: str = "127.0.0.1:8787"
+    client_keys_env: list[str] = msgspec.field(default_factory=list)
+    max_sessions: int = 1000
+    max_sessions_per_key: int = 100
+    max_frame_bytes: int = 1 << 20
+    max_http_body_bytes: int = 25 << 20
+    handshake_timeout_s: float = 10.0
+
+
+class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Per-session timeouts and queue bounds."""
+
+    idle_timeout_s: float = 600.0
+    max_session_seconds: float = 3600.0
+    resume_grace_seconds: float = 30.0
+    upstream_connect_timeout_s: float = 10.0
+    max_outbound_bytes: int = 1 << 20  # server -> client events awaiting the socket
+    max_pending_audio_bytes: int = 1 << 20  # client audio awaiting the upstream
+    replay_buffer_bytes: int = 4 << 20
+
+
+class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Default routing policy and per-operation overrides."""
+
+    default: str = "least_inflight"
+    by_operation: dict[Operation, str] = msgspec.field(default_factory=dict)
+
+
+class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A named credential: the env var that holds the key."""
+
+    name: str
+    api_key_env: str
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One configured backend instance; unset capability fields take the kind's defaults."""
+
+    name: str
+    kind: str
+    base_url: str | None = None
+    hosting: Hosting | None = None
+    model: str | None = None
+    credential_ref: str | None = None
+    weight: int = 100
+    priority: int = 0
+    ops: list[Operation] | None = None
+    features: list[Feature] | None = None
+    transports: list[Transport] | None = None
+    limits: Limits | None = None
+    options: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole server config."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    realtime: RealtimeConfig = msgspec.field(default_factory=RealtimeConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    credentials: list[CredentialConfig] = msgspec.field(default_factory=list)
+    backends: list[BackendConfig] = msgspec.field(default_factory=list)
+    source: str = "embedded default"
+
+    def credential_env(self, ref: str) -> str | None:
+        """The env var name behind a credential reference, or None if undeclared."""
+        for cred in self.credentials:
+            if cred.name == ref:
+                return cred.api_key_env
+        return None
+
+
+def _validation_key(message: str) -> tuple[str, str]:
+    """Split msgspec's 'reason - at `$.a[0].b`' into ('a[0].b', 'reason')."""
+    match = re.search(r"^(.*) - at `\$\.?(.*)`$", message)
+    if match is None:
+        return "config", message
+    return match.group(2) or "config", match.group(1)
+
+
+def _check(config: Config) -> None:
+    """Cross-field rules msgspec cannot express."""
+    seen: set[str] = set()
+    for i, backend in enumerate(config.backends):
+        where = f"backends[{i}]"
+        if not re.match(_NAME, backend.name):
+            raise ConfigError(f"{where}.name", f"{backend.name!r} is not a valid instance name")
+        if backend.name in seen:
+            raise ConfigError(f"{where}.name", f"duplicate instance name {backend.name!r}")
+        seen.add(backend.name)
+        if backend.weight <= 0:
+            raise ConfigError(f"{where}.weight", "must be a positive integer")
+        if backend.credential_ref is not None and config.credential_env(backend.credential_ref) is None:
+            declared = sorted(c.name for c in config.credentials) or ["none"]
+            raise ConfigError(
+                f"{where}.credential_ref",
+                f"unknown credential {backend.credential_ref!r}; declared: {', '.join(declared)}",
+            )
+    for i, cred in enumerate(config.credentials):
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", cred.api_key_env):
+            raise ConfigError(f"credentials[{i}].api_key_env", "must be an environment variable name")
+    _parse_listen(config.server.listen)
+    if config.server.max_frame_bytes < 1024:
+        raise ConfigError("server.max_frame_bytes", "must be at least 1024")
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("server.listen", f"expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def listen_address(config: Config) -> tuple[str, int]:
+    """The (host, port) the server binds."""
+    return _parse_listen(config.server.listen)
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Decode and check TOML text; raises ConfigError naming the key and the reason."""
+    try:
+        config = msgspec.toml.decode(text.encode(), type=Config)
+    except msgspec.ValidationError as exc:
+        key, reason = _validation_key(str(exc))
+        raise ConfigError(key, reason) from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}") from None
+    config.source = source
+    _check(config)
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load a config file, or the embedded default when `path` is None."""
+    if path is None:
+        text = resources.files("spear_rt").joinpath("default_config.toml").read_text()
+        return parse_config(text, "embedded default")
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(str(file), f"cannot read: {exc.strerror}") from None
+    return parse_config(text, str(file))

@@ -1,0 +1,46 @@
+"""The one exception tree of spear_rt: every error we raise derives from `SpearError`."""
+
+from __future__ import annotations
+
+from spear_rt.ir import CanonicalError, ErrorCode, Operation
+
+
+class SpearError(Exception):
+    """Root of every exception spear_rt raises on purpose."""
+
+
+class ConfigError(SpearError):
+    """A config file or section is invalid; `key` names where, the message says why."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class CanonicalFailure(SpearError):
+    """An error that crosses the API as a `CanonicalError`."""
+
+    def __init__(self, error: CanonicalError) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+    @classmethod
+    def of(
+        cls,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool = False,
+        operation: Operation | None = None,
+    ) -> CanonicalFailure:
+        """Build a failure from a code and a message."""
+        return cls(CanonicalError(code, message, retryable=retryable, operation=operation))
+
+
+class BackendFailure(SpearError):
+    """A backend failed while serving; `retryable` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

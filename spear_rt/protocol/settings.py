@@ -1,0 +1,184 @@
+"""Session settings: one normalized form for both dialects, and the wire views of it.
+
+`apply_update` folds a `session` object from either dialect into the current settings
+(fields not mentioned keep their value; an explicit null clears turn detection), and
+`render_session` shows settings back in the dialect the client speaks.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+from msgspec import UNSET
+
+from spear_rt.audio import AudioFormatError, InputFormat, VadConfig
+from spear_rt.audio import input_format_from_wire, input_format_to_wire
+from spear_rt.protocol.client_events import SessionWire, TranscriptionWire, TurnDetectionWire
+
+
+class Dialect(enum.StrEnum):
+    """Which version of the OpenAI Realtime protocol a peer speaks."""
+
+    BETA = "beta"  # OpenAI-Beta: realtime=v1
+    GA = "ga"
+
+
+class SessionKind(enum.StrEnum):
+    """What the session does."""
+
+    TRANSCRIPTION = "transcription"
+    REALTIME = "realtime"
+
+
+class SettingsError(ValueError):
+    """A session update we refuse; `param` names the offending field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TranscriptionSettings(msgspec.Struct, frozen=True):
+    """Transcription model, language and prompt."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+
+
+class SessionSettings(msgspec.Struct, frozen=True):
+    """A session's current configuration, independent of dialect."""
+
+    kind: SessionKind = SessionKind.TRANSCRIPTION
+    model: str | None = None
+    input_format: InputFormat = msgspec.field(default_factory=InputFormat.default)
+    transcription: TranscriptionSettings = TranscriptionSettings()
+    turn_detection: VadConfig | None = msgspec.field(default_factory=VadConfig)
+
+
+_MAX_SILENCE_MS = 10_000
+_MAX_PADDING_MS = 5_000
+
+
+def _vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadConfig:
+    if wire.type != "server_vad":
+        raise SettingsError(f"{param}.type", f"turn detection {wire.type!r} is not supported; use "
+                            "'server_vad' or null for manual commit")
+    base = current or VadConfig()
+    threshold = base.threshold if wire.threshold is None else wire.threshold
+    padding = base.prefix_padding_ms if wire.prefix_padding_ms is None else wire.prefix_padding_ms
+    silence = base.silence_duration_ms if wire.silence_duration_ms is None else wire.silence_duration_ms
+    if not 0.0 <= threshold <= 1.0:
+        raise SettingsError(f"{param}.threshold", f"threshold must be within 0..1, got {threshold}")
+    if not 0 <= padding <= _MAX_PADDING_MS:
+        raise SettingsError(f"{param}.prefix_padding_ms", f"must be 0..{_MAX_PADDING_MS}")
+    if not 0 <= silence <= _MAX_SILENCE_MS:
+        raise SettingsError(f"{param}.silence_duration_ms", f"must be 0..{_MAX_SILENCE_MS}")
+    return VadConfig(threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence)
+
+
+def _transcription(wire: TranscriptionWire | None, current: TranscriptionSettings) -> TranscriptionSettings:
+    if wire is None:
+        return TranscriptionSettings()
+    return TranscriptionSettings(
+        model=wire.model if wire.model is not None else current.model,
+        language=wire.language if wire.language is not None else current.language,
+        prompt=wire.prompt if wire.prompt is not None else current.prompt,
+    )
+
+
+def _format(value: Any, param: str) -> InputFormat:
+    try:
+        return input_format_from_wire(value)
+    except AudioFormatError as exc:
+        raise SettingsError(param, str(exc)) from None
+
+
+def apply_update(current: SessionSettings, wire: SessionWire) -> SessionSettings:
+    """The settings after a session update from either dialect; raises SettingsError."""
+    changes: dict[str, Any] = {}
+    if wire.type is not UNSET:
+        try:
+            kind = SessionKind(wire.type)
+        except ValueError:
+            raise SettingsError("session.type", "session.type must be 'realtime' or 'transcription'") from None
+        if kind is not current.kind:
+            raise SettingsError(
+                "session.type", f"this is a {current.kind} session; its type cannot change"
+            )
+    if wire.model is not UNSET:
+        changes["model"] = wire.model
+    turn = current.turn_detection
+    transcription = current.transcription
+    if wire.input_audio_format is not UNSET:
+        changes["input_format"] = _format(wire.input_audio_format, "session.input_audio_format")
+    if wire.input_audio_transcription is not UNSET:
+        transcription = _transcription(wire.input_audio_transcription, transcription)
+    if wire.turn_detection is not UNSET:
+        td = wire.turn_detection
+        turn = None if td is None else _vad(td, turn, "session.turn_detection")
+    if wire.audio is not UNSET and wire.audio.input is not UNSET:
+        audio_in = wire.audio.input
+        if audio_in.format is not UNSET:
+            fmt = {"type": audio_in.format.type}
+            if audio_in.format.rate is not None:
+                fmt["rate"] = audio_in.format.rate
+            changes["input_format"] = _format(fmt, "session.audio.input.format")
+        if audio_in.transcription is not UNSET:
+            transcription = _transcription(audio_in.transcription, transcription)
+        if audio_in.turn_detection is not UNSET:
+            td = audio_in.turn_detection
+            turn = None if td is None else _vad(td, turn, "session.audio.input.turn_detection")
+    changes["turn_detection"] = turn
+    changes["transcription"] = transcription
+    return msgspec.structs.replace(current, **changes)
+
+
+def _turn_wire(turn: VadConfig | None) -> dict[str, Any] | None:
+    if turn is None:
+        return None
+    return {
+        "type": "server_vad",
+        "threshold": turn.threshold,
+        "prefix_padding_ms": turn.prefix_padding_ms,
+        "silence_duration_ms": turn.silence_duration_ms,
+    }
+
+
+def _transcription_wire(t: TranscriptionSettings) -> dict[str, Any]:
+    return {"model": t.model, "language": t.language, "prompt": t.prompt}
+
+
+def render_session(settings: SessionSettings, dialect: Dialect, session_id: str) -> dict[str, Any]:
+    """The `session` object of session.created/updated in `dialect`."""
+    obj = "realtime.transcription_session" if settings.kind is SessionKind.TRANSCRIPTION else "realtime.session"
+    if dialect is Dialect.GA:
+        return {
+            "type": str(settings.kind),
+            "object": obj,
+            "id": session_id,
+            "model": settings.model,
+            "audio": {
+                "input": {
+                    "format": input_format_to_wire(settings.input_format, ga=True),
+                    "transcription": _transcription_wire(settings.transcription),
+                    "turn_detection": _turn_wire(settings.turn_detection),
+                }
+            },
+        }
+    try:
+        fmt: Any = input_format_to_wire(settings.input_format, ga=False)
+    except AudioFormatError:
+        fmt = input_format_to_wire(settings.input_format, ga=True)  # beta has no name for it
+    session = {
+        "object": obj,
+        "id": session_id,
+        "input_audio_format": fmt,
+        "input_audio_transcription": _transcription_wire(settings.transcription),
+        "turn_detection": _turn_wire(settings.turn_detection),
+    }
+    if settings.kind is SessionKind.REALTIME:
+        session["model"] = settings.model
+    return session

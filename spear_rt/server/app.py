@@ -1,0 +1,255 @@
+"""The server: one port for HTTP/1.1 endpoints and WebSocket realtime sessions.
+
+Each TCP connection is one task in the server's task group. h11 reads requests (keep-alive);
+an ``Upgrade: websocket`` on ``/v1/realtime`` is handed to websockets' `ServerProtocol` on the
+same stream and becomes a session. A handler that crashes is logged; its WebSocket closes
+with 1011 and its HTTP request gets a 500 without internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import anyio.abc
+import h11
+from websockets.server import ServerProtocol
+
+from spear_rt.config import Config, listen_address
+from spear_rt.ir import CanonicalError, ErrorCode
+from spear_rt.protocol.settings import Dialect, SessionKind
+from spear_rt.registry import BackendRegistry
+from spear_rt.router import Router
+from spear_rt.server.http import HttpConnection, HttpError, Response, error_response, json_response
+from spear_rt.server.ws import WebSocketConnection
+from spear_rt.session.manager import ConnectRequest, SessionManager, reject
+
+log = logging.getLogger(__name__)
+
+REALTIME_PATH = "/v1/realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+Handler = Callable[[h11.Request, bytes], Awaitable[Response]]
+
+
+def _header(request: h11.Request, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _offered_subprotocols(request: h11.Request) -> list[str]:
+    offered: list[str] = []
+    for key, value in request.headers:
+        if key == b"sec-websocket-protocol":
+            offered += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
+    return offered
+
+
+def _select_realtime(protocol: ServerProtocol, offered: object) -> str | None:
+    # Echo `realtime` when offered (browsers require an echo of something they offered);
+    # key-carrying subprotocols are never echoed back.
+    return "realtime" if isinstance(offered, (list, tuple)) and "realtime" in offered else None
+
+
+class Server:
+    """spear_rt's server: registry, router, session manager and the listener."""
+
+    def __init__(self, config: Config, registry: BackendRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or BackendRegistry.build(config)
+        self.router = Router(self.registry)
+        self.sessions = SessionManager(config, lambda: self.router)
+        self._client_keys = [v for env in config.server.client_keys_env if (v := os.environ.get(env))]
+        self.port: int | None = None
+        self._accepting = anyio.CancelScope()
+        self._routes: dict[tuple[bytes, str], Handler] = {
+            (b"GET", "/healthz"): self._healthz,
+            (b"GET", "/v1/backends"): self._backends,
+            (b"GET", "/v1/capabilities"): self._capabilities,
+        }
+
+    # --- listener -----------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; reports the bound port through `task_status`."""
+        host, port = listen_address(self.config)
+        multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
+        async with multi, anyio.create_task_group() as connections:
+            task_status.started(self.port)
+            # Accepting has its own scope so that a drain can stop it while sessions finish.
+            with self._accepting:
+                async with anyio.create_task_group() as acceptors:
+                    for listener in multi.listeners:
+                        acceptors.start_soon(self._accept_loop, listener, connections)
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            stream = await listener.accept()
+            tg.start_soon(self._handle_connection, stream)
+
+    def stop_accepting(self) -> None:
+        """Close the listener; live connections carry on."""
+        self._accepting.cancel()
+
+    async def _handle_connection(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            try:
+                await self._serve_http(stream)
+            except Exception:
+                log.exception("connection handler crashed")
+
+    def _peer_allowed(self, stream: anyio.abc.ByteStream) -> bool:
+        if self._client_keys:
+            return True
+        try:
+            host = stream.extra(anyio.abc.SocketAttribute.remote_address)[0]
+            return ipaddress.ip_address(host).is_loopback
+        except (anyio.TypedAttributeLookupError, ValueError, TypeError, IndexError):
+            return True  # not a TCP socket (in-memory test stream)
+
+    async def _serve_http(self, stream: anyio.abc.SocketStream) -> None:
+        http = HttpConnection(stream)
+        timeout = self.config.server.handshake_timeout_s
+        while True:
+            event = None
+            with anyio.move_on_after(timeout):
+                try:
+                    event = await http.next_event()
+                except h11.RemoteProtocolError as exc:
+                    if http.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await http.send(error_response(exc.error_status_hint, f"bad request: {exc}", "bad_request"))
+                    return
+            if not isinstance(event, h11.Request):
+                return  # closed, idle or too slow: drop the connection
+            if not self._peer_allowed(stream):
+                await http.send(error_response(403, "no client keys are configured: loopback only", "forbidden"))
+                return
+            if (_header(event, b"upgrade") or "").lower() == "websocket":
+                await self._upgrade(stream, http, event)
+                return
+            await self._answer(http, event)
+            if http.h11.our_state is h11.MUST_CLOSE:
+                return
+            try:
+                http.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _answer(self, http: HttpConnection, request: h11.Request) -> None:
+        path = urlsplit(request.target.decode("latin-1")).path
+        try:
+            handler = self._routes.get((request.method, path))
+            if handler is None:
+                methods = sorted(m.decode() for m, p in self._routes if p == path)
+                if methods:
+                    raise HttpError(405, f"{request.method.decode()} is not allowed on {path}", "method_not_allowed",
+                                    [("Allow", ", ".join(methods))])
+                if path == REALTIME_PATH:
+                    raise HttpError(426, f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
+                                    "upgrade_required", [("Upgrade", "websocket")])
+                raise HttpError(404, f"no such endpoint: {path}", "not_found")
+            body = await http.read_body(self.config.server.max_http_body_bytes)
+            response = await handler(request, body)
+        except HttpError as exc:
+            response = error_response(exc.status, exc.message, exc.code, exc.headers)
+        except Exception:
+            log.exception("HTTP handler crashed on %s", path)
+            response = error_response(500, "internal error", "internal_error")
+        await http.send(response)
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    async def _healthz(self, request: h11.Request, body: bytes) -> Response:
+        instances = self.registry.instances.values()
+        return json_response(200, {
+            "status": "draining" if self.sessions.draining else "ok",
+            "sessions": len(self.sessions.sessions),
+            "backends_available": sum(1 for i in instances if i.unavailable is None),
+            "backends_configured": len(self.registry.instances),
+        })
+
+    async def _backends(self, request: h11.Request, body: bytes) -> Response:
+        return json_response(200, {"config": self.config.source,
+                                   "data": [i.describe() for i in self.registry.instances.values()]})
+
+    async def _capabilities(self, request: h11.Request, body: bytes) -> Response:
+        return json_response(200, {"operations": self.registry.capabilities()})
+
+    # --- realtime -----------------------------------------------------------------------------
+
+    def _client_key_id(self, request: h11.Request) -> tuple[bool, str | None]:
+        """(authorized, key id) from the bearer header or the key subprotocol."""
+        if not self._client_keys:
+            return True, None
+        offered = None
+        auth = _header(request, b"authorization")
+        if auth is not None and auth.lower().startswith("bearer "):
+            offered = auth[7:].strip()
+        for proto in _offered_subprotocols(request):
+            if proto.startswith(KEY_SUBPROTOCOL):
+                offered = proto[len(KEY_SUBPROTOCOL):]
+        if offered is None:
+            return False, None
+        for key in self._client_keys:
+            if hmac.compare_digest(key.encode(), offered.encode()):
+                return True, hashlib.sha256(key.encode()).hexdigest()[:12]
+        return False, None
+
+    async def _upgrade(self, stream: anyio.abc.ByteStream, http: HttpConnection, request: h11.Request) -> None:
+        url = urlsplit(request.target.decode("latin-1"))
+        if url.path != REALTIME_PATH:
+            await http.send(error_response(404, f"no WebSocket endpoint at {url.path}", "not_found"))
+            return
+        protocol = ServerProtocol(
+            select_subprotocol=_select_realtime,  # type: ignore[arg-type]
+            max_size=self.config.server.max_frame_bytes,
+        )
+        protocol.receive_data(http.upgrade_head(request))
+        ws_request = next((e for e in protocol.events_received()), None)
+        if ws_request is None:
+            return
+        response = protocol.accept(ws_request)  # type: ignore[arg-type]
+        protocol.send_response(response)
+        conn = WebSocketConnection(stream, protocol)
+        await conn.flush()
+        if response.status_code != 101:
+            return
+        authorized, key_id = self._client_key_id(request)
+        if not authorized:
+            await reject(conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008)
+            return
+        connect = _connect_request(url.query, request, key_id)
+        if isinstance(connect, CanonicalError):
+            await reject(conn, connect, 1008)
+            return
+        try:
+            await self.sessions.serve(conn, connect)
+        except Exception:
+            log.exception("realtime session crashed")
+            await conn.close(1011, "internal error")
+
+
+def _connect_request(query: str, request: h11.Request, key_id: str | None) -> ConnectRequest | CanonicalError:
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    intent = params.get("intent")
+    if intent not in (None, "transcription", "conversation"):
+        return CanonicalError(ErrorCode.INVALID_REQUEST,
+                              f"unknown intent {intent!r}; use 'transcription' or omit it")
+    beta = (_header(request, b"openai-beta") or "").startswith("realtime") or any(
+        p.startswith("openai-beta.realtime") for p in _offered_subprotocols(request))
+    return ConnectRequest(
+        kind=SessionKind.TRANSCRIPTION if intent == "transcription" else SessionKind.REALTIME,
+        dialect=Dialect.BETA if beta else Dialect.GA,
+        model=params.get("model"),
+        backend=params.get("backend"),
+        client_key_id=key_id,
+    )

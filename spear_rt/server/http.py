@@ -1,0 +1,133 @@
+"""HTTP/1.1 on an anyio stream via h11: read requests, write responses (I/O helpers only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.abc
+import h11
+import msgspec
+
+from spear_rt.ir import CanonicalError, ErrorCode
+
+READ_SIZE = 65536
+MAX_HEAD_BYTES = 16384
+
+STATUS_BY_CODE = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.MISSING_CAPABILITIES: 404,
+    ErrorCode.NO_CANDIDATE_BACKEND: 503,
+    ErrorCode.BACKEND_NOT_ENABLED: 503,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.BUDGET_EXCEEDED: 429,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.BACKEND_ERROR: 502,
+}
+
+_json = msgspec.json.Encoder()
+
+
+class HttpError(Exception):
+    """Answer the current request with this status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or []
+
+
+class Response(msgspec.Struct):
+    """A complete HTTP response."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
+
+
+def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    """A JSON response."""
+    return Response(status, _json.encode(payload), headers=headers or [])
+
+
+def error_body(message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope: {"error": {message, type, code, param}}."""
+    return {"error": {"message": message, "type": error_type, "code": code, "param": param}}
+
+
+def error_response(status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    """An OpenAI-style JSON error response."""
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return json_response(status, error_body(message, code, error_type), headers)
+
+
+def canonical_error_response(error: CanonicalError) -> Response:
+    """Map a CanonicalError to its HTTP status (429 carries Retry-After)."""
+    status = STATUS_BY_CODE.get(error.code, 500)
+    headers = []
+    if error.retry_after_s is not None:
+        headers.append(("Retry-After", str(max(1, round(error.retry_after_s)))))
+    body = error_body(error.message, str(error.code), "invalid_request_error" if status < 500 else "server_error")
+    body["error"]["spear"] = msgspec.to_builtins(error)
+    return json_response(status, body, headers)
+
+
+class HttpConnection:
+    """The HTTP side of one TCP connection."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+    async def next_event(self) -> Any:
+        """The next h11 event, reading as needed; ConnectionClosed at EOF."""
+        conn = self.h11
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive(READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                data = b""
+            conn.receive_data(data)
+
+    async def read_body(self, limit: int) -> bytes:
+        """The request body; raises HttpError 413 past `limit` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise HttpError(413, f"request body over the limit of {limit} bytes", "body_too_large")
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise HttpError(400, "connection closed mid-body", "incomplete_body")
+
+    async def send(self, response: Response, extra_headers: list[tuple[str, str]] | None = None) -> None:
+        """Write one complete response."""
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            *response.headers,
+            *(extra_headers or []),
+        ]
+        conn = self.h11
+        data = conn.send(h11.Response(status_code=response.status, headers=headers))
+        data += conn.send(h11.Data(data=response.body)) + conn.send(h11.EndOfMessage())
+        await self.stream.send(data)
+
+    def upgrade_head(self, request: h11.Request) -> bytes:
+        """The raw request head (plus bytes already read past it) for a WebSocket handshake."""
+        lines = [b"%s %s HTTP/1.1" % (request.method, request.target)]
+        lines += [name + b": " + value for name, value in request.headers]
+        trailing, _closed = self.h11.trailing_data
+        return b"\r\n".join(lines) + b"\r\n\r\n" + bytes(trailing)

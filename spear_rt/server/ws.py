@@ -1,0 +1,117 @@
+"""A WebSocket connection on an anyio byte stream, driven through websockets' Sans-I/O layer.
+
+One reader and one writer per connection. The reader feeds whatever bytes arrive to the
+protocol and returns every complete message of that read in one batch (no coroutine per
+message). Only the writer touches the socket for sending: anyone may queue frames on the
+protocol (a sync call) and `wake()` the writer, which sends everything pending in one write.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.abc
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+
+READ_SIZE = 65536
+
+
+class Message:
+    """One complete WebSocket data message."""
+
+    __slots__ = ("data", "text")
+
+    def __init__(self, data: bytes, text: bool) -> None:
+        self.data = data
+        self.text = text
+
+
+class WebSocketConnection:
+    """The data phase of an accepted WebSocket."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, protocol: ServerProtocol) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self._wake = anyio.Event()
+        self._fragments: list[bytes] = []
+        self._fragment_text = False
+        self.closed_by_peer = False
+
+    async def receive(self) -> list[Message] | None:
+        """Read once; the complete messages it carried, or None when the connection ended."""
+        proto = self.protocol
+        try:
+            data = await self.stream.receive(READ_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            proto.receive_eof()
+            self.closed_by_peer = True
+            return None
+        proto.receive_data(data)
+        messages: list[Message] = []
+        control = False
+        for event in proto.events_received():
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if event.fin:
+                    messages.append(Message(event.data, opcode is Opcode.TEXT))
+                else:
+                    self._fragments = [event.data]
+                    self._fragment_text = opcode is Opcode.TEXT
+            elif opcode is Opcode.CONT:
+                self._fragments.append(event.data)
+                if event.fin:
+                    messages.append(Message(b"".join(self._fragments), self._fragment_text))
+                    self._fragments = []
+            else:
+                control = True  # ping, pong or close: the protocol may have queued an answer
+                if opcode is Opcode.CLOSE:
+                    self.closed_by_peer = True
+        if control or proto.close_expected():
+            self.wake()
+        if self.closed_by_peer and not messages:
+            return None
+        return messages
+
+    def queue_text(self, data: bytes) -> None:
+        """Queue one text message (already UTF-8 JSON); call `wake()` to send."""
+        self.protocol.send_text(data)
+
+    def wake(self) -> None:
+        """Tell the writer there is something to send."""
+        self._wake.set()
+
+    async def wait_wake(self) -> None:
+        """Writer side: wait until someone calls `wake()`."""
+        await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def flush(self) -> None:
+        """Send everything the protocol has queued, in one write."""
+        chunks = self.protocol.data_to_send()
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        if data:
+            try:
+                await self.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.closed_by_peer = True
+                return
+        if chunks[-1] == b"":
+            # websockets asks for the TCP connection to close with an empty chunk
+            await self._close_transport()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake and flush; the transport closes when it completes."""
+        if self.protocol.state is WsState.OPEN:
+            self.protocol.send_close(code, reason[:120])
+        await self.flush()
+
+    async def _close_transport(self) -> None:
+        try:
+            await self.stream.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass

@@ -1,0 +1,439 @@
+"""The realtime session state machine (sans-I/O: events in, actions out, no await, no clock).
+
+Rules:
+
+1. A session is CREATED until `start()`, which emits ``session.created`` and makes it ACTIVE.
+2. While ACTIVE, client events are applied in order. Audio belongs to the *current turn*:
+   with ``turn_detection: null`` a turn opens at the first appended audio and ends at the
+   client's commit; with server VAD a turn opens at speech start (audio from
+   ``audio_start_ms``, prefix padding included) and commits itself at speech stop.
+   Each turn's audio goes upstream resampled to the upstream's rate.
+3. A commit turns the current turn into an item: ``committed`` + item created go out at once;
+   deltas and ``completed`` follow as the upstream produces them. Live deltas may precede the
+   commit; they carry the item id announced in ``speech_started``.
+4. A bad client event yields an ``error`` event and changes nothing else; the session lives on.
+5. `drain()` moves ACTIVE to DRAINING: appends are refused, an open turn is committed, and the
+   session closes (1001) once every committed item has its transcript, or at the deadline.
+6. Idle for ``idle_timeout``, or older than ``max_session_seconds``: close 1000 with a reason.
+7. The upstream failing for good is fatal: ERROR (``last_error`` kept), ``error`` event, close 1011.
+8. CLOSED is terminal: every later input is ignored.
+
+Transitions:
+
+    state     input                       next      actions
+    CREATED   start                       ACTIVE    emit session.created
+    ACTIVE    client event                ACTIVE    emit events, send upstream commands
+    ACTIVE    drain                       DRAINING  commit open turn
+    DRAINING  last pending item completed CLOSED    close 1001
+    ACTIVE    idle / max age              CLOSED    close 1000
+    ACTIVE    upstream failed             ERROR     emit error, close 1011
+    any       client gone                 CLOSED    -
+
+Outputs are collected on the machine: `outbound` (stamped, encoded server events), `upstream`
+(commands to send, in order) and `close` (set once). The runner drains them after each call.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable
+
+import msgspec
+import numpy as np
+
+from spear_rt.audio import AudioFormatError, StreamResampler, VoiceActivityDetector, decode_audio
+from spear_rt.audio.vad import SpeechStarted as VadStarted
+from spear_rt.audio.vad import SpeechStopped as VadStopped
+from spear_rt.backend import AppendAudio, BeginTurn, Clear, Commit, Pcm16, UpstreamCommand
+from spear_rt.backend import TranscriptCompleted, TranscriptDelta, TranscriptFailed, UpstreamEvent
+from spear_rt.protocol import client_events as ce
+from spear_rt.protocol import server_events as se
+from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, SettingsError
+from spear_rt.protocol.settings import apply_update, render_session
+from spear_rt.session.history import AudioHistory
+from spear_rt.session.outbound import OutboundQueue
+
+
+class State(enum.StrEnum):
+    """Lifecycle states of a session."""
+
+    CREATED = "created"
+    ACTIVE = "active"
+    DETACHED = "detached"
+    DRAINING = "draining"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class CloseAction(msgspec.Struct, frozen=True):
+    """Close the client connection with this WebSocket code and reason."""
+
+    code: int
+    reason: str
+
+
+class Timeouts(msgspec.Struct, frozen=True):
+    """Session timers, in seconds of event-loop time."""
+
+    idle_timeout_s: float = 600.0
+    max_session_seconds: float = 3600.0
+    drain_deadline_s: float = 10.0
+
+
+def new_id(prefix: str) -> str:
+    """A random id such as ``item_3f9a...`` (what OpenAI's ids look like)."""
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+class SessionMachine:
+    """One realtime session's protocol logic."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        upstream_rate_hz: int,
+        settings: SessionSettings,
+        dialect: Dialect,
+        outbound: OutboundQueue,
+        timeouts: Timeouts = Timeouts(),
+        resume_token: str | None = None,
+        ids: Callable[[str], str] = new_id,
+        spear_info: dict[str, object] | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.state = State.CREATED
+        self.settings = settings
+        self.dialect = dialect
+        self.outbound = outbound
+        self.upstream: list[UpstreamCommand] = []
+        self.close: CloseAction | None = None
+        self.last_error: str | None = None
+        self._upstream_rate = upstream_rate_hz
+        self._timeouts = timeouts
+        self._resume_token = resume_token
+        self._ids = ids
+        self._spear_info = spear_info or {}
+        self._seq = 0
+        self._event_prefix = f"event_{session_id[-8:]}_"
+        self._started_at = 0.0
+        self._last_activity = 0.0
+        self._drain_deadline: float | None = None
+        # audio and turns
+        self.input_audio_bytes = 0
+        self._samples_in = 0
+        self._turn_id: str | None = None
+        self._turn_samples = 0
+        self._resampler: StreamResampler | None = None
+        self._vad: VoiceActivityDetector | None = None
+        self._history: AudioHistory | None = None
+        self._announced_id: str | None = None
+        self._previous_item_id: str | None = None
+        self._pending_items: set[str] = set()
+        self._reset_audio_path()
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Open the session: emit session.created."""
+        self._started_at = self._last_activity = now
+        self.state = State.ACTIVE
+        session = render_session(self.settings, self.dialect, self.session_id)
+        spear = {"resume_token": self._resume_token, **self._spear_info}
+        if self._transcription_beta():
+            self._emit(se.TranscriptionSessionCreated(session=session, spear=spear))
+        else:
+            self._emit(se.SessionCreated(session=session, spear=spear))
+
+    def client_event(self, event: ce.AnyClientEvent | ce.ProtocolError, now: float) -> None:
+        """Apply one decoded client event (or answer a decoding error)."""
+        if self.state not in (State.ACTIVE, State.DRAINING):
+            return
+        self._last_activity = now
+        match event:
+            case ce.InputAudioBufferAppend():
+                self._on_append(event)
+            case ce.InputAudioBufferCommit():
+                self._on_commit(event.event_id)
+            case ce.InputAudioBufferClear():
+                self._on_clear()
+            case ce.SessionUpdate() | ce.TranscriptionSessionUpdate():
+                self._on_update(event)
+            case ce.SpearMetricsRequest():
+                self._emit(se.SpearMetrics(metrics=self.metrics()))
+            case ce.ConversationItemCreate() | ce.ResponseCreate() | ce.ResponseCancel():
+                self.error(
+                    "unsupported_event",
+                    f"{event.__struct_config__.tag} needs a conversational backend; this session "
+                    "transcribes input audio only",
+                    event.event_id,
+                )
+            case ce.ProtocolError():
+                self.error(event.code, event.message, event.event_id, event.param)
+
+    def upstream_event(self, event: UpstreamEvent) -> None:
+        """Turn one upstream event into client events."""
+        if self.state in (State.CLOSED, State.ERROR):
+            return
+        match event:
+            case TranscriptDelta(item_id=item_id, delta=delta):
+                if delta:
+                    self._emit(se.TranscriptionDelta(item_id=item_id, delta=delta))
+            case TranscriptCompleted(item_id=item_id, transcript=transcript):
+                self._emit(se.TranscriptionCompleted(item_id=item_id, transcript=transcript))
+                if self.dialect is Dialect.GA:
+                    item = se.input_item(item_id, transcript)
+                    self._emit(se.ItemDone(item=item, previous_item_id=None))
+                self._item_finished(item_id)
+            case TranscriptFailed(item_id=item_id, message=message):
+                error = {"type": "transcription_error", "code": "transcription_failed", "message": message}
+                self._emit(se.TranscriptionFailed(item_id=item_id, error=error))
+                self._item_finished(item_id)
+
+    def upstream_failed(self, message: str) -> None:
+        """The upstream is gone for good: fatal."""
+        if self.state in (State.CLOSED, State.ERROR):
+            return
+        self.last_error = message
+        self.error("upstream_error", message, error_type="server_error")
+        self.state = State.ERROR
+        self._close(1011, "upstream failed")
+
+    def drain(self, now: float, deadline_s: float | None = None) -> None:
+        """Stop taking audio, finish pending turns, then close with 1001."""
+        if self.state is not State.ACTIVE:
+            return
+        self.state = State.DRAINING
+        self._drain_deadline = now + (deadline_s if deadline_s is not None else self._timeouts.drain_deadline_s)
+        if self._turn_id is not None and self._turn_samples:
+            self._commit_turn()
+        elif self._turn_id is not None:
+            self._discard_turn()
+        self._maybe_finish_drain()
+
+    def client_gone(self) -> None:
+        """The client connection ended."""
+        self.state = State.CLOSED
+
+    def tick(self, now: float) -> None:
+        """Check timers; closes the session when one has expired."""
+        if self.state not in (State.ACTIVE, State.DRAINING):
+            return
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            self._close(1001, "server draining: deadline reached")
+        elif now - self._started_at >= self._timeouts.max_session_seconds:
+            self.error("session_expired", "the session reached max_session_seconds", error_type="server_error")
+            self._close(1000, "max_session_seconds reached")
+        elif now - self._last_activity >= self._timeouts.idle_timeout_s:
+            self._close(1000, "idle timeout")
+
+    def next_deadline(self) -> float:
+        """Event-loop time at which `tick` next has something to check."""
+        t = self._timeouts
+        deadline = min(self._started_at + t.max_session_seconds, self._last_activity + t.idle_timeout_s)
+        if self._drain_deadline is not None:
+            deadline = min(deadline, self._drain_deadline)
+        return deadline
+
+    # --- client events ------------------------------------------------------------------------
+
+    def _on_append(self, event: ce.InputAudioBufferAppend) -> None:
+        if self.state is State.DRAINING:
+            self.error("session_draining", "the server is draining; no new audio is accepted", event.event_id)
+            return
+        try:
+            pcm = decode_audio(self.settings.input_format, event.audio)
+        except AudioFormatError as exc:
+            self.error("invalid_audio", str(exc), event.event_id, "audio")
+            return
+        if pcm.size == 0:
+            return
+        self.input_audio_bytes += len(event.audio)
+        if self._vad is None:
+            if self._turn_id is None:
+                self._open_turn(self._ids("item"))
+            self._send_audio(pcm)
+        else:
+            self._append_with_vad(pcm)
+        self._samples_in += pcm.size
+
+    def _append_with_vad(self, pcm: Pcm16) -> None:
+        assert self._vad is not None and self._history is not None
+        chunk_start = self._samples_in
+        chunk_end = chunk_start + pcm.size
+        self._history.append(pcm, chunk_start)
+        rate = self.settings.input_format.rate_hz
+        cursor = chunk_start
+        for vad_event in self._vad.process(pcm):
+            match vad_event:
+                case VadStarted(audio_start_ms=start_ms):
+                    if self._turn_id is not None:  # a manual commit raced the VAD: new turn
+                        self._send_audio(self._history.slice(cursor, chunk_end))
+                        self._commit_turn()
+                    item_id = self._announced_id or self._ids("item")
+                    self._announced_id = None
+                    self._open_turn(item_id)
+                    self._emit(se.SpeechStarted(audio_start_ms=start_ms, item_id=item_id))
+                    cursor = min(start_ms * rate // 1000, chunk_end)
+                case VadStopped(audio_end_ms=end_ms):
+                    item_id = self._turn_id or self._ids("item")
+                    silence = self.settings.turn_detection.silence_duration_ms if self.settings.turn_detection else 0
+                    stop = min((end_ms + silence) * rate // 1000, chunk_end)
+                    self._emit(se.SpeechStopped(audio_end_ms=end_ms, item_id=item_id))
+                    if self._turn_id is not None:
+                        self._send_audio(self._history.slice(cursor, max(stop, cursor)))
+                        self._commit_turn()
+                    cursor = max(stop, cursor)
+        if self._turn_id is not None and cursor < chunk_end:
+            self._send_audio(self._history.slice(cursor, chunk_end))
+
+    def _on_commit(self, event_id: str | None) -> None:
+        if self._turn_id is None or self._turn_samples == 0:
+            self.error(
+                "input_audio_buffer_commit_empty",
+                "cannot commit: the input audio buffer holds no audio",
+                event_id,
+            )
+            return
+        self._commit_turn()
+
+    def _on_clear(self) -> None:
+        if self._turn_id is not None:
+            self._discard_turn()
+        if self._vad is not None:
+            self._vad.reset()
+        self._emit(se.Cleared())
+
+    def _on_update(self, event: ce.SessionUpdate | ce.TranscriptionSessionUpdate) -> None:
+        if isinstance(event, ce.TranscriptionSessionUpdate):
+            self.dialect = Dialect.BETA
+            self.settings = msgspec.structs.replace(self.settings, kind=SessionKind.TRANSCRIPTION)
+        elif event.session.type is not msgspec.UNSET:
+            self.dialect = Dialect.GA  # only the GA dialect names session.type
+        try:
+            settings = apply_update(self.settings, event.session)
+        except SettingsError as exc:
+            self.error("invalid_value", str(exc), event.event_id, exc.param)
+            return
+        old = self.settings
+        self.settings = settings
+        if settings.input_format != old.input_format or settings.turn_detection != old.turn_detection:
+            if self._turn_id is not None and settings.input_format != old.input_format:
+                self._flush_resampler()
+                self._resampler = StreamResampler(settings.input_format.rate_hz, self._upstream_rate)
+            self._reset_audio_path()
+        session = render_session(settings, self.dialect, self.session_id)
+        if self._transcription_beta():
+            self._emit(se.TranscriptionSessionUpdated(session=session))
+        else:
+            self._emit(se.SessionUpdated(session=session))
+
+    # --- turns --------------------------------------------------------------------------------
+
+    def _open_turn(self, item_id: str) -> None:
+        self._turn_id = item_id
+        self._turn_samples = 0
+        self._resampler = StreamResampler(self.settings.input_format.rate_hz, self._upstream_rate)
+        self.upstream.append(BeginTurn(item_id))
+
+    def _send_audio(self, pcm: Pcm16) -> None:
+        if pcm.size == 0 or self._resampler is None:
+            return
+        self._turn_samples += pcm.size
+        out = self._resampler.process(pcm)
+        if out.size:
+            self.upstream.append(AppendAudio(out))
+
+    def _flush_resampler(self) -> None:
+        if self._resampler is not None:
+            tail = self._resampler.flush()
+            if tail.size:
+                self.upstream.append(AppendAudio(tail))
+
+    def _commit_turn(self) -> None:
+        item_id = self._turn_id
+        assert item_id is not None
+        self._flush_resampler()
+        self.upstream.append(Commit(item_id))
+        self._turn_id = None
+        self._resampler = None
+        self._pending_items.add(item_id)
+        previous, self._previous_item_id = self._previous_item_id, item_id
+        self._emit(se.Committed(item_id=item_id, previous_item_id=previous))
+        item = se.input_item(item_id, None, status="completed")
+        if self.dialect is Dialect.GA:
+            self._emit(se.ItemAdded(item=item, previous_item_id=previous))
+        else:
+            self._emit(se.ItemCreated(item=item, previous_item_id=previous))
+
+    def _discard_turn(self) -> None:
+        self.upstream.append(Clear())
+        self._turn_id = None
+        self._resampler = None
+        self._turn_samples = 0
+
+    def _item_finished(self, item_id: str) -> None:
+        self._pending_items.discard(item_id)
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if self.state is State.DRAINING and not self._pending_items:
+            self._close(1001, "server draining")
+
+    def _reset_audio_path(self) -> None:
+        turn = self.settings.turn_detection
+        rate = self.settings.input_format.rate_hz
+        if turn is None:
+            self._vad = None
+            self._history = None
+        else:
+            self._vad = VoiceActivityDetector(turn, rate)
+            # enough to reach back over the prefix padding plus the detector's own delay
+            self._history = AudioHistory(rate * (turn.prefix_padding_ms + 2000) // 1000)
+
+    # --- outputs ------------------------------------------------------------------------------
+
+    def _transcription_beta(self) -> bool:
+        return self.dialect is Dialect.BETA and self.settings.kind is SessionKind.TRANSCRIPTION
+
+    def _emit(self, event: se.ServerEvent) -> None:
+        self._seq += 1
+        event.seq = self._seq
+        event.event_id = self._event_prefix + str(self._seq)
+        self.outbound.push(event)
+
+    def error(
+        self,
+        code: str,
+        message: str,
+        event_id: str | None = None,
+        param: str | None = None,
+        *,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        """Emit an `error` event; the session itself carries on."""
+        body = se.ErrorBody(type=error_type, code=code, message=message, param=param, event_id=event_id)
+        self._emit(se.Error(error=body))
+
+    def _close(self, code: int, reason: str) -> None:
+        if self.close is None:
+            self.close = CloseAction(code, reason)
+        if self.state is not State.ERROR:
+            self.state = State.CLOSED
+
+    def metrics(self) -> dict[str, int | float]:
+        """Per-session counters for `spear.metrics`."""
+        return {
+            "seq": self._seq,
+            "input_audio_bytes": self.input_audio_bytes,
+            "outbound_queue_bytes": self.outbound.nbytes,
+            "coalesced_deltas": self.outbound.coalesced,
+            "dropped_events": self.outbound.dropped,
+            "pending_items": len(self._pending_items),
+        }
+
+
+def silence(samples: int) -> Pcm16:
+    """Zero samples, used by tests and tools."""
+    return np.zeros(samples, dtype=np.int16)

@@ -1,0 +1,184 @@
+"""The session manager: admission, routing at connect, upstream open, and live sessions.
+
+A session is routed once, at connect (operation `speech_to_text` over transport `websocket`
+for transcription, `realtime_voice` otherwise), holds a lease on its instance for its whole
+life (in-flight count), and runs in its own task group (`SessionRunner`). Caps are checked
+before routing; over a cap the client gets an `error` event and close 1013 with a retry hint,
+never an unbounded wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import anyio
+import msgspec
+
+from spear_rt.backend import TranscriptionSpec
+from spear_rt.config import Config
+from spear_rt.errors import BackendFailure, CanonicalFailure
+from spear_rt.ir import (
+    CanonicalError,
+    CanonicalRequestEnvelope,
+    ErrorCode,
+    Operation,
+    RequestMeta,
+    RequestRequirements,
+    RoutingHints,
+    Transport,
+)
+from spear_rt.protocol import server_events as se
+from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
+from spear_rt.registry import lease
+from spear_rt.router import Router
+from spear_rt.session.machine import SessionMachine, Timeouts, new_id
+from spear_rt.session.outbound import OutboundQueue
+from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
+
+log = logging.getLogger(__name__)
+
+
+class ConnectRequest(msgspec.Struct, frozen=True):
+    """What the edge learned from the upgrade request."""
+
+    kind: SessionKind
+    dialect: Dialect
+    model: str | None = None
+    backend: str | None = None
+    client_key_id: str | None = None  # a hash of the key, never the key
+
+
+class SessionManager:
+    """Owns every live realtime session of a server."""
+
+    def __init__(self, config: Config, router: Callable[[], Router]) -> None:
+        self._config = config
+        self._router = router
+        self.sessions: dict[str, SessionRunner] = {}
+        self._per_key: dict[str, int] = {}
+        self.total_sessions = 0
+        self.draining = False
+
+    def _admission_error(self, key_id: str | None) -> CanonicalError | None:
+        server = self._config.server
+        if self.draining:
+            return CanonicalError(
+                ErrorCode.NO_CANDIDATE_BACKEND, "the server is draining", retryable=True, retry_after_s=5.0
+            )
+        if len(self.sessions) >= server.max_sessions:
+            return CanonicalError(
+                ErrorCode.RATE_LIMITED,
+                f"the server holds its maximum of {server.max_sessions} sessions",
+                retryable=True,
+                retry_after_s=1.0,
+            )
+        if key_id is not None and self._per_key.get(key_id, 0) >= server.max_sessions_per_key:
+            return CanonicalError(
+                ErrorCode.RATE_LIMITED,
+                f"this key holds its maximum of {server.max_sessions_per_key} sessions",
+                retryable=True,
+                retry_after_s=1.0,
+            )
+        return None
+
+    def envelope(self, req: ConnectRequest) -> CanonicalRequestEnvelope:
+        """The canonical form of a session open, as the router sees it."""
+        transcription = req.kind is SessionKind.TRANSCRIPTION
+        return CanonicalRequestEnvelope(
+            request_id=new_id("req"),
+            operation=Operation.SPEECH_TO_TEXT if transcription else Operation.REALTIME_VOICE,
+            meta=RequestMeta(client_key_id=req.client_key_id),
+            routing=RoutingHints(backend=req.backend, model=req.model),
+            requirements=RequestRequirements(required_transports=frozenset({Transport.WEBSOCKET})),
+        )
+
+    async def serve(self, conn: ClientLink, req: ConnectRequest) -> None:
+        """Run one session on an accepted WebSocket until it ends."""
+        error = self._admission_error(req.client_key_id)
+        if error is not None:
+            await reject(conn, error, 1013)
+            return
+        key = req.client_key_id
+        if key is not None:
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        try:
+            await self._serve_routed(conn, req)
+        finally:
+            if key is not None:
+                self._per_key[key] -= 1
+                if not self._per_key[key]:
+                    del self._per_key[key]
+
+    async def _serve_routed(self, conn: ClientLink, req: ConnectRequest) -> None:
+        try:
+            instance, _decision = self._router().route(self.envelope(req))
+        except CanonicalFailure as exc:
+            await reject(conn, exc.error, 1013 if exc.error.retryable else 1011)
+            return
+        assert instance.kind is not None  # the filter keeps only instances whose kind loaded
+        realtime = self._config.realtime
+        session_id = new_id("sess")
+        settings = SessionSettings(kind=req.kind, model=req.model, transcription=TranscriptionSettings())
+        spec = TranscriptionSpec(model=req.model)
+        with lease(instance):
+            async with AsyncExitStack() as stack:
+                try:
+                    with anyio.fail_after(realtime.upstream_connect_timeout_s):
+                        upstream = await stack.enter_async_context(
+                            instance.kind.open_transcription(instance.info, spec)
+                        )
+                except TimeoutError:
+                    await reject(conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011)
+                    return
+                except BackendFailure as exc:
+                    await reject(conn, _backend_error(f"{instance.name}: {exc}", exc.retryable), 1011)
+                    return
+                except CanonicalFailure as exc:
+                    await reject(conn, exc.error, 1008)
+                    return
+                machine = SessionMachine(
+                    session_id=session_id,
+                    upstream_rate_hz=upstream.input_rate_hz,
+                    settings=settings,
+                    dialect=req.dialect,
+                    outbound=OutboundQueue(realtime.max_outbound_bytes),
+                    timeouts=Timeouts(realtime.idle_timeout_s, realtime.max_session_seconds),
+                    resume_token=secrets.token_urlsafe(24),
+                    spear_info={"backend": instance.name, "kind": instance.config.kind},
+                )
+                runner = SessionRunner(machine, conn, upstream)
+                self.sessions[session_id] = runner
+                self.total_sessions += 1
+                try:
+                    await runner.run()
+                finally:
+                    del self.sessions[session_id]
+
+    def drain(self, deadline_s: float) -> None:
+        """Refuse new sessions and ask every live one to finish its turns and close."""
+        self.draining = True
+        for runner in list(self.sessions.values()):
+            runner.drain(deadline_s)
+
+
+def _backend_error(message: str, retryable: bool) -> CanonicalError:
+    return CanonicalError(ErrorCode.BACKEND_ERROR, message, retryable=retryable)
+
+
+async def reject(conn: ClientLink, error: CanonicalError, close_code: int) -> None:
+    """Tell a client why its session cannot run (an `error` event), then close."""
+    body = se.ErrorBody(
+        type="invalid_request_error" if error.code is ErrorCode.INVALID_REQUEST else "server_error",
+        code=str(error.code),
+        message=error.message,
+    )
+    event = se.Error(error=body, spear=msgspec.to_builtins(error), event_id="event_reject", seq=1)
+    conn.queue_text(se.encode_server_event(event))
+    reason = error.message if error.retry_after_s is None else f"retry after {error.retry_after_s:g}s: {error.message}"
+    await conn.close(close_code, reason)
+    with anyio.move_on_after(CLOSE_GRACE_S):
+        while await conn.receive() is not None:
+            pass
