@@ -1,0 +1,43 @@
+# spear_rt: the two commands a fresh machine needs are `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-test serve lint bench-realtime clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e '.[local-asr,uvloop]'
+
+install-test: $(BIN)/python
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "installing espeak-ng (used by tests that synthesize speech)"; \
+	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null 2>&1 || \
+	  echo "warning: could not install espeak-ng; its tests will fail"; }
+	$(BIN)/pip install -q -e '.[test,uvloop]'
+
+## Start a server on the embedded default and stream the fixtures through it (live transcript).
+demo: install
+	$(BIN)/spear-rt demo
+
+## Install everything the tests need and run the whole suite.
+test: install-test
+	$(BIN)/python -m pytest -q
+
+serve: install
+	$(BIN)/spear-rt serve
+
+lint: install-test
+	$(BIN)/pip install -q ruff mypy
+	$(BIN)/ruff check spear_rt spear_rt_backends tests bench
+	$(BIN)/mypy spear_rt
+
+bench-realtime: install
+	$(BIN)/pip install -q psutil
+	$(BIN)/python bench/realtime_load.py --loop asyncio --backend stub --sessions 50,100,200 --seconds 10
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,144 @@
+"""`spear-rt serve | stream | demo`: the command line.
+
+Errors a user can fix (bad config, unreadable audio file, server not reachable) print one
+line and exit 2; nothing here prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import anyio
+
+from spear_rt.config import Config, load_config
+from spear_rt.errors import ConfigError, SpearError
+
+LOOPS = ("trio", "asyncio", "uvloop")
+DEFAULT_LOOP = "asyncio"  # see README "Event loops": chosen by measurement
+
+
+def run_on_loop(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `main` on the named event loop (uvloop falls back to asyncio with a warning)."""
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            print("spear-rt: uvloop is not installed (pip install 'spear-rt[uvloop]'); using asyncio",
+                  file=sys.stderr)
+            loop = "asyncio"
+        else:
+            anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+            return
+    anyio.run(main, backend=loop)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if getattr(args, "listen", None):
+        config.server.listen = args.listen
+        from spear_rt.config import listen_address
+
+        listen_address(config)  # validates HOST:PORT
+    return config
+
+
+async def serve(config: Config, *, announce: Callable[[int], None] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; SIGTERM drains live sessions first."""
+    from spear_rt.server.app import Server
+
+    server = Server(config)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.serve)
+        for inst in server.registry.instances.values():
+            state = "ready" if inst.unavailable is None else f"unavailable ({inst.unavailable})"
+            print(f"spear-rt: backend {inst.name} [{inst.config.kind}] {state}", file=sys.stderr)
+        host = config.server.listen.rpartition(":")[0]
+        print(f"spear-rt: listening on http://{host}:{port} (config: {config.source})", file=sys.stderr)
+        if announce is not None:
+            announce(port)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if signum == signal.SIGTERM:
+                    print("spear-rt: SIGTERM: draining", file=sys.stderr)
+                    server.stop_accepting()
+                    server.sessions.drain(config.realtime.resume_grace_seconds)
+                    with anyio.move_on_after(config.realtime.resume_grace_seconds + 5):
+                        while server.sessions.sessions:
+                            await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+                return
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    run_on_loop(args.loop, lambda: serve(config))
+    return 0
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from spear_rt.client.stream import stream_file_cli
+
+    return stream_file_cli(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spear_rt.client.demo import demo_cli
+
+    return demo_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="spear-rt", description="spear_rt realtime voice gateway")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server")
+    p.add_argument("--config", help="TOML config file (default: the embedded default)")
+    p.add_argument("--listen", help="HOST:PORT to bind (overrides the config)")
+    p.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP, help="event loop")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("stream", help="stream an audio file to a server and print the live transcript")
+    p.add_argument("file", help="any format soundfile reads (wav, flac, ogg, mp3), or .raw s16le 16 kHz")
+    p.add_argument("--url", default="ws://127.0.0.1:8787/v1/realtime?intent=transcription")
+    p.add_argument("--pace", choices=("realtime", "fast"), default="realtime")
+    p.add_argument("--vad", action="store_true", help="let server VAD split turns (default: one manual commit)")
+    p.add_argument("--key", help="client key (default: $SPEAR_RT_CLIENT_KEY)")
+    p.add_argument("--json", action="store_true", help="print every server event as JSON lines")
+    p.set_defaults(func=_cmd_stream)
+
+    p = sub.add_parser("demo", help="start a server on the embedded default and stream the fixtures through it")
+    p.add_argument("--loop", choices=LOOPS, default="trio")
+    p.add_argument("--pace", choices=("realtime", "fast"), default="fast")
+    p.add_argument("files", nargs="*", help="audio files (default: fixtures/audio speech clips)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `spear-rt` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"spear-rt: config error: {exc}", file=sys.stderr)
+        return 2
+    except SpearError as exc:
+        print(f"spear-rt: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
