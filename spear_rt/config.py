@@ -58,6 +58,16 @@ class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     api_key_env: str
 
 
+class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Declared prices of an instance, in any one currency unit."""
+
+    per_1k_input_tokens: float = 0.0
+    per_1k_output_tokens: float = 0.0
+    per_audio_second: float = 0.0
+    per_image: float = 0.0
+    per_session_minute: float = 0.0
+
+
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One configured backend instance; unset capability fields take the kind's defaults."""
 
@@ -73,6 +83,7 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     features: list[Feature] | None = None
     transports: list[Transport] | None = None
     limits: Limits | None = None
+    price: Price | None = None
     options: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
 
 
@@ -96,7 +107,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _validation_key(message: str) -> tuple[str, str]:
     """Split msgspec's 'reason - at `$.a[0].b`' into ('a[0].b', 'reason')."""
-    match = re.search(r"^(.*) - at `\$\.?(.*)`$", message)
+    # a bad dict key reads "reason - at `key` in `$.a.b`"
+    match = re.search(r"^(.*) - at (?:`key` in )?`\$\.?(.*)`$", message)
     if match is None:
         return "config", message
     return match.group(2) or "config", match.group(1)

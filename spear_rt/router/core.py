@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
+import anyio
 import msgspec
 
 from spear_rt.errors import CanonicalFailure, ConfigError
@@ -30,8 +32,14 @@ class Decision(msgspec.Struct, omit_defaults=True):
 class Router:
     """Routes canonical requests over one registry; swap `registry` to reload."""
 
-    def __init__(self, registry: BackendRegistry, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
         self._rng = rng
+        self._clock = clock
         self.registry = registry
         self._policies: dict[str, Policy] = {}
         policy_config = registry.config.policy
@@ -60,7 +68,7 @@ class Router:
         decision = Decision(req.operation, policy.name, len(instances), rejected)
         if not eligible:
             return None, decision
-        chosen = policy.select(eligible, req)
+        chosen = policy.select(eligible, req, self._clock())
         decision.selected = chosen.name
         decision.signals = {"inflight": chosen.runtime.inflight, "weight": chosen.config.weight}
         return chosen, decision
