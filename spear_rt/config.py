@@ -30,6 +30,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: int = 1 << 20
     max_http_body_bytes: int = 25 << 20
     handshake_timeout_s: float = 10.0
+    per_key_rate_per_s: float | None = None  # one-shot requests per client key
+    per_key_burst: int | None = None
 
 
 class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -44,11 +46,79 @@ class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replay_buffer_bytes: int = 4 << 20
 
 
+class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Thresholds of the circuit breaker (config section `[health.breaker]`)."""
+
+    consecutive_failures: int = 5
+    error_rate: float = 0.5
+    min_requests: int = 10
+    window_s: float = 10.0
+    cooldown_s: float = 5.0
+    max_cooldown_s: float = 60.0
+    jitter: float = 0.2
+    half_open_probes: int = 1
+    close_after_successes: int = 2
+
+
+class OutlierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Success-rate outlier ejection (config section `[health.outlier]`)."""
+
+    enabled: bool = True
+    min_requests: int = 20
+    stdev_factor: float = 1.9
+    base_ejection_s: float = 30.0
+    max_ejection_percent: float = 50.0
+
+
+class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[health]`: circuit breaker and outlier ejection."""
+
+    breaker: BreakerConfig = BreakerConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    outlier_interval_s: float = 10.0
+
+
+class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[policy.retry]`: attempts per request and the retry budget."""
+
+    max_attempts: int = 3
+    budget_ratio: float = 0.2
+    min_retries_per_s: float = 1.0
+
+
+class HedgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[policy.hedge]`: hedged(k, delay_ms) for the named operations."""
+
+    operations: list[str] = msgspec.field(default_factory=list)
+    k: int = 2
+    delay_ms: float = 50.0
+
+
+class MirrorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[policy.mirror]`: mirror_to(instance, sample_rate) for the named operations."""
+
+    instance: str = ""
+    sample_rate: float = 0.0
+    operations: list[str] = msgspec.field(default_factory=list)
+    queue: int = 64
+
+
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Default routing policy and per-operation overrides."""
 
-    default: str = "least_inflight"
+    default: str | None = None  # None: the per-operation defaults of routing.md
     by_operation: dict[Operation, str] = msgspec.field(default_factory=dict)
+    allow_request_override: bool = True  # a request may name any policy the host knows
+    retry: RetryConfig = RetryConfig()
+    hedge: HedgeConfig = HedgeConfig()
+    mirror: MirrorConfig = MirrorConfig()
+
+
+class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[budget]`: spend allowed per client key over a sliding window (None: unlimited)."""
+
+    amount: float | None = None
+    window_s: float = 3600.0
 
 
 class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -93,6 +163,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     realtime: RealtimeConfig = msgspec.field(default_factory=RealtimeConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
     credentials: list[CredentialConfig] = msgspec.field(default_factory=list)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     source: str = "embedded default"

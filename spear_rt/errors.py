@@ -41,6 +41,15 @@ class CanonicalFailure(SpearError):
 class BackendFailure(SpearError):
     """A backend failed while serving; `retryable` says whether another attempt may succeed."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.status = status  # the upstream's HTTP status, when it gave one
+        self.retry_after_s = retry_after_s

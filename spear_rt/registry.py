@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from importlib.metadata import entry_points
 
 from spear_rt.backend import BackendKind, InstanceInfo, Secret
-from spear_rt.config import BackendConfig, Config
+from spear_rt.config import BackendConfig, BreakerConfig, Config
 from spear_rt.errors import ConfigError
 from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport
+from spear_rt.router.health import CircuitBreaker
+from spear_rt.router.limits import TokenBucket
 
 ENTRY_POINT_GROUP = "spear_rt.backends"
 
@@ -49,11 +51,23 @@ def load_kind(name: str) -> BackendKind:
 class InstanceRuntime:
     """Mutable per-instance signals the router reads (shared across reloads by name)."""
 
-    __slots__ = ("inflight", "total_requests")
+    __slots__ = ("breaker", "bucket", "inflight", "interval_failures", "interval_requests", "total_requests")
 
-    def __init__(self) -> None:
+    def __init__(self, breaker: BreakerConfig | None = None) -> None:
         self.inflight = 0
         self.total_requests = 0
+        self.breaker = CircuitBreaker(breaker or BreakerConfig())
+        self.bucket: TokenBucket | None = None
+        self.interval_requests = 0  # for outlier ejection, reset each evaluation
+        self.interval_failures = 0
+
+    def set_rate(self, limits: Limits) -> None:
+        """(Re)build the token bucket when the configured rate changed."""
+        rate = limits.rate_per_s
+        if rate is None:
+            self.bucket = None
+        elif self.bucket is None or self.bucket.rate_per_s != rate or self.bucket.burst != (limits.burst or max(1.0, rate)):
+            self.bucket = TokenBucket(rate, limits.burst)
 
 
 class RegisteredInstance:
@@ -174,10 +188,13 @@ class BackendRegistry:
                 reason = key_reason
             if reason is None and kind is not None:
                 reason = kind.unavailable_reason(info)
-            runtime = InstanceRuntime()
             if previous is not None and backend.name in previous.instances:
                 runtime = previous.instances[backend.name].runtime
-            instances.append(RegisteredInstance(backend, kind, info, reason, runtime))
+            else:
+                runtime = InstanceRuntime(config.health.breaker)
+            registered = RegisteredInstance(backend, kind, info, reason, runtime)
+            runtime.set_rate(registered.limits)
+            instances.append(registered)
         return cls(instances, config)
 
     def serving(self, operation: Operation) -> tuple[RegisteredInstance, ...]:

@@ -1,18 +1,32 @@
-"""The router: filter, then select with a policy, and explain every decision."""
+"""The router: filter, then select with a policy, and explain every decision.
+
+One router serves realtime sessions and one-shot requests. `route` picks an instance (or
+raises a `CanonicalFailure` that carries the explanation); `attempt` runs a call on it and
+feeds what happened back into health, latency averages and metrics; `explain` answers
+"what would happen" with no side effect at all. `reload` swaps the registry atomically:
+per-instance runtime (in-flight, breaker) carries over by name.
+"""
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
+from typing import TypeVar
 
 import anyio
 import msgspec
 
-from spear_rt.errors import CanonicalFailure, ConfigError
+from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError
 from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Operation
+from spear_rt.metrics import MetricsRegistry
 from spear_rt.registry import BackendRegistry, RegisteredInstance
+from spear_rt.router.accounting import BudgetTracker, KeyLimiter, RouterMetrics, Usage, cost
 from spear_rt.router.filter import CAPABILITY, CAPACITY, filter_candidates
-from spear_rt.router.policies import Policy, make_policy
+from spear_rt.router.health import OutlierDetector
+from spear_rt.router.policies import DEFAULT_BY_OPERATION, EwmaLatency, Policy, make_policy
+
+T = TypeVar("T")
 
 # Over capacity, tell clients when to come back rather than queueing them.
 CAPACITY_RETRY_AFTER_S = 1.0
@@ -30,21 +44,32 @@ class Decision(msgspec.Struct, omit_defaults=True):
 
 
 class Router:
-    """Routes canonical requests over one registry; swap `registry` to reload."""
+    """Routes canonical requests over one registry."""
 
     def __init__(
         self,
         registry: BackendRegistry,
         rng: random.Random | None = None,
         clock: Callable[[], float] = anyio.current_time,
+        metrics: MetricsRegistry | None = None,
     ) -> None:
         self._rng = rng
         self._clock = clock
-        self.registry = registry
         self._policies: dict[str, Policy] = {}
-        policy_config = registry.config.policy
-        for name in {policy_config.default, *policy_config.by_operation.values()}:
+        self.metrics = RouterMetrics(metrics or MetricsRegistry())
+        self.registry = registry
+        self.reload(registry)
+
+    def reload(self, registry: BackendRegistry) -> None:
+        """Serve from `registry` from now on (its policies must all exist)."""
+        config = registry.config
+        for name in {config.policy.default or "least_inflight", *config.policy.by_operation.values()}:
             self._policy(name)
+        self.registry = registry
+        self.outliers = OutlierDetector(config.health.outlier)
+        self._outlier_due = 0.0
+        self.budgets = BudgetTracker(config.budget)
+        self.key_limiter = KeyLimiter(config.server.per_key_rate_per_s, config.server.per_key_burst)
 
     def _policy(self, name: str) -> Policy:
         policy = self._policies.get(name)
@@ -53,33 +78,157 @@ class Router:
         return policy
 
     def policy_name(self, req: CanonicalRequestEnvelope) -> str:
-        """The policy for a request: its own (if allowed) or the operation's default."""
+        """The request's own policy (if the host allows overrides), else the operation's."""
         config = self.registry.config.policy
-        return req.policy or config.by_operation.get(req.operation, config.default)
+        if req.policy is not None:
+            if not config.allow_request_override:
+                raise CanonicalFailure.of(
+                    ErrorCode.INVALID_REQUEST, "this server does not let requests choose a policy"
+                )
+            return req.policy
+        if req.operation in config.by_operation:
+            return config.by_operation[req.operation]
+        return config.default or DEFAULT_BY_OPERATION[req.operation]
 
-    def explain(self, req: CanonicalRequestEnvelope) -> tuple[RegisteredInstance | None, Decision]:
-        """Route without side effects: the instance that would serve, and why."""
+    # --- selection ----------------------------------------------------------------------------
+
+    def _decide(
+        self, req: CanonicalRequestEnvelope, exclude: Collection[str], dry_run: bool
+    ) -> tuple[RegisteredInstance | None, Decision]:
         try:
             policy = self._policy(self.policy_name(req))
         except ConfigError as exc:
             raise CanonicalFailure.of(ErrorCode.INVALID_REQUEST, exc.reason) from None
+        now = self._clock()
+        self._evaluate_outliers(now)
         instances = self.registry.serving(req.operation)
-        eligible, rejected = filter_candidates(instances, req)
+        eligible, rejected = filter_candidates(instances, req, now, exclude, self.outliers)
         decision = Decision(req.operation, policy.name, len(instances), rejected)
         if not eligible:
             return None, decision
-        chosen = policy.select(eligible, req, self._clock())
+        if dry_run:
+            policy = copy.deepcopy(policy)
+        chosen = policy.select(eligible, req, now)
         decision.selected = chosen.name
-        decision.signals = {"inflight": chosen.runtime.inflight, "weight": chosen.config.weight}
+        decision.signals = {
+            "inflight": chosen.runtime.inflight,
+            "weight": chosen.config.weight,
+            "priority": chosen.config.priority,
+            "eligible": len(eligible),
+        }
+        if isinstance(policy, EwmaLatency):
+            decision.signals["ewma_latency_ms"] = policy.latency(chosen.name) * 1000
         return chosen, decision
 
-    def route(self, req: CanonicalRequestEnvelope) -> tuple[RegisteredInstance, Decision]:
-        """Pick an instance or raise CanonicalFailure carrying the explanation."""
+    def explain(self, req: CanonicalRequestEnvelope) -> tuple[RegisteredInstance | None, Decision]:
+        """What `route` would pick and why, without changing any state."""
         self._check_names(req)
-        chosen, decision = self.explain(req)
+        return self._decide(req, (), dry_run=True)
+
+    def route(
+        self, req: CanonicalRequestEnvelope, exclude: Collection[str] = ()
+    ) -> tuple[RegisteredInstance, Decision]:
+        """Pick an instance (not in `exclude`) or raise CanonicalFailure with the explanation."""
+        self._check_names(req)
+        chosen, decision = self._decide(req, exclude, dry_run=False)
         if chosen is None:
-            raise CanonicalFailure(self._no_candidate(req, decision))
+            error = self._no_candidate(req, decision)
+            self.metrics.no_candidate.inc(req.operation, error.code)
+            raise CanonicalFailure(error)
         return chosen, decision
+
+    def admit(self, req: CanonicalRequestEnvelope) -> None:
+        """Per-key rate limit and budget, checked before any routing or backend call."""
+        key = req.meta.client_key_id
+        now = self._clock()
+        for error in (self.budgets.check(key, now), self.key_limiter.check(key, now)):
+            if error is not None:
+                error.operation = req.operation
+                self.metrics.rate_limited.inc(req.operation, "")
+                raise CanonicalFailure(error)
+
+    def charge(self, req: CanonicalRequestEnvelope, instance: RegisteredInstance, usage: Usage) -> float:
+        """Spend `usage` at `instance`'s prices against the request's client key."""
+        amount = cost(instance.config.price, usage)
+        self.budgets.charge(req.meta.client_key_id, amount, self._clock())
+        return amount
+
+    # --- attempts -----------------------------------------------------------------------------
+
+    async def attempt(
+        self,
+        instance: RegisteredInstance,
+        call: Callable[[RegisteredInstance], Awaitable[T]],
+        operation: Operation,
+    ) -> T:
+        """Run `call` on `instance`, recording in-flight, health, latency and metrics."""
+        runtime = instance.runtime
+        op = str(operation)
+        start = self._clock()
+        runtime.breaker.on_start(start)
+        if runtime.bucket is not None:
+            runtime.bucket.take(start)
+        runtime.inflight += 1
+        runtime.total_requests += 1
+        runtime.interval_requests += 1
+        self.metrics.requests.inc(op, instance.name)
+        try:
+            result = await call(instance)
+        except anyio.get_cancelled_exc_class():
+            runtime.breaker.on_cancel()  # a hedge loser: neither success nor failure
+            raise
+        except BaseException as exc:
+            self._record_failure(instance, op, exc)
+            raise
+        finally:
+            runtime.inflight -= 1
+        end = self._clock()
+        runtime.breaker.on_result(True, end)
+        self.metrics.latency.observe(end - start, op, instance.name)
+        for policy in self._policies.values():
+            if isinstance(policy, EwmaLatency):
+                policy.observe(instance.name, end - start, end)
+        return result
+
+    def _record_failure(self, instance: RegisteredInstance, op: str, exc: BaseException) -> None:
+        now = self._clock()
+        runtime = instance.runtime
+        counts_against = isinstance(exc, (BackendFailure, TimeoutError, OSError))
+        if counts_against:
+            runtime.breaker.on_result(False, now)
+            runtime.interval_failures += 1
+        else:
+            runtime.breaker.on_cancel()  # the caller's mistake says nothing about the instance
+        if isinstance(exc, TimeoutError):
+            self.metrics.timeouts.inc(op, instance.name)
+        elif isinstance(exc, BackendFailure) and exc.status == 429:
+            self.metrics.rate_limited.inc(op, instance.name)
+        self.metrics.errors.inc(op, instance.name)
+
+    def _evaluate_outliers(self, now: float) -> None:
+        if now < self._outlier_due:
+            return
+        self._outlier_due = now + self.registry.config.health.outlier_interval_s
+        stats = []
+        for inst in self.registry.instances.values():
+            rt = inst.runtime
+            stats.append((inst.name, rt.interval_requests, rt.interval_failures))
+            rt.interval_requests = rt.interval_failures = 0
+        self.outliers.evaluate(stats, now)
+
+    def count_fallback(self, operation: Operation) -> None:
+        """A retry went to another instance."""
+        self.metrics.fallbacks.inc(operation)
+
+    def count_hedge(self, operation: Operation) -> None:
+        """A hedged extra attempt started."""
+        self.metrics.hedges.inc(operation)
+
+    def count_mirror(self, operation: Operation) -> None:
+        """A mirrored copy was sent."""
+        self.metrics.mirrors.inc(operation)
+
+    # --- errors -------------------------------------------------------------------------------
 
     def _check_names(self, req: CanonicalRequestEnvelope) -> None:
         """A pinned backend or model that does not exist is the caller's mistake: say what does."""
@@ -128,3 +277,4 @@ class Router:
             error.retryable = True
             error.retry_after_s = CAPACITY_RETRY_AFTER_S
         return error
+

@@ -27,7 +27,7 @@ import random
 from collections import deque
 from collections.abc import Iterable
 
-import msgspec
+from spear_rt.config import BreakerConfig, OutlierConfig
 
 
 class BreakerState(enum.StrEnum):
@@ -36,20 +36,6 @@ class BreakerState(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
-
-
-class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Thresholds of the circuit breaker (config section `[health.breaker]`)."""
-
-    consecutive_failures: int = 5
-    error_rate: float = 0.5
-    min_requests: int = 10
-    window_s: float = 10.0
-    cooldown_s: float = 5.0
-    max_cooldown_s: float = 60.0
-    jitter: float = 0.2
-    half_open_probes: int = 1
-    close_after_successes: int = 2
 
 
 class CircuitBreaker:
@@ -80,6 +66,11 @@ class CircuitBreaker:
         """A request was sent (counts against half-open probes)."""
         if self.state is BreakerState.HALF_OPEN:
             self._probes += 1
+
+    def on_cancel(self) -> None:
+        """A request ended without an outcome (cancelled, or the caller's own error)."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
 
     def on_result(self, ok: bool, now: float) -> None:
         """Record one outcome."""
@@ -145,16 +136,6 @@ class CircuitBreaker:
             self._window.clear()
             self._failures_in_window = 0
             self._consecutive = 0
-
-
-class OutlierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Success-rate outlier ejection (config section `[health.outlier]`)."""
-
-    enabled: bool = True
-    min_requests: int = 20
-    stdev_factor: float = 1.9
-    base_ejection_s: float = 30.0
-    max_ejection_percent: float = 50.0
 
 
 class OutlierDetector:

@@ -1,0 +1,215 @@
+"""Executing one-shot requests over the router: fallback, hedging and mirroring.
+
+* **Fallback** (every policy, idempotent operations only): an attempt that fails retryably
+  (backend 429/5xx, timeout) excludes its instance and the request is routed again — which,
+  with priority tiers, reaches the next tier — up to `max_attempts`, and only while the
+  retry budget allows (retries may add at most `budget_ratio` of the request rate, so a
+  failing fleet is not hammered twice as hard).
+* **Hedging** `hedged(k, delay_ms)` (operations named in config only): if the first attempt
+  has not answered within `delay_ms`, a second starts on another instance, up to `k`; the
+  first success wins and the others are cancelled (they run in one task group: cancellation
+  is structured, nothing leaks). A cancelled loser counts as neither success nor failure.
+* **Mirroring** `mirror_to(instance, sample_rate)`: after the primary answered, a copy of the
+  request goes to a secondary through a bounded queue worked by the server's task group; the
+  caller never waits for it, and its latency and failures only reach metrics.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+
+from spear_rt.config import HedgeConfig, MirrorConfig, RetryConfig
+from spear_rt.errors import BackendFailure, CanonicalFailure
+from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode
+from spear_rt.registry import RegisteredInstance
+from spear_rt.router.core import Router
+
+T = TypeVar("T")
+Call = Callable[[RegisteredInstance], Awaitable[T]]
+
+
+class Executed(msgspec.Struct, Generic[T]):
+    """A successful result and how it was obtained."""
+
+    result: T
+    instance: RegisteredInstance
+    attempts: int
+    hedged: bool = False
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another instance might succeed where this attempt failed."""
+    if isinstance(exc, BackendFailure):
+        return exc.retryable
+    if isinstance(exc, CanonicalFailure):
+        return exc.error.retryable
+    return isinstance(exc, TimeoutError)
+
+
+class RetryBudget:
+    """Retries allowed as a fraction of requests over a sliding second (Finagle-style)."""
+
+    def __init__(self, config: RetryConfig) -> None:
+        self.config = config
+        self._requests: list[float] = []
+        self._retries: list[float] = []
+
+    def _trim(self, now: float) -> None:
+        for series in (self._requests, self._retries):
+            while series and series[0] <= now - 1.0:
+                series.pop(0)
+
+    def on_request(self, now: float) -> None:
+        """Count a first attempt."""
+        self._trim(now)
+        self._requests.append(now)
+
+    def try_retry(self, now: float) -> bool:
+        """Spend one retry if the budget has room."""
+        self._trim(now)
+        allowed = self.config.min_retries_per_s + self.config.budget_ratio * len(self._requests)
+        if len(self._retries) >= allowed:
+            return False
+        self._retries.append(now)
+        return True
+
+
+class Executor:
+    """Runs one-shot calls with fallback, hedging and mirroring over a router."""
+
+    def __init__(
+        self,
+        router: Callable[[], Router],
+        *,
+        retry: RetryConfig = RetryConfig(),
+        hedge: HedgeConfig = HedgeConfig(),
+        mirror: MirrorConfig = MirrorConfig(),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._router = router
+        self.retry = retry
+        self.hedge = hedge
+        self.mirror = mirror
+        self._budget = RetryBudget(retry)
+        self._rng = rng or random.Random()
+        self._mirror_send, self._mirror_receive = anyio.create_memory_object_stream[
+            tuple[CanonicalRequestEnvelope, Callable[[RegisteredInstance], Awaitable[object]]]
+        ](mirror.queue)
+        self.mirror_dropped = 0
+
+    async def run(self, req: CanonicalRequestEnvelope, call: Call[T], *, idempotent: bool) -> Executed[T]:
+        """Route and run `call`, falling back or hedging as configured."""
+        router = self._router()
+        self._budget.on_request(anyio.current_time())
+        hedging = req.operation in self.hedge.operations and self.hedge.k > 1
+        excluded: set[str] = set()
+        attempts = 0
+        last: BaseException | None = None
+        while True:
+            try:
+                if hedging:
+                    done = await self._hedged(router, req, call, excluded)
+                    attempts += done.attempts
+                    done.attempts = attempts
+                else:
+                    instance, _ = router.route(req, exclude=excluded)
+                    attempts += 1
+                    done = Executed(await router.attempt(instance, call, req.operation), instance, attempts)
+            except CanonicalFailure as exc:
+                if last is not None and exc.error.code is ErrorCode.NO_CANDIDATE_BACKEND:
+                    raise _exhausted(req, last, attempts) from None
+                if not (idempotent and is_retryable(exc)):
+                    raise
+                last = exc
+            except (BackendFailure, TimeoutError) as exc:
+                if not (idempotent and is_retryable(exc)):
+                    raise
+                last = exc
+            else:
+                self._maybe_mirror(req, call)
+                return done
+            if attempts >= self.retry.max_attempts or not self._budget.try_retry(anyio.current_time()):
+                raise _exhausted(req, last, attempts)
+            router.count_fallback(req.operation)
+
+    async def _hedged(
+        self, router: Router, req: CanonicalRequestEnvelope, call: Call[T], excluded: set[str]
+    ) -> Executed[T]:
+        winner: list[Executed[T]] = []
+        failures: list[BaseException] = []
+        started: list[RegisteredInstance] = []
+        finished = anyio.Event()
+
+        async def attempt(instance: RegisteredInstance, tg: anyio.abc.TaskGroup) -> None:
+            nonlocal finished
+            try:
+                result = await router.attempt(instance, call, req.operation)
+            except (BackendFailure, TimeoutError, CanonicalFailure) as exc:
+                failures.append(exc)
+                excluded.add(instance.name)
+                finished.set()
+                return
+            if not winner:
+                winner.append(Executed(result, instance, len(started), hedged=len(started) > 1))
+                tg.cancel_scope.cancel()  # the losers are cancelled here
+
+        async with anyio.create_task_group() as tg:
+            for n in range(self.hedge.k):
+                try:
+                    instance, _ = router.route(req, exclude=excluded | {i.name for i in started})
+                except CanonicalFailure:
+                    if not started:
+                        raise
+                    break
+                if n:
+                    router.count_hedge(req.operation)
+                started.append(instance)
+                tg.start_soon(attempt, instance, tg)
+                with anyio.move_on_after(self.hedge.delay_ms / 1000):
+                    await finished.wait()
+                finished = anyio.Event()
+                if winner:
+                    break
+        if winner:
+            return winner[0]
+        raise failures[-1]
+
+    def _maybe_mirror(self, req: CanonicalRequestEnvelope, call: Callable[[RegisteredInstance], Awaitable[object]]) -> None:
+        mirror = self.mirror
+        if not mirror.instance or req.operation not in mirror.operations:
+            return
+        if self._rng.random() >= mirror.sample_rate:
+            return
+        try:
+            self._mirror_send.send_nowait((req, call))
+        except anyio.WouldBlock:
+            self.mirror_dropped += 1  # a slow mirror never slows the primary
+
+    async def mirror_worker(self) -> None:
+        """Work the mirror queue (run in the server's task group)."""
+        async for req, call in self._mirror_receive:
+            router = self._router()
+            instance = router.registry.instances.get(self.mirror.instance)
+            if instance is None:
+                continue
+            router.count_mirror(req.operation)
+            try:
+                await router.attempt(instance, call, req.operation)
+            except Exception:  # noqa: BLE001 - a mirror's failure only reaches its metrics
+                pass
+
+
+def _exhausted(req: CanonicalRequestEnvelope, last: BaseException | None, attempts: int) -> CanonicalFailure:
+    if isinstance(last, CanonicalFailure):
+        error = last.error
+    else:
+        code = ErrorCode.TIMEOUT if isinstance(last, TimeoutError) else ErrorCode.BACKEND_ERROR
+        error = CanonicalError(code, f"{last}" or "backend failed", retryable=True, operation=req.operation)
+    error.message = f"{error.message} (after {attempts} attempt{'s' if attempts != 1 else ''})"
+    return CanonicalFailure(error)
