@@ -63,7 +63,7 @@ class SessionWire(msgspec.Struct):
     """
 
     type: str | UnsetType = UNSET  # GA: "realtime" | "transcription"
-    model: str | UnsetType = UNSET
+    model: str | None | UnsetType = UNSET  # null: what session.created shows when unset
     # beta
     input_audio_format: str | UnsetType = UNSET
     input_audio_transcription: TranscriptionWire | None | UnsetType = UNSET

@@ -147,6 +147,8 @@ class Server:
     async def _answer(self, http: HttpConnection, request: h11.Request) -> None:
         path = urlsplit(request.target.decode("latin-1")).path
         try:
+            # Read the body first, whatever the answer: an unread body would end keep-alive.
+            body = await http.read_body(self.config.server.max_http_body_bytes)
             handler = self._routes.get((request.method, path))
             if handler is None:
                 methods = sorted(m.decode() for m, p in self._routes if p == path)
@@ -157,7 +159,6 @@ class Server:
                     raise HttpError(426, f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
                                     "upgrade_required", [("Upgrade", "websocket")])
                 raise HttpError(404, f"no such endpoint: {path}", "not_found")
-            body = await http.read_body(self.config.server.max_http_body_bytes)
             response = await handler(request, body)
         except HttpError as exc:
             response = error_response(exc.status, exc.message, exc.code, exc.headers)

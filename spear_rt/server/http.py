@@ -82,12 +82,15 @@ class HttpConnection:
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.method = b""  # of the request being answered: a HEAD answer carries no body
 
     async def next_event(self) -> Any:
         """The next h11 event, reading as needed; ConnectionClosed at EOF."""
         conn = self.h11
         while True:
             event = conn.next_event()
+            if isinstance(event, h11.Request):
+                self.method = event.method
             if event is not h11.NEED_DATA:
                 return event
             try:
@@ -122,7 +125,9 @@ class HttpConnection:
         ]
         conn = self.h11
         data = conn.send(h11.Response(status_code=response.status, headers=headers))
-        data += conn.send(h11.Data(data=response.body)) + conn.send(h11.EndOfMessage())
+        if self.method != b"HEAD":
+            data += conn.send(h11.Data(data=response.body))
+        data += conn.send(h11.EndOfMessage())
         await self.stream.send(data)
 
     def upgrade_head(self, request: h11.Request) -> bytes:

@@ -59,6 +59,7 @@ class SessionManager:
         self._router = router
         self.sessions: dict[str, SessionRunner] = {}
         self._per_key: dict[str, int] = {}
+        self._admitted = 0  # sessions past admission, including those still opening upstream
         self.total_sessions = 0
         self.draining = False
 
@@ -68,7 +69,7 @@ class SessionManager:
             return CanonicalError(
                 ErrorCode.NO_CANDIDATE_BACKEND, "the server is draining", retryable=True, retry_after_s=5.0
             )
-        if len(self.sessions) >= server.max_sessions:
+        if self._admitted >= server.max_sessions:
             return CanonicalError(
                 ErrorCode.RATE_LIMITED,
                 f"the server holds its maximum of {server.max_sessions} sessions",
@@ -104,9 +105,11 @@ class SessionManager:
         key = req.client_key_id
         if key is not None:
             self._per_key[key] = self._per_key.get(key, 0) + 1
+        self._admitted += 1
         try:
             await self._serve_routed(conn, req)
         finally:
+            self._admitted -= 1
             if key is not None:
                 self._per_key[key] -= 1
                 if not self._per_key[key]:

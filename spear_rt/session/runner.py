@@ -87,6 +87,7 @@ class SessionRunner:
         self._peer_closed = anyio.Event()
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
+        self._timer_sleep: anyio.CancelScope | None = None  # cancel to recompute the deadline
 
     async def run(self) -> None:
         """Run until the session closes or the client goes away."""
@@ -102,6 +103,8 @@ class SessionRunner:
     def drain(self, deadline_s: float) -> None:
         """Server shutdown: finish turns in flight, then close 1001 (from any task)."""
         self.machine.drain(anyio.current_time(), deadline_s)
+        if self._timer_sleep is not None:
+            self._timer_sleep.cancel()  # the drain deadline may come before the timer's wake-up
         self._after()
         if self._tg is not None:
             self._tg.start_soon(self._send_upstream)
@@ -158,7 +161,8 @@ class SessionRunner:
     async def _timer(self) -> None:
         machine = self.machine
         while machine.close is None:
-            await anyio.sleep_until(machine.next_deadline())
+            with anyio.CancelScope() as self._timer_sleep:
+                await anyio.sleep_until(machine.next_deadline())
             machine.tick(anyio.current_time())
             await self._send_upstream()
             self._after()

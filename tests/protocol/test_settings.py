@@ -1,0 +1,182 @@
+"""apply_update / render_session: both dialects fold into one settings form and render back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from spear_rt.audio import AudioFormat, InputFormat, VadConfig
+from spear_rt.protocol.client_events import SessionWire
+from spear_rt.protocol.settings import (
+    Dialect,
+    SessionKind,
+    SessionSettings,
+    SettingsError,
+    TranscriptionSettings,
+    apply_update,
+    render_session,
+)
+
+DEFAULT = SessionSettings()
+
+
+def wire(session: dict[str, Any]) -> SessionWire:
+    return msgspec.convert(session, SessionWire)
+
+
+def update(session: dict[str, Any], current: SessionSettings = DEFAULT) -> SessionSettings:
+    return apply_update(current, wire(session))
+
+
+def test_empty_update_changes_nothing() -> None:
+    """Fields not mentioned keep their value."""
+    assert update({}) == DEFAULT
+
+
+def test_beta_format_names() -> None:
+    """Beta strings: pcm16 is 24 kHz, G.711 is 8 kHz."""
+    assert update({"input_audio_format": "pcm16"}).input_format == InputFormat(
+        AudioFormat.PCM16, 24000
+    )
+    assert update({"input_audio_format": "g711_ulaw"}).input_format == InputFormat(
+        AudioFormat.G711_ULAW, 8000
+    )
+    assert update({"input_audio_format": "g711_alaw"}).input_format == InputFormat(
+        AudioFormat.G711_ALAW, 8000
+    )
+
+
+def test_ga_format_objects() -> None:
+    """GA objects: audio/pcm with a rate, audio/pcmu and audio/pcma at 8 kHz."""
+
+    def fmt(obj: dict[str, Any]) -> InputFormat:
+        return update({"audio": {"input": {"format": obj}}}).input_format
+
+    assert fmt({"type": "audio/pcm", "rate": 24000}) == InputFormat(AudioFormat.PCM16, 24000)
+    assert fmt({"type": "audio/pcm", "rate": 16000}) == InputFormat(AudioFormat.PCM16, 16000)
+    assert fmt({"type": "audio/pcm"}) == InputFormat(AudioFormat.PCM16, 24000)
+    assert fmt({"type": "audio/pcmu"}) == InputFormat(AudioFormat.G711_ULAW, 8000)
+    assert fmt({"type": "audio/pcma"}) == InputFormat(AudioFormat.G711_ALAW, 8000)
+
+
+@pytest.mark.parametrize(
+    ("session", "param"),
+    [
+        ({"input_audio_format": "mp3"}, "session.input_audio_format"),
+        ({"audio": {"input": {"format": {"type": "audio/opus"}}}}, "session.audio.input.format"),
+        (
+            {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 1}}}},
+            "session.audio.input.format",
+        ),
+        (
+            {"audio": {"input": {"format": {"type": "audio/pcmu", "rate": 24000}}}},
+            "session.audio.input.format",
+        ),
+        ({"turn_detection": {"type": "semantic_vad"}}, "session.turn_detection.type"),
+        ({"turn_detection": {"threshold": 1.5}}, "session.turn_detection.threshold"),
+        ({"turn_detection": {"prefix_padding_ms": -1}}, "session.turn_detection.prefix_padding_ms"),
+        (
+            {"turn_detection": {"silence_duration_ms": 60_000}},
+            "session.turn_detection.silence_duration_ms",
+        ),
+        (
+            {"audio": {"input": {"turn_detection": {"threshold": -0.1}}}},
+            "session.audio.input.turn_detection.threshold",
+        ),
+        ({"type": "conversation"}, "session.type"),
+        ({"type": "realtime"}, "session.type"),
+    ],
+)
+def test_bad_values_raise_settings_error_naming_the_param(
+    session: dict[str, Any], param: str
+) -> None:
+    """Every refused value says which field it was."""
+    with pytest.raises(SettingsError) as info:
+        update(session)
+    assert info.value.param == param
+
+
+def test_null_turn_detection_means_manual_commit_and_an_object_restores_vad() -> None:
+    """turn_detection: null clears VAD; a later object re-enables it with defaults filled in."""
+    manual = update({"turn_detection": None})
+    assert manual.turn_detection is None
+    vad = update({"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}, manual)
+    assert vad.turn_detection == VadConfig(silence_duration_ms=300)
+
+
+def test_partial_vad_update_keeps_the_other_vad_fields() -> None:
+    """Only the named VAD fields change."""
+    tuned = update({"turn_detection": {"threshold": 0.8, "prefix_padding_ms": 100}})
+    again = update({"audio": {"input": {"turn_detection": {"silence_duration_ms": 900}}}}, tuned)
+    assert again.turn_detection == VadConfig(
+        threshold=0.8, prefix_padding_ms=100, silence_duration_ms=900
+    )
+
+
+def test_transcription_settings_merge_and_null_resets() -> None:
+    """Transcription fields merge; an explicit null resets them."""
+    first = update({"input_audio_transcription": {"model": "m1", "language": "en"}})
+    second = update({"audio": {"input": {"transcription": {"prompt": "p"}}}}, first)
+    assert second.transcription == TranscriptionSettings(model="m1", language="en", prompt="p")
+    assert (
+        update({"input_audio_transcription": None}, second).transcription == TranscriptionSettings()
+    )
+
+
+def test_session_type_equal_to_the_current_kind_is_accepted() -> None:
+    """GA clients repeat session.type on every update; the same type is fine."""
+    assert update({"type": "transcription"}) == DEFAULT
+    realtime = SessionSettings(kind=SessionKind.REALTIME)
+    assert update({"type": "realtime"}, realtime) == realtime
+
+
+def test_render_ga() -> None:
+    """GA rendering: type, audio.input.{format, transcription, turn_detection}."""
+    settings = update(
+        {"audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}}}
+    )
+    session = render_session(settings, Dialect.GA, "sess_1")
+    assert session["type"] == "transcription"
+    assert session["id"] == "sess_1"
+    assert session["audio"]["input"] == {
+        "format": {"type": "audio/pcmu"},
+        "transcription": {"model": None, "language": None, "prompt": None},
+        "turn_detection": None,
+    }
+
+
+def test_render_beta() -> None:
+    """Beta rendering: input_audio_format string and the VAD object with every field."""
+    session = render_session(DEFAULT, Dialect.BETA, "sess_1")
+    assert session["input_audio_format"] == "pcm16"
+    assert session["turn_detection"] == {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 500,
+    }
+    assert "model" not in session  # transcription sessions have no conversation model
+
+
+def test_render_beta_pcm_at_a_rate_beta_cannot_name_falls_back_to_the_ga_object() -> None:
+    """pcm16 at 16 kHz has no beta name: the GA object is shown rather than a lie."""
+    settings = update({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}})
+    session = render_session(settings, Dialect.BETA, "s")
+    assert session["input_audio_format"] == {"type": "audio/pcm", "rate": 16000}
+
+
+def test_render_round_trips_through_apply_update() -> None:
+    """What render_session shows, fed back as an update, gives the same settings."""
+    settings = update(
+        {
+            "input_audio_format": "g711_alaw",
+            "turn_detection": {"threshold": 0.3},
+            "input_audio_transcription": {"language": "de"},
+        }
+    )
+    for dialect in Dialect:
+        shown = render_session(settings, dialect, "s")
+        shown.pop("object"), shown.pop("id")
+        assert update(shown) == settings
