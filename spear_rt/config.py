@@ -182,8 +182,15 @@ def _validation_key(message: str) -> tuple[str, str]:
     # a bad dict key reads "reason - at `key` in `$.a.b`"
     match = re.search(r"^(.*) - at (?:`key` in )?`\$\.?(.*)`$", message)
     if match is None:
-        return "config", message
-    return match.group(2) or "config", match.group(1)
+        match = re.match(r"^(Object contains unknown field `.*`)()$", message)  # top level
+        if match is None:
+            return "config", message
+    key, reason = match.group(2) or "config", match.group(1)
+    unknown = re.match(r"^Object contains unknown field `(.*)`$", reason)
+    if unknown is not None:  # name the field itself, not its section
+        key = f"{key}.{unknown.group(1)}" if match.group(2) else unknown.group(1)
+        reason = "unknown field"
+    return key, reason
 
 
 def _check(config: Config) -> None:

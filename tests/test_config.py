@@ -81,8 +81,8 @@ STUB = '[[backends]]\nname = "a"\nkind = "stub"\n'
 @pytest.mark.parametrize(
     ("toml", "key", "words"),
     [
-        ('[server]\nlisten_addr = "x"\n', "server", ["listen_addr"]),
-        ("bogus = 1\n", "config", ["bogus"]),
+        ('[server]\nlisten_addr = "x"\n', "server.listen_addr", ["unknown field"]),
+        ("bogus = 1\n", "bogus", ["unknown field"]),
         ('[server]\nmax_sessions = "many"\n', "server.max_sessions", ["int", "str"]),
         (
             '[[backends]]\nname = "a"\nkind = "stub"\nops = ["speech_to_txt"]\n',
@@ -101,7 +101,7 @@ STUB = '[[backends]]\nname = "a"\nkind = "stub"\n'
         ('[server]\nlisten = "127.0.0.1:99999"\n', "server.listen", ["99999"]),
         ('[[backends]]\nname = "a"\n', "backends[0]", ["kind"]),
         (STUB + "weight = 0\n", "backends[0].weight", ["positive"]),
-        (STUB + "[backends.limits]\nmax_conc = 3\n", "backends[0].limits", ["max_conc"]),
+        (STUB + "[backends.limits]\nmax_conc = 3\n", "backends[0].limits.max_conc", ["unknown field"]),
         ('[[backends]]\nname = "has space"\nkind = "stub"\n', "backends[0].name", ["has space"]),
         (
             '[[credentials]]\nname = "c"\napi_key_env = "not a var"\n',

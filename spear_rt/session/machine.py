@@ -128,7 +128,6 @@ class SessionMachine:
         self._resampler: StreamResampler | None = None
         self._vad: VoiceActivityDetector | None = None
         self._history: AudioHistory | None = None
-        self._announced_id: str | None = None
         self._previous_item_id: str | None = None
         self._pending_items: set[str] = set()
         self._reset_audio_path()
@@ -271,19 +270,19 @@ class SessionMachine:
                     if self._turn_id is not None:  # a manual commit raced the VAD: new turn
                         self._send_audio(self._history.slice(cursor, chunk_end))
                         self._commit_turn()
-                    item_id = self._announced_id or self._ids("item")
-                    self._announced_id = None
+                    item_id = self._ids("item")
                     self._open_turn(item_id)
                     self._emit(se.SpeechStarted(audio_start_ms=start_ms, item_id=item_id))
                     cursor = min(start_ms * rate // 1000, chunk_end)
                 case VadStopped(audio_end_ms=end_ms):
-                    item_id = self._turn_id or self._ids("item")
+                    if self._turn_id is None:
+                        continue  # its turn was committed or cleared by the client already
+                    item_id = self._turn_id
                     silence = self.settings.turn_detection.silence_duration_ms if self.settings.turn_detection else 0
                     stop = min((end_ms + silence) * rate // 1000, chunk_end)
                     self._emit(se.SpeechStopped(audio_end_ms=end_ms, item_id=item_id))
-                    if self._turn_id is not None:
-                        self._send_audio(self._history.slice(cursor, max(stop, cursor)))
-                        self._commit_turn()
+                    self._send_audio(self._history.slice(cursor, max(stop, cursor)))
+                    self._commit_turn()
                     cursor = max(stop, cursor)
         if self._turn_id is not None and cursor < chunk_end:
             self._send_audio(self._history.slice(cursor, chunk_end))
@@ -297,6 +296,11 @@ class SessionMachine:
             )
             return
         self._commit_turn()
+        if self._vad is not None:
+            # The client ended this turn itself: the detector starts over, so speech that
+            # goes on becomes a new turn (with its own speech_started) instead of a
+            # speech_stopped for an item that no longer exists.
+            self._vad.reset()
 
     def _on_clear(self) -> None:
         if self._turn_id is not None:

@@ -460,6 +460,24 @@ def test_vad_two_utterances_become_two_items() -> None:
     assert [c["item_id"] for c in completed] == [c["item_id"] for c in committed]
 
 
+def test_manual_commit_during_vad_speech_leaves_no_dangling_item() -> None:
+    """A commit mid-speech ends that turn; speech that goes on is a new turn, never a stray stop."""
+    h = Harness(dialect=Dialect.BETA, vad=True)
+    h.start()
+    pcm = load_fixture_24k("speech_go_forward.wav")
+    events = h.stream(pcm[:24000])
+    events += h.send({"type": "input_audio_buffer.commit"})
+    events += h.stream(pcm[24000:])
+    started = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    stopped = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    committed = [e["item_id"] for e in events if e["type"] == COMMITTED]
+    completed = [e["item_id"] for e in events if e["type"] == COMPLETED]
+    assert set(stopped) <= set(committed)  # every stop names an item that exists
+    assert set(started) <= set(committed)
+    assert completed == committed
+    assert "error" not in types(events)
+
+
 @pytest.mark.parametrize("name", ["silence.wav", "noise.wav"])
 def test_vad_on_non_speech_makes_no_turn(name: str) -> None:
     """Silence (and steady noise) never opens a turn: no events, nothing sent upstream."""
