@@ -47,11 +47,13 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
-async def serve(config: Config, *, announce: Callable[[int], None] | None = None) -> None:
-    """Run the server until SIGINT/SIGTERM; SIGTERM drains live sessions first."""
+async def serve(
+    config: Config, *, config_path: str | None = None, announce: Callable[[int], None] | None = None
+) -> None:
+    """Run the server until SIGINT/SIGTERM (SIGTERM drains first); SIGHUP reloads the config."""
     from spear_rt.server.app import Server
 
-    server = Server(config)
+    server = Server(config, config_path=config_path)
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.serve)
         for inst in server.registry.instances.values():
@@ -61,8 +63,16 @@ async def serve(config: Config, *, announce: Callable[[int], None] | None = None
         print(f"spear-rt: listening on http://{host}:{port} (config: {config.source})", file=sys.stderr)
         if announce is not None:
             announce(port)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    try:
+                        summary = server.reload()
+                    except ConfigError as exc:
+                        print(f"spear-rt: reload refused, keeping the old config: {exc}", file=sys.stderr)
+                    else:
+                        print(f"spear-rt: reloaded {summary['config']}: {summary['backends']}", file=sys.stderr)
+                    continue
                 if signum == signal.SIGTERM:
                     print("spear-rt: SIGTERM: draining", file=sys.stderr)
                     server.stop_accepting()
@@ -76,7 +86,7 @@ async def serve(config: Config, *, announce: Callable[[int], None] | None = None
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
-    run_on_loop(args.loop, lambda: serve(config))
+    run_on_loop(args.loop, lambda: serve(config, config_path=args.config))
     return 0
 
 

@@ -25,6 +25,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     listen: str = "127.0.0.1:8787"
     client_keys_env: list[str] = msgspec.field(default_factory=list)
+    admin_keys_env: list[str] = msgspec.field(default_factory=list)
     max_sessions: int = 1000
     max_sessions_per_key: int = 100
     max_frame_bytes: int = 1 << 20

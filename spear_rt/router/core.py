@@ -17,6 +17,7 @@ from typing import TypeVar
 import anyio
 import msgspec
 
+from spear_rt.config import Config
 from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError
 from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Operation
 from spear_rt.metrics import MetricsRegistry
@@ -60,11 +61,20 @@ class Router:
         self.registry = registry
         self.reload(registry)
 
+    @staticmethod
+    def check_policies(config: Config) -> None:
+        """Raise ConfigError when `config` names a policy that does not exist."""
+        for name in {*config.policy.by_operation.values(), config.policy.default}:
+            if name is not None:
+                make_policy(name)
+
     def reload(self, registry: BackendRegistry) -> None:
         """Serve from `registry` from now on (its policies must all exist)."""
         config = registry.config
-        for name in {config.policy.default or "least_inflight", *config.policy.by_operation.values()}:
+        for name in {*DEFAULT_BY_OPERATION.values(), *config.policy.by_operation.values()}:
             self._policy(name)
+        if config.policy.default is not None:
+            self._policy(config.policy.default)
         self.registry = registry
         self.outliers = OutlierDetector(config.health.outlier)
         self._outlier_due = 0.0
@@ -132,7 +142,7 @@ class Router:
         self._check_names(req)
         chosen, decision = self._decide(req, exclude, dry_run=False)
         if chosen is None:
-            error = self._no_candidate(req, decision)
+            error = self.no_candidate_error(req, decision)
             self.metrics.no_candidate.inc(req.operation, error.code)
             raise CanonicalFailure(error)
         return chosen, decision
@@ -252,7 +262,8 @@ class Router:
                     operation=req.operation,
                 )
 
-    def _no_candidate(self, req: CanonicalRequestEnvelope, decision: Decision) -> CanonicalError:
+    def no_candidate_error(self, req: CanonicalRequestEnvelope, decision: Decision) -> CanonicalError:
+        """The canonical error (with the explanation) for a request no instance can take."""
         reasons = decision.rejected_reasons
         required = {
             "operation": str(req.operation),

@@ -21,12 +21,21 @@ import anyio.abc
 import h11
 from websockets.server import ServerProtocol
 
-from spear_rt.config import Config, listen_address
+from spear_rt.config import Config, listen_address, load_config
+from spear_rt.metrics import MetricsRegistry
 from spear_rt.ir import CanonicalError, ErrorCode
 from spear_rt.protocol.settings import Dialect, SessionKind
-from spear_rt.registry import BackendRegistry
+from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router import Router
-from spear_rt.server.http import HttpConnection, HttpError, Response, error_response, json_response
+from spear_rt.server.http import (
+    HttpConnection,
+    HttpError,
+    HttpRequest,
+    Response,
+    error_response,
+    json_response,
+)
+from spear_rt.server.admin import AdminApi
 from spear_rt.server.ws import WebSocketConnection
 from spear_rt.session.manager import ConnectRequest, SessionManager, reject
 
@@ -35,7 +44,7 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 
-Handler = Callable[[h11.Request, bytes], Awaitable[Response]]
+Handler = Callable[[HttpRequest], Awaitable[Response]]
 
 
 def _header(request: h11.Request, name: bytes) -> str | None:
@@ -62,19 +71,67 @@ def _select_realtime(protocol: ServerProtocol, offered: object) -> str | None:
 class Server:
     """spear_rt's server: registry, router, session manager and the listener."""
 
-    def __init__(self, config: Config, registry: BackendRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: BackendRegistry | None = None,
+        *,
+        config_path: str | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.metrics = MetricsRegistry()
         self.registry = registry or BackendRegistry.build(config)
-        self.router = Router(self.registry)
+        self.router = Router(self.registry, metrics=self.metrics)
         self.sessions = SessionManager(config, lambda: self.router)
+        self._register_gauges()
         self._client_keys = [v for env in config.server.client_keys_env if (v := os.environ.get(env))]
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
+        admin = AdminApi(self, self.reload)
         self._routes: dict[tuple[bytes, str], Handler] = {
             (b"GET", "/healthz"): self._healthz,
             (b"GET", "/v1/backends"): self._backends,
             (b"GET", "/v1/capabilities"): self._capabilities,
+            **admin.routes(),  # type: ignore[dict-item]
         }
+
+    def apply_config(self, config: Config) -> dict[str, object]:
+        """Swap in a new config's registry atomically; live sessions keep their instance.
+
+        Everything that can fail (kinds, policies) is checked before anything is swapped.
+        Listener, client keys and caps are read at start: changing them needs a restart.
+        """
+        Router.check_policies(config)
+        registry = BackendRegistry.build(config, previous=self.registry)
+        self.router.reload(registry)
+        self.registry = registry
+        self.sessions.reconfigure(config)
+        self.config = config
+        return {"config": config.source, "backends": sorted(registry.instances)}
+
+    def reload(self) -> dict[str, object]:
+        """Reload the config file (SIGHUP); raises ConfigError and keeps the old one if bad."""
+        return self.apply_config(load_config(self.config_path))
+
+    def _register_gauges(self) -> None:
+        def per_instance(value: Callable[[RegisteredInstance], float]) -> Callable[[], dict[tuple[str, ...], float]]:
+            return lambda: {(i.name,): value(i) for i in self.registry.instances.values()}
+
+        self.metrics.gauge("spear_inflight", "Requests and sessions in flight per instance", ("instance",),
+                           per_instance(lambda i: i.runtime.inflight))
+        self.metrics.gauge("spear_breaker_open", "1 when the instance's circuit is not closed", ("instance",),
+                           per_instance(lambda i: float(i.runtime.breaker.state != "closed")))
+        self.metrics.gauge("spear_instance_available", "1 when the instance can serve", ("instance",),
+                           per_instance(lambda i: float(i.unavailable is None)))
+        self.metrics.gauge("spear_sessions", "Live realtime sessions", (),
+                           lambda: {(): float(len(self.sessions.sessions))})
+        self.metrics.gauge("spear_session_queue_bytes", "Bytes queued toward clients, all sessions", (),
+                           lambda: {(): float(sum(r.machine.outbound.nbytes for r in self.sessions.sessions.values()))})
+        self.metrics.gauge("spear_session_events_dropped", "Deltas dropped for slow clients (live + ended)", (),
+                           lambda: {(): float(self.sessions.dropped_events())})
+        self.metrics.gauge("spear_sessions_total", "Realtime sessions started", (),
+                           lambda: {(): float(self.sessions.total_sessions)})
 
     # --- listener -----------------------------------------------------------------------------
 
@@ -108,13 +165,7 @@ class Server:
                 log.exception("connection handler crashed")
 
     def _peer_allowed(self, stream: anyio.abc.ByteStream) -> bool:
-        if self._client_keys:
-            return True
-        try:
-            host = stream.extra(anyio.abc.SocketAttribute.remote_address)[0]
-            return ipaddress.ip_address(host).is_loopback
-        except (anyio.TypedAttributeLookupError, ValueError, TypeError, IndexError):
-            return True  # not a TCP socket (in-memory test stream)
+        return bool(self._client_keys) or _is_loopback(stream)
 
     async def _serve_http(self, stream: anyio.abc.SocketStream) -> None:
         http = HttpConnection(stream)
@@ -136,7 +187,7 @@ class Server:
             if (_header(event, b"upgrade") or "").lower() == "websocket":
                 await self._upgrade(stream, http, event)
                 return
-            await self._answer(http, event)
+            await self._answer(http, event, _is_loopback(stream))
             if http.h11.our_state is h11.MUST_CLOSE:
                 return
             try:
@@ -144,8 +195,9 @@ class Server:
             except h11.LocalProtocolError:
                 return
 
-    async def _answer(self, http: HttpConnection, request: h11.Request) -> None:
-        path = urlsplit(request.target.decode("latin-1")).path
+    async def _answer(self, http: HttpConnection, request: h11.Request, loopback: bool) -> None:
+        url = urlsplit(request.target.decode("latin-1"))
+        path = url.path
         try:
             # Read the body first, whatever the answer: an unread body would end keep-alive.
             body = await http.read_body(self.config.server.max_http_body_bytes)
@@ -159,7 +211,8 @@ class Server:
                     raise HttpError(426, f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
                                     "upgrade_required", [("Upgrade", "websocket")])
                 raise HttpError(404, f"no such endpoint: {path}", "not_found")
-            response = await handler(request, body)
+            req = HttpRequest(request.method.decode(), path, url.query, list(request.headers), body, loopback)
+            response = await handler(req)
         except HttpError as exc:
             response = error_response(exc.status, exc.message, exc.code, exc.headers)
         except Exception:
@@ -169,7 +222,7 @@ class Server:
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    async def _healthz(self, request: h11.Request, body: bytes) -> Response:
+    async def _healthz(self, request: HttpRequest) -> Response:
         instances = self.registry.instances.values()
         return json_response(200, {
             "status": "draining" if self.sessions.draining else "ok",
@@ -178,11 +231,11 @@ class Server:
             "backends_configured": len(self.registry.instances),
         })
 
-    async def _backends(self, request: h11.Request, body: bytes) -> Response:
+    async def _backends(self, request: HttpRequest) -> Response:
         return json_response(200, {"config": self.config.source,
                                    "data": [i.describe() for i in self.registry.instances.values()]})
 
-    async def _capabilities(self, request: h11.Request, body: bytes) -> Response:
+    async def _capabilities(self, request: HttpRequest) -> Response:
         return json_response(200, {"operations": self.registry.capabilities()})
 
     # --- realtime -----------------------------------------------------------------------------
@@ -237,6 +290,14 @@ class Server:
         except Exception:
             log.exception("realtime session crashed")
             await conn.close(1011, "internal error")
+
+
+def _is_loopback(stream: anyio.abc.ByteStream) -> bool:
+    try:
+        host = stream.extra(anyio.abc.SocketAttribute.remote_address)[0]
+        return ipaddress.ip_address(host).is_loopback
+    except (anyio.TypedAttributeLookupError, ValueError, TypeError, IndexError):
+        return True  # not a TCP socket (in-memory test stream)
 
 
 def _connect_request(query: str, request: h11.Request, key_id: str | None) -> ConnectRequest | CanonicalError:

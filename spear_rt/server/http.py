@@ -40,6 +40,32 @@ class HttpError(Exception):
         self.headers = headers or []
 
 
+class HttpRequest(msgspec.Struct):
+    """One complete HTTP request, as handlers see it."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    peer_is_loopback: bool = True
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        key = name.lower().encode()
+        for k, v in self.headers:
+            if k == key:
+                return v.decode("latin-1")
+        return None
+
+    def bearer(self) -> str | None:
+        """The token of an `Authorization: Bearer` header, or None."""
+        auth = self.header("authorization")
+        if auth is None or not auth.lower().startswith("bearer "):
+            return None
+        return auth[7:].strip()
+
+
 class Response(msgspec.Struct):
     """A complete HTTP response."""
 

@@ -62,6 +62,16 @@ class SessionManager:
         self._admitted = 0  # sessions past admission, including those still opening upstream
         self.total_sessions = 0
         self.draining = False
+        self._dropped_ended = 0  # deltas dropped by sessions that have ended
+
+    def reconfigure(self, config: Config) -> None:
+        """Use `config` for sessions opened from now on."""
+        self._config = config
+
+    def dropped_events(self) -> int:
+        """Deltas dropped for slow clients, over live and ended sessions."""
+        live = sum(r.machine.outbound.dropped for r in self.sessions.values())
+        return self._dropped_ended + live
 
     def _admission_error(self, key_id: str | None) -> CanonicalError | None:
         server = self._config.server
@@ -159,6 +169,7 @@ class SessionManager:
                     await runner.run()
                 finally:
                     del self.sessions[session_id]
+                    self._dropped_ended += machine.outbound.dropped
 
     def drain(self, deadline_s: float) -> None:
         """Refuse new sessions and ask every live one to finish its turns and close."""
