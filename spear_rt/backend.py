@@ -18,15 +18,15 @@ Contract of a transcription upstream:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport
+from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport, Usage
 
 Pcm16 = NDArray[np.int16]
 
@@ -147,8 +147,58 @@ class TranscriptionUpstream(Protocol):
         ...
 
 
+# --- one-shot operations -----------------------------------------------------------------------
+
+
+class AudioInput(msgspec.Struct, frozen=True):
+    """Audio sent for transcription: the file as uploaded, and its samples once decoded."""
+
+    data: bytes
+    filename: str
+    content_type: str
+    pcm: Pcm16 | None = None  # mono int16, decoded once at the edge
+    rate_hz: int = 0
+
+
+class OneShotRequest(msgspec.Struct, frozen=True):
+    """A one-shot operation as a backend receives it.
+
+    `payload` holds the OpenAI-shaped request fields (JSON body, or the form fields of a
+    transcription upload). `raw_body` is the client's JSON body exactly as sent, so a
+    pass-through backend can forward it without re-encoding when `payload` is unchanged
+    (`raw_body` is None when the edge changed something, e.g. the model name).
+    """
+
+    operation: Operation
+    payload: dict[str, Any]
+    raw_body: bytes | None = None
+    audio: AudioInput | None = None
+    stream: bool = False
+    timeout_s: float | None = None
+
+
+class OneShotResponse(msgspec.Struct):
+    """A backend's answer: a complete body, or a stream of already-framed SSE bytes.
+
+    A stream is consumed by the edge one chunk at a time (backpressure: the next chunk is
+    pulled only after the previous one was written) and closed (`aclose`) when the client
+    goes away, which must cancel the upstream request.
+    """
+
+    content_type: str = "application/json"
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    usage: Usage | None = None
+    status: int = 200
+
+
 class BackendKind(Protocol):
-    """An implementation of one or more operations, loaded by entry point."""
+    """An implementation of one or more operations, loaded by entry point.
+
+    A kind implements `open_transcription` when it serves realtime sessions and `call` when
+    it serves one-shot operations; the registry only routes an operation to instances whose
+    declared `ops` include it.
+    """
 
     name: str
     extra: str | None  # the pip extra that provides its dependencies
@@ -162,6 +212,10 @@ class BackendKind(Protocol):
         self, instance: InstanceInfo, spec: TranscriptionSpec
     ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
         """Open a streaming transcription upstream for one session."""
+        ...
+
+    async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
+        """Serve one one-shot request; raise `BackendFailure` (retryable, status) on failure."""
         ...
 
 

@@ -99,6 +99,17 @@ class CanonicalError(msgspec.Struct, omit_defaults=True):
     retry_after_s: float | None = None
 
 
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What one request consumed (reported by the backend, or estimated from the request)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    audio_seconds: float = 0.0
+    images: int = 0
+    session_minutes: float = 0.0
+    characters: int = 0
+
+
 class RequestRequirements(msgspec.Struct, omit_defaults=True):
     """What the caller needs from a backend instance."""
 
