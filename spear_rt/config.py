@@ -31,6 +31,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: int = 1 << 20
     max_http_body_bytes: int = 25 << 20
     handshake_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     per_key_rate_per_s: float | None = None  # one-shot requests per client key
     per_key_burst: int | None = None
 

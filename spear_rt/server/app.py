@@ -36,12 +36,14 @@ from spear_rt.server.http import (
     json_response,
 )
 from spear_rt.server.admin import AdminApi
+from spear_rt.server.oneshot import OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.ws import WebSocketConnection
 from spear_rt.session.manager import ConnectRequest, SessionManager, reject
 
 log = logging.getLogger(__name__)
 
 REALTIME_PATH = "/v1/realtime"
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload"})  # admin has its own keys
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
@@ -89,11 +91,13 @@ class Server:
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
         admin = AdminApi(self, self.reload)
+        self.oneshot = OneShotApi(self)
         self._routes: dict[tuple[bytes, str], Handler] = {
             (b"GET", "/healthz"): self._healthz,
             (b"GET", "/v1/backends"): self._backends,
             (b"GET", "/v1/capabilities"): self._capabilities,
             **admin.routes(),  # type: ignore[dict-item]
+            **self.oneshot.routes(),
         }
 
     def apply_config(self, config: Config) -> dict[str, object]:
@@ -141,6 +145,7 @@ class Server:
         multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
         async with multi, anyio.create_task_group() as connections:
+            connections.start_soon(self.oneshot.executor.mirror_worker)
             task_status.started(self.port)
             # Accepting has its own scope so that a drain can stop it while sessions finish.
             with self._accepting:
@@ -198,27 +203,54 @@ class Server:
     async def _answer(self, http: HttpConnection, request: h11.Request, loopback: bool) -> None:
         url = urlsplit(request.target.decode("latin-1"))
         path = url.path
+        answer: Response | StreamingAnswer
         try:
             # Read the body first, whatever the answer: an unread body would end keep-alive.
-            body = await http.read_body(self.config.server.max_http_body_bytes)
-            handler = self._routes.get((request.method, path))
-            if handler is None:
-                methods = sorted(m.decode() for m, p in self._routes if p == path)
-                if methods:
-                    raise HttpError(405, f"{request.method.decode()} is not allowed on {path}", "method_not_allowed",
-                                    [("Allow", ", ".join(methods))])
-                if path == REALTIME_PATH:
-                    raise HttpError(426, f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
-                                    "upgrade_required", [("Upgrade", "websocket")])
-                raise HttpError(404, f"no such endpoint: {path}", "not_found")
+            with anyio.fail_after(self.config.server.body_timeout_s):
+                body = await http.read_body(self.config.server.max_http_body_bytes)
+            handler = self._route(request.method, path)
             req = HttpRequest(request.method.decode(), path, url.query, list(request.headers), body, loopback)
-            response = await handler(req)
+            if path not in OPEN_PATHS:
+                req.client_key_id = self._authorize_client(req)
+            answer = await handler(req)
         except HttpError as exc:
-            response = error_response(exc.status, exc.message, exc.code, exc.headers)
+            answer = error_response(exc.status, exc.message, exc.code, exc.headers)
+        except TimeoutError:
+            answer = error_response(408, "the request body did not arrive in time", "request_timeout")
         except Exception:
             log.exception("HTTP handler crashed on %s", path)
-            response = error_response(500, "internal error", "internal_error")
-        await http.send(response)
+            answer = error_response(500, "internal error", "internal_error")
+        await write_answer(http, answer)
+
+    def _route(self, method: bytes, path: str) -> Handler:
+        handler = self._routes.get((method, path))
+        if handler is not None:
+            return handler
+        methods = sorted(m.decode() for m, p in self._routes if p == path)
+        if methods:
+            raise HttpError(405, f"{method.decode()} is not allowed on {path}", "method_not_allowed",
+                            [("Allow", ", ".join(methods))])
+        if path == REALTIME_PATH:
+            raise HttpError(426, f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
+                            "upgrade_required", [("Upgrade", "websocket")])
+        raise HttpError(404, f"no such endpoint: {path}", "not_found")
+
+    def _authorize_client(self, request: HttpRequest) -> str | None:
+        """The client key's id for API endpoints (401 without a valid key when keys are set)."""
+        if not self._client_keys:
+            return None
+        key_id = self._key_id(request.bearer())
+        if key_id is None:
+            raise HttpError(401, "missing or invalid client key (Authorization: Bearer <key>)", "invalid_api_key")
+        return key_id
+
+    def _key_id(self, offered: str | None) -> str | None:
+        if offered is None:
+            return None
+        for key in self._client_keys:
+            if hmac.compare_digest(key.encode(), offered.encode()):
+                return hashlib.sha256(key.encode()).hexdigest()[:12]
+        return None
 
     # --- endpoints ----------------------------------------------------------------------------
 
@@ -251,12 +283,8 @@ class Server:
         for proto in _offered_subprotocols(request):
             if proto.startswith(KEY_SUBPROTOCOL):
                 offered = proto[len(KEY_SUBPROTOCOL):]
-        if offered is None:
-            return False, None
-        for key in self._client_keys:
-            if hmac.compare_digest(key.encode(), offered.encode()):
-                return True, hashlib.sha256(key.encode()).hexdigest()[:12]
-        return False, None
+        key_id = self._key_id(offered)
+        return key_id is not None, key_id
 
     async def _upgrade(self, stream: anyio.abc.ByteStream, http: HttpConnection, request: h11.Request) -> None:
         url = urlsplit(request.target.decode("latin-1"))

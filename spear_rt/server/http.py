@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -49,6 +50,7 @@ class HttpRequest(msgspec.Struct):
     headers: list[tuple[bytes, bytes]]
     body: bytes
     peer_is_loopback: bool = True
+    client_key_id: str | None = None  # a hash of the client's key, never the key
 
     def header(self, name: str) -> str | None:
         """The first value of header `name` (case-insensitive), or None."""
@@ -155,6 +157,43 @@ class HttpConnection:
             data += conn.send(h11.Data(data=response.body))
         data += conn.send(h11.EndOfMessage())
         await self.stream.send(data)
+
+    async def send_stream(
+        self, status: int, headers: list[tuple[str, str]], chunks: AsyncIterator[bytes]
+    ) -> bool:
+        """Send a chunked response, one chunk at a time (backpressure: the next chunk is
+        pulled only after the previous one was written). Returns False when the client went
+        away first; the chunk iterator is closed either way, which cancels its upstream."""
+        conn = self.h11
+        complete = False
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, tg.cancel_scope)
+                await self.stream.send(conn.send(h11.Response(status_code=status, headers=headers)))
+                async for chunk in chunks:
+                    if chunk:
+                        await self.stream.send(conn.send(h11.Data(data=chunk)))
+                await self.stream.send(conn.send(h11.EndOfMessage()))
+                complete = True
+                tg.cancel_scope.cancel()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            complete = False
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+        return complete
+
+    async def _watch_disconnect(self, scope: anyio.CancelScope) -> None:
+        """While streaming, notice a client that hangs up (bytes it sends are kept for h11)."""
+        while True:
+            try:
+                data = await self.stream.receive(READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                scope.cancel()
+                return
+            self.h11.receive_data(data)  # a pipelined next request waits in h11's buffer
 
     def upgrade_head(self, request: h11.Request) -> bytes:
         """The raw request head (plus bytes already read past it) for a WebSocket handshake."""
