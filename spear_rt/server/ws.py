@@ -76,8 +76,12 @@ class WebSocketConnection:
         return messages
 
     def queue_text(self, data: bytes) -> None:
-        """Queue one text message (already UTF-8 JSON); call `wake()` to send."""
-        self.protocol.send_text(data)
+        """Queue one text message (already UTF-8 JSON); call `wake()` to send.
+
+        Once the closing handshake has begun, messages are dropped: the peer will not read them.
+        """
+        if self.protocol.state is WsState.OPEN:
+            self.protocol.send_text(data)
 
     def wake(self) -> None:
         """Tell the writer there is something to send."""

@@ -126,7 +126,10 @@ class SessionRunner:
         self._peer_closed.set()
         if machine.close is None:
             machine.client_gone()
-        self._cancel()
+        # The writer answers the peer's close frame, then ends the session; if it cannot
+        # (a dead socket), the grace timer does.
+        conn.wake()
+        self._start_force_close()
 
     async def _writer(self) -> None:
         conn, machine = self.conn, self.machine
@@ -187,7 +190,11 @@ class SessionRunner:
             machine.close = CloseAction(1008, "client is not reading events")
         if len(machine.outbound) or machine.close is not None:
             self.conn.wake()
-        if machine.close is not None and not self._closing and self._tg is not None:
+        if machine.close is not None:
+            self._start_force_close()
+
+    def _start_force_close(self) -> None:
+        if not self._closing and self._tg is not None:
             self._closing = True
             self._tg.start_soon(self._force_close)
 

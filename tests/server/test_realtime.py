@@ -706,3 +706,15 @@ def test_whole_session_on_asyncio() -> None:
 
     events = anyio.run(main, backend="asyncio")
     assert events[-1]["transcript"].count(" ") == 1
+
+
+async def test_client_close_frame_is_answered_with_a_close_frame(server: Server) -> None:
+    """A client that closes with 1000 gets the server's closing frame back (not a dropped TCP)."""
+    assert server.port is not None
+    with trio.fail_after(5):
+        client = await open_manual(server.port)
+        client.protocol.send_close(1000, "bye")
+        await client._flush()
+        code, _reason = await client.wait_closed()
+        await client.stream.aclose()
+    assert code == 1000
