@@ -134,7 +134,13 @@ UpstreamEvent = TranscriptDelta | TranscriptCompleted | TranscriptFailed
 
 
 class TranscriptionUpstream(Protocol):
-    """One session's connection to a transcription engine or service."""
+    """One session's connection to a transcription engine or service.
+
+    An upstream may also offer a synchronous fast path, `send_nowait(command) -> bool`: apply
+    the command without waiting, or return False (having done nothing) when it would have to
+    wait, in which case the caller falls back to `await send(command)`. Callback-driven
+    session drivers use it to keep the per-frame path free of task switches.
+    """
 
     input_rate_hz: int
 

@@ -10,6 +10,7 @@ event loop (no thread hop) and costs one CRC per block.
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,8 @@ from spear_rt.backend import (
     Commit,
     InstanceDefaults,
     InstanceInfo,
+    OneShotRequest,
+    OneShotResponse,
     TranscriptCompleted,
     TranscriptDelta,
     TranscriptionSpec,
@@ -53,47 +56,70 @@ class StubTranscription:
         self._pending = np.zeros(0, dtype=np.int16)
         self._words: list[str] = []
         self._item_id = ""
-        self._send, self._receive = anyio.create_memory_object_stream[UpstreamEvent](EVENT_BUFFER)
+        # Events wait here for the session; past EVENT_BUFFER the stub applies backpressure.
+        self._events: deque[UpstreamEvent] = deque()
+        self._ready = anyio.Event()
+        self._space = anyio.Event()
+        self._closed = False
 
-    async def send(self, command: UpstreamCommand) -> None:
-        """Apply one command; deltas for completed blocks are queued at once."""
+    def send_nowait(self, command: UpstreamCommand) -> bool:
+        """Apply one command at once, or return False while the session lags on events."""
+        if len(self._events) >= EVENT_BUFFER:
+            return False
         match command:
             case BeginTurn(item_id=item_id):
                 self._reset(item_id)
             case AppendAudio(pcm=pcm):
-                await self._append(pcm)
+                self._append(pcm)
             case Commit(item_id=item_id):
-                transcript = " ".join(self._words)
-                await self._send.send(TranscriptCompleted(item_id, transcript))
+                self._emit(TranscriptCompleted(item_id, " ".join(self._words)))
                 self._reset("")
             case Clear():
                 self._reset("")
+        return True
+
+    async def send(self, command: UpstreamCommand) -> None:
+        """Apply one command; waits only while EVENT_BUFFER events are unread."""
+        while not self.send_nowait(command):
+            self._space = anyio.Event()
+            await self._space.wait()
 
     async def receive(self) -> UpstreamEvent:
-        """Next transcript event."""
-        return await self._receive.receive()
+        """Next transcript event; EndOfStream once closed."""
+        while not self._events:
+            if self._closed:
+                raise anyio.EndOfStream
+            self._ready = anyio.Event()
+            await self._ready.wait()
+        event = self._events.popleft()
+        self._space.set()
+        return event
+
+    def _emit(self, event: UpstreamEvent) -> None:
+        self._events.append(event)
+        self._ready.set()
 
     def _reset(self, item_id: str) -> None:
         self._item_id = item_id
         self._words = []
         self._pending = np.zeros(0, dtype=np.int16)
 
-    async def _append(self, pcm: np.ndarray) -> None:
+    def _append(self, pcm: np.ndarray) -> None:
         pending = np.concatenate((self._pending, pcm)) if self._pending.size else pcm
         start = 0
         while pending.size - start >= self._block:
             block = pending[start : start + self._block]
             word = LEXICON[zlib.crc32(block.tobytes()) % len(LEXICON)]
-            delta = word if not self._words else " " + word
+            self._emit(TranscriptDelta(self._item_id, word if not self._words else " " + word))
             self._words.append(word)
-            await self._send.send(TranscriptDelta(self._item_id, delta))
             start += self._block
         self._pending = pending[start:].copy() if start else pending.copy()
 
     async def aclose(self) -> None:
-        """Close the event stream; a waiting `receive` ends with EndOfStream."""
-        await self._send.aclose()
-        await self._receive.aclose()
+        """End the event stream; a waiting `receive` ends with EndOfStream."""
+        self._closed = True
+        self._ready.set()
+        self._space.set()
 
 
 class StubKind:
@@ -130,6 +156,12 @@ class StubKind:
             yield upstream
         finally:
             await upstream.aclose()
+
+    async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
+        """One-shot operations: deterministic answers (see `spear_rt_backends.stub_oneshot`)."""
+        from spear_rt_backends import stub_oneshot  # imports this module: load it lazily
+
+        return await stub_oneshot.call(instance, request)
 
 
 KIND = StubKind()
