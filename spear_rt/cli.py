@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", choices=("realtime", "fast"), default="fast")
     p.add_argument("files", nargs="*", help="audio files (default: fixtures/audio speech clips)")
     p.set_defaults(func=_cmd_demo)
+
+    from spear_rt.hostcalls.cli import add_parser as add_run_wasm_parser
+
+    add_run_wasm_parser(sub)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""``spear-rt run-wasm MODULE [--audio FILE]``: run a WASM task against the configured backends.
+
+The module (``.wasm`` or ``.wat``) runs in-process with the server's own pieces — registry,
+router and session manager built from the config (the embedded default without
+``--config``) — so its sessions are routed like any WebSocket client's. Every event the
+guest reads with ``rt_read`` is printed on stdout as one JSON object per line; a WASI guest
+writes its diagnostics to stderr (its stdout is discarded, to keep ours JSON only).
+``--audio FILE`` hands the guest the file's audio (pcm16 24 kHz mono) through the
+``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`).
+
+Exit status: 0 when ``_start`` returned, 1 when the guest trapped, ran out of fuel or failed
+to link, 2 for errors a user can fix (missing file, bad config, wasmtime not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from spear_rt.errors import SpearError
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``run-wasm`` subcommand to the ``spear-rt`` subparsers `sub`."""
+    p = sub.add_parser("run-wasm", help="run a WASM task (.wasm/.wat); print the events it reads")
+    p.add_argument("module", help="the guest module: binary .wasm or text .wat")
+    p.add_argument("--audio", help="audio file the guest reads with spear_host.audio_read")
+    p.add_argument("--config", help="TOML config file (default: the embedded default)")
+    p.add_argument("--fuel", type=int, default=None, help="wasm instruction budget (default 1e10)")
+    p.add_argument("--memory-mb", type=int, default=64, help="guest linear memory limit in MiB")
+    p.add_argument("--loop", choices=("trio", "asyncio", "uvloop"), default="asyncio")
+    p.set_defaults(func=run_wasm_cli)
+
+
+def run_wasm_cli(args: argparse.Namespace) -> int:
+    """Handler of ``spear-rt run-wasm``."""
+    try:
+        from spear_rt.hostcalls.guest import leaves, run_guest
+        from spear_rt.hostcalls.wasm import GuestError, GuestLimits, audio_file_source
+    except ImportError:
+        print("spear-rt: run-wasm needs wasmtime: pip install 'spear-rt[wasm]'", file=sys.stderr)
+        return 2
+    from spear_rt.cli import run_on_loop
+    from spear_rt.config import load_config
+    from spear_rt.server.app import Server
+
+    module = Path(args.module)
+    if not module.is_file():
+        print(f"spear-rt: run-wasm: no such module: {module}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        audio = audio_file_source(args.audio) if args.audio else None
+    except SpearError as exc:
+        print(f"spear-rt: run-wasm: {exc}", file=sys.stderr)
+        return 2
+    limits = GuestLimits(memory_bytes=args.memory_mb << 20)
+    if args.fuel is not None:
+        limits = GuestLimits(fuel=args.fuel, memory_bytes=limits.memory_bytes)
+    out = sys.stdout
+    events = 0
+
+    def print_event(fd: int, data: bytes) -> None:
+        nonlocal events
+        events += 1
+        out.write(data.decode("utf-8", "replace") + "\n")
+        out.flush()
+
+    fuel_used = 0
+    stopped_by: list[int] = []
+
+    async def main() -> None:
+        nonlocal fuel_used
+        server = Server(config)  # inside the loop: it holds anyio primitives
+        async with anyio.create_task_group() as tg:
+            # SIGINT/SIGTERM cancel the run: a guest blocked in a host call or spinning cannot
+            # take a signal itself (its thread is not the loop's), so cancelling stops it.
+            tg.start_soon(_cancel_on_signal, tg.cancel_scope, stopped_by)
+            fuel_used = await run_guest(
+                module, server.sessions, audio=audio, limits=limits, on_read=print_event
+            )
+            tg.cancel_scope.cancel()
+
+    try:
+        run_on_loop(args.loop, main)
+    except (GuestError, BaseExceptionGroup) as exc:
+        errors = leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+        if not all(isinstance(e, GuestError) for e in errors):
+            raise
+        if stopped_by:
+            print(f"spear-rt: run-wasm: stopped by signal {stopped_by[0]}", file=sys.stderr)
+            return 130
+        print(f"spear-rt: run-wasm: {errors[0]}", file=sys.stderr)
+        return 1
+    if stopped_by:
+        print(f"spear-rt: run-wasm: stopped by signal {stopped_by[0]}", file=sys.stderr)
+        return 130
+    summary = f"{module.name}: {events} events read, fuel used {fuel_used}"
+    print(f"spear-rt: run-wasm: {summary}", file=sys.stderr)
+    return 0
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope, stopped_by: list[int]) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            stopped_by.append(signum)
+            scope.cancel()
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m spear_rt.hostcalls.cli MODULE ...`` (the same as ``spear-rt run-wasm``)."""
+    parser = argparse.ArgumentParser(prog="spear-rt")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run-wasm", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Running guests: a worker thread per guest call, next to the guest's own session host.
+
+`guest_host` builds what one guest needs — its fd table, epoll set, `SessionHost` (in the
+caller's event loop, routing through the given `SessionManager`) and the `WasmGuest` — and
+yields a `GuestRun` whose calls run in a worker thread (``anyio.to_thread`` with a limiter of
+`MAX_GUEST_THREADS` shared by the event loop's guests). Leaving the block, or cancelling it,
+shuts the fd table down (every blocked ``spear_epoll_wait`` returns), interrupts the guest
+(epoch) if it is still running, cancels every session and frees the store. Structured: the
+session host and the stopper are tasks of the block's own task group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.lowlevel import RunVar
+
+from spear_rt.hostcalls.epoll import Clock, EpollSet
+from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.link import SessionHost
+from spear_rt.hostcalls.params import DEFAULT_POLICY, HostPolicy
+from spear_rt.hostcalls.wasm import DEFAULT_LIMITS, GuestLimits, WasmGuest
+from spear_rt.session.manager import SessionManager
+
+MAX_GUEST_THREADS = 64
+_limiter: RunVar[anyio.CapacityLimiter] = RunVar("spear_wasm_limiter")
+
+
+def _guest_limiter() -> anyio.CapacityLimiter:
+    try:
+        return _limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(MAX_GUEST_THREADS)
+        _limiter.set(limiter)
+        return limiter
+
+
+@asynccontextmanager
+async def guest_host(
+    module: bytes | str | Path,
+    manager: SessionManager,
+    *,
+    audio: bytes | None = None,
+    limits: GuestLimits = DEFAULT_LIMITS,
+    policy: HostPolicy = DEFAULT_POLICY,
+    clock: Clock | None = None,
+    client_key_id: str | None = None,
+) -> AsyncIterator[GuestRun]:
+    """A guest with its fd table and session host; leaving the block stops all of it."""
+    table = FdTable(policy=policy)
+    guest = WasmGuest(module, table, EpollSet(table, clock), limits=limits, audio=audio)
+    host = SessionHost(manager, table, client_key_id=client_key_id)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(host.run)
+            tg.start_soon(_stop_when_cancelled, guest)
+            try:
+                yield GuestRun(guest)
+            finally:
+                tg.cancel_scope.cancel()
+                guest.close()
+    except BaseExceptionGroup as group:
+        # One real error (a GuestError, say) reaches the caller as itself, even when the
+        # block was being cancelled at the time.
+        cancelled = anyio.get_cancelled_exc_class()
+        errors = [e for e in leaves(group) if not isinstance(e, cancelled)]
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of a (nested) exception group, flattened."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+class GuestRun:
+    """Async handle on a guest whose calls run in a worker thread."""
+
+    def __init__(self, guest: WasmGuest) -> None:
+        self.guest = guest
+        self.table = guest.table
+        self.epolls = guest.epolls
+
+    async def call(self, export: str, *args: int) -> Any:
+        """Call an export in the guest's worker thread."""
+        limiter = _guest_limiter()
+        return await anyio.to_thread.run_sync(self.guest.call, export, *args, limiter=limiter)
+
+    async def start(self) -> None:
+        """Run the guest's ``_start`` to completion."""
+        await self.call("_start")
+
+
+async def _stop_when_cancelled(guest: WasmGuest) -> None:
+    try:
+        await anyio.sleep_forever()
+    finally:
+        guest.table.shutdown()
+        guest.interrupt()
+
+
+async def run_guest(
+    module: bytes | str | Path,
+    manager: SessionManager,
+    *,
+    audio: bytes | None = None,
+    limits: GuestLimits = DEFAULT_LIMITS,
+    on_read: Callable[[int, bytes], None] | None = None,
+) -> int:
+    """Run a guest's ``_start`` against `manager`'s sessions; returns the fuel it used."""
+    async with guest_host(module, manager, audio=audio, limits=limits) as run:
+        run.table.on_read = on_read
+        await run.start()
+        return run.guest.fuel_used
