@@ -11,6 +11,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -32,6 +33,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_http_body_bytes: int = 25 << 20
     handshake_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    driver: Literal["auto", "anyio"] = "auto"  # auto: asyncio gets its callback driver
     per_key_rate_per_s: float | None = None  # one-shot requests per client key
     per_key_burst: int | None = None
 

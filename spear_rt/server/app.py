@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import anyio.abc
 import h11
+import sniffio
 from websockets.server import ServerProtocol
 
 from spear_rt.config import Config, listen_address, load_config
@@ -35,10 +36,13 @@ from spear_rt.server.http import (
     error_response,
     json_response,
 )
+from spear_rt.backend import TranscriptionUpstream
 from spear_rt.server.admin import AdminApi
+from spear_rt.server.aio import CallbackRunner, ProtocolStream, serve_asyncio
 from spear_rt.server.oneshot import OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.ws import WebSocketConnection
-from spear_rt.session.manager import ConnectRequest, SessionManager, reject
+from spear_rt.session.machine import SessionMachine
+from spear_rt.session.manager import ConnectRequest, Runner, RunnerFactory, SessionManager, reject
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,16 @@ class Server:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; reports the bound port through `task_status`."""
         host, port = listen_address(self.config)
+        if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
+            async with anyio.create_task_group() as connections:
+                connections.start_soon(self.oneshot.executor.mirror_worker)
+
+                def started(bound: int) -> None:
+                    self.port = bound
+                    task_status.started(bound)
+
+                await serve_asyncio(host, port, connections, self._handle_connection, started, self._accepting)
+            return
         multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
         async with multi, anyio.create_task_group() as connections:
@@ -313,8 +327,15 @@ class Server:
         if isinstance(connect, CanonicalError):
             await reject(conn, connect, 1008)
             return
+        make_runner: RunnerFactory | None = None
+        if isinstance(stream, ProtocolStream):  # the asyncio driver: run the session from callbacks
+            connection = stream.protocol
+
+            def make_runner(machine: SessionMachine, upstream: TranscriptionUpstream) -> Runner:
+                return CallbackRunner(machine, connection, protocol, upstream)
+
         try:
-            await self.sessions.serve(conn, connect)
+            await self.sessions.serve(conn, connect, make_runner)
         except Exception:
             log.exception("realtime session crashed")
             await conn.close(1011, "internal error")

@@ -13,11 +13,12 @@ import logging
 import secrets
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 import anyio
 import msgspec
 
-from spear_rt.backend import TranscriptionSpec
+from spear_rt.backend import TranscriptionSpec, TranscriptionUpstream
 from spear_rt.config import Config
 from spear_rt.errors import BackendFailure, CanonicalFailure
 from spear_rt.ir import (
@@ -41,6 +42,23 @@ from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
 log = logging.getLogger(__name__)
 
 
+class Runner(Protocol):
+    """Drives one session: the task-based SessionRunner or an edge driver's own."""
+
+    machine: SessionMachine
+
+    async def run(self) -> None:
+        """Run until the session ends."""
+        ...
+
+    def drain(self, deadline_s: float) -> None:
+        """Finish turns in flight, then close 1001."""
+        ...
+
+
+RunnerFactory = Callable[[SessionMachine, TranscriptionUpstream], Runner]
+
+
 class ConnectRequest(msgspec.Struct, frozen=True):
     """What the edge learned from the upgrade request."""
 
@@ -57,7 +75,7 @@ class SessionManager:
     def __init__(self, config: Config, router: Callable[[], Router]) -> None:
         self._config = config
         self._router = router
-        self.sessions: dict[str, SessionRunner] = {}
+        self.sessions: dict[str, Runner] = {}
         self._per_key: dict[str, int] = {}
         self._admitted = 0  # sessions past admission, including those still opening upstream
         self.total_sessions = 0
@@ -106,8 +124,14 @@ class SessionManager:
             requirements=RequestRequirements(required_transports=frozenset({Transport.WEBSOCKET})),
         )
 
-    async def serve(self, conn: ClientLink, req: ConnectRequest) -> None:
-        """Run one session on an accepted WebSocket until it ends."""
+    async def serve(
+        self, conn: ClientLink, req: ConnectRequest, make_runner: RunnerFactory | None = None
+    ) -> None:
+        """Run one session on an accepted WebSocket until it ends.
+
+        `make_runner` lets an edge driver run the session its own way (the asyncio driver's
+        callback runner); by default the task-based `SessionRunner` drives `conn`.
+        """
         error = self._admission_error(req.client_key_id)
         if error is not None:
             await reject(conn, error, 1013)
@@ -117,7 +141,7 @@ class SessionManager:
             self._per_key[key] = self._per_key.get(key, 0) + 1
         self._admitted += 1
         try:
-            await self._serve_routed(conn, req)
+            await self._serve_routed(conn, req, make_runner)
         finally:
             self._admitted -= 1
             if key is not None:
@@ -125,7 +149,9 @@ class SessionManager:
                 if not self._per_key[key]:
                     del self._per_key[key]
 
-    async def _serve_routed(self, conn: ClientLink, req: ConnectRequest) -> None:
+    async def _serve_routed(
+        self, conn: ClientLink, req: ConnectRequest, make_runner: RunnerFactory | None
+    ) -> None:
         try:
             instance, _decision = self._router().route(self.envelope(req))
         except CanonicalFailure as exc:
@@ -162,7 +188,9 @@ class SessionManager:
                     resume_token=secrets.token_urlsafe(24),
                     spear_info={"backend": instance.name, "kind": instance.config.kind},
                 )
-                runner = SessionRunner(machine, conn, upstream)
+                runner: Runner = (
+                    make_runner(machine, upstream) if make_runner else SessionRunner(machine, conn, upstream)
+                )
                 self.sessions[session_id] = runner
                 self.total_sessions += 1
                 try:

@@ -1,0 +1,392 @@
+"""The asyncio driver: our own `asyncio.Protocol` per connection (chosen by measurement).
+
+anyio's asyncio socket stream re-arms reading (`resume_reading`/`pause_reading`) on every
+`receive`, and a coroutine per read costs a loop iteration; at hundreds of sessions × 50
+frames/s that is what limits a Python relay (../shared/NOTES.md). So on asyncio:
+
+* plain HTTP and the WebSocket handshake run unchanged, as coroutines over `ProtocolStream`
+  (an anyio `ByteStream` fed by the protocol's callbacks);
+* once a realtime session starts, the connection switches to callbacks (`CallbackRunner`):
+  `data_received` -> websockets' Sans-I/O parser -> the session machine -> the upstream's
+  `send_nowait` -> one `transport.write` per batch. No task switch per frame. Upstream events,
+  timers and upstreams without a fast path still use tasks in the session's task group.
+
+Flow control: a session whose upstream cannot take more (no fast path, queue full) pauses
+reading the client socket (TCP backpressure); a client that does not read pauses our writes
+(`pause_writing`) and the outbound queue's overflow policy applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+
+from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
+from spear_rt.errors import BackendFailure
+from spear_rt.protocol.client_events import decode_client_event
+from spear_rt.session.machine import CloseAction, SessionMachine
+from spear_rt.session.runner import _BINARY, CLOSE_GRACE_S
+
+READ_HIGH_WATER = 256 * 1024  # buffered unread request bytes before we pause reading
+
+
+class ConnectionProtocol(asyncio.Protocol):
+    """One TCP connection: feeds a `ProtocolStream`, or a `CallbackRunner` once switched."""
+
+    def __init__(self, on_connect: Callable[[ProtocolStream], None]) -> None:
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self.session: CallbackRunner | None = None
+        self.buffer: deque[bytes] = deque()
+        self.buffered = 0
+        self.eof = False
+        self.lost = False
+        self.write_paused = False
+        self._reader: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._on_connect(ProtocolStream(self))
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.data_received(data)
+            return
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered > READ_HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        if self.session is not None:
+            self.session.eof_received()
+        self._wake_reader()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.eof = True
+        self._wake_reader()
+        self._wake_drain()
+        if self.session is not None:
+            self.session.connection_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+        if self.session is not None:
+            self.session.flush()
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    def _wake_drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def wait_readable(self) -> None:
+        """Wait for data, EOF or loss."""
+        self._reader = asyncio.get_running_loop().create_future()
+        await self._reader
+
+    async def wait_drained(self) -> None:
+        """Wait until the transport takes writes again."""
+        self._drain = asyncio.get_running_loop().create_future()
+        await self._drain
+
+    def take_buffered(self) -> bytes:
+        """Everything read but not yet consumed (handed over when switching to callbacks)."""
+        data = b"".join(self.buffer)
+        self.buffer.clear()
+        self.buffered = 0
+        return data
+
+
+class ProtocolStream(anyio.abc.ByteStream):
+    """A coroutine view of a `ConnectionProtocol` (for HTTP and the handshake)."""
+
+    def __init__(self, protocol: ConnectionProtocol) -> None:
+        self.protocol = protocol
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """The next bytes received; EndOfStream at EOF."""
+        proto = self.protocol
+        while not proto.buffer:
+            if proto.eof:
+                raise anyio.EndOfStream
+            await proto.wait_readable()
+        data = proto.buffer.popleft()
+        if len(data) > max_bytes:
+            proto.buffer.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        proto.buffered -= len(data)
+        if proto.buffered <= READ_HIGH_WATER // 2 and proto.transport is not None and not proto.lost:
+            proto.transport.resume_reading()
+        return data
+
+    async def send(self, item: bytes) -> None:
+        """Write; waits while the transport's buffer is over its high-water mark."""
+        proto = self.protocol
+        if proto.lost or proto.transport is None or proto.transport.is_closing():
+            raise anyio.BrokenResourceError
+        proto.transport.write(item)
+        while proto.write_paused and not proto.lost:
+            await proto.wait_drained()
+
+    async def send_eof(self) -> None:
+        """Half-close our side."""
+        if self.protocol.transport is not None and self.protocol.transport.can_write_eof():
+            self.protocol.transport.write_eof()
+
+    async def aclose(self) -> None:
+        """Close the connection (unless a callback session now owns it)."""
+        if self.protocol.session is None and self.protocol.transport is not None:
+            self.protocol.transport.close()
+
+    @property
+    def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
+        transport = self.protocol.transport
+        assert transport is not None
+        return {
+            anyio.abc.SocketAttribute.remote_address: lambda: transport.get_extra_info("peername"),
+            anyio.abc.SocketAttribute.local_address: lambda: transport.get_extra_info("sockname"),
+        }
+
+
+class CallbackRunner:
+    """Runs one session from the protocol's callbacks (see the module docstring)."""
+
+    def __init__(
+        self,
+        machine: SessionMachine,
+        connection: ConnectionProtocol,
+        ws: ServerProtocol,
+        upstream: TranscriptionUpstream,
+    ) -> None:
+        self.machine = machine
+        self.connection = connection
+        self.ws = ws
+        self.upstream = upstream
+        self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(upstream, "send_nowait", None)
+        self._backlog: deque[UpstreamCommand] = deque()  # commands waiting for the async pump
+        self._pump_wake = anyio.Event()
+        self._timer_scope: anyio.CancelScope | None = None
+        self._done = anyio.Event()
+        self._fragments: list[bytes] = []
+        self._fragment_text = False
+        self._close_sent = False
+        self._grace: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        """Own the connection until the session ends."""
+        connection = self.connection
+        connection.session = self
+        self.machine.start(anyio.current_time())
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._upstream_reader)
+                tg.start_soon(self._timer)
+                tg.start_soon(self._pump)
+                early = connection.take_buffered()
+                if early:
+                    self.data_received(early)
+                else:
+                    self._apply_frames()  # frames that arrived with the handshake
+                if connection.lost:
+                    self.connection_lost()
+                self.flush()
+                await self._done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+            connection.session = None
+            if connection.transport is not None and not connection.lost:
+                connection.transport.close()
+
+    def drain(self, deadline_s: float) -> None:
+        """Server shutdown: finish turns in flight, then close 1001."""
+        self.machine.drain(anyio.current_time(), deadline_s)
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+        self._push_upstream()
+        self.flush()
+
+    # --- callbacks ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Parse, apply every complete message, forward upstream, write what resulted."""
+        self.ws.receive_data(data)
+        self._apply_frames()
+
+    def _apply_frames(self) -> None:
+        ws, machine = self.ws, self.machine
+        now = anyio.current_time()
+        for frame in ws.events_received():
+            if not isinstance(frame, Frame):
+                continue
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if not frame.fin:
+                    self._fragments, self._fragment_text = [frame.data], opcode is Opcode.TEXT
+                    continue
+                message, text = frame.data, opcode is Opcode.TEXT
+            elif opcode is Opcode.CONT:
+                self._fragments.append(frame.data)
+                if not frame.fin:
+                    continue
+                message, text = b"".join(self._fragments), self._fragment_text
+                self._fragments = []
+            else:
+                continue  # ping/pong/close: websockets queued any answer
+            machine.client_event(decode_client_event(message) if text else _BINARY, now)
+        self._push_upstream()
+        self.flush()
+
+    def eof_received(self) -> None:
+        """The client half-closed: let websockets conclude, then end."""
+        self.ws.receive_eof()
+        self.flush()
+
+    def connection_lost(self) -> None:
+        """The TCP connection is gone."""
+        if self.machine.close is None:
+            self.machine.client_gone()
+        self._done.set()
+
+    def flush(self) -> None:
+        """Write queued events (unless the client is not reading) and any close or pong."""
+        machine, ws, connection = self.machine, self.ws, self.connection
+        if machine.outbound.overflowed and machine.close is None:
+            machine.close = CloseAction(1008, "client is not reading events")
+        if not connection.write_paused and ws.state is WsState.OPEN:
+            for data in machine.outbound.take_all():
+                ws.send_text(data)
+        if machine.close is not None and not self._close_sent:
+            self._close_sent = True
+            if ws.state is WsState.OPEN:
+                ws.send_close(machine.close.code, machine.close.reason[:120])
+            self._grace = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._abort)
+        chunks = ws.data_to_send()
+        transport = connection.transport
+        if not chunks or transport is None or connection.lost:
+            return
+        data = b"".join(chunks)
+        if data:
+            transport.write(data)
+        if chunks[-1] == b"":
+            transport.close()
+
+    def _abort(self) -> None:
+        if self.connection.transport is not None:
+            self.connection.transport.abort()
+        self._done.set()
+
+    # --- upstream -----------------------------------------------------------------------------
+
+    def _push_upstream(self) -> None:
+        commands = self.machine.upstream
+        if not commands:
+            return
+        fast = self._send_nowait
+        if fast is not None and not self._backlog:
+            sent = 0
+            for command in commands:
+                try:
+                    accepted = fast(command)
+                except BackendFailure as exc:
+                    self.machine.upstream_failed(f"upstream failed: {exc}")
+                    commands.clear()
+                    return
+                if not accepted:
+                    break
+                sent += 1
+            del commands[:sent]
+            if not commands:
+                return
+        self._backlog.extend(commands)
+        commands.clear()
+        if self.connection.transport is not None and not self.connection.lost:
+            self.connection.transport.pause_reading()  # backpressure until the pump catches up
+        self._pump_wake.set()
+
+    async def _pump(self) -> None:
+        while True:
+            await self._pump_wake.wait()
+            self._pump_wake = anyio.Event()
+            try:
+                while self._backlog:
+                    await self.upstream.send(self._backlog.popleft())
+            except BackendFailure as exc:
+                self._backlog.clear()
+                self.machine.upstream_failed(f"upstream failed: {exc}")
+                self.flush()
+            if self.connection.transport is not None and not self.connection.lost:
+                self.connection.transport.resume_reading()
+
+    async def _upstream_reader(self) -> None:
+        try:
+            while True:
+                event = await self.upstream.receive()
+                self.machine.upstream_event(event)
+                self.flush()
+        except anyio.EndOfStream:
+            message = "the upstream closed the session"
+        except BackendFailure as exc:
+            message = f"upstream failed: {exc}"
+        self.machine.upstream_failed(message)
+        self.flush()
+
+    async def _timer(self) -> None:
+        machine = self.machine
+        while machine.close is None:
+            with anyio.CancelScope() as self._timer_scope:
+                await anyio.sleep_until(machine.next_deadline())
+            machine.tick(anyio.current_time())
+            self._push_upstream()
+            self.flush()
+
+
+async def serve_asyncio(
+    host: str,
+    port: int,
+    tg: anyio.abc.TaskGroup,
+    handle: Callable[[ProtocolStream], Any],
+    started: Callable[[int], None],
+    accepting: anyio.CancelScope,
+) -> None:
+    """Listen with `ConnectionProtocol`; each connection's handler runs as a task in `tg`."""
+    loop = asyncio.get_running_loop()
+    pending: deque[ProtocolStream] = deque()
+    arrived = asyncio.Event()
+
+    def on_connect(stream: ProtocolStream) -> None:
+        pending.append(stream)  # handed to a task below: tasks cannot start in a callback
+        arrived.set()
+
+    server = await loop.create_server(lambda: ConnectionProtocol(on_connect), host, port, backlog=4096)
+    started(server.sockets[0].getsockname()[1])
+    try:
+        with accepting:
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                while pending:
+                    tg.start_soon(handle, pending.popleft())
+    finally:
+        server.close()
