@@ -55,11 +55,11 @@ async def test_explain_without_candidate_carries_the_canonical_error(server: Ser
     """No instance has the feature: the answer says MissingCapabilities and why."""
     async with httpx.AsyncClient() as http:
         r = await http.post(url(server, "/v1/route/explain"),
-                            json={"operation": "embeddings", "required_features": ["supports_dimensions"]})
+                            json={"operation": "embeddings", "required_features": ["supports_tools"]})
     body = r.json()
     assert body.get("selected") is None
     assert body["error"]["code"] == "MissingCapabilities"
-    assert body["error"]["rejected_reasons"] == {"stub": "missing features: supports_dimensions"}
+    assert body["error"]["rejected_reasons"] == {"stub": "missing features: supports_tools"}
 
 
 async def test_explain_changes_no_state(serve) -> None:  # type: ignore[no-untyped-def]
