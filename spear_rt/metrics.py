@@ -7,6 +7,7 @@ Gauges may be computed at scrape time (`callback`) so hot paths never update the
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Iterable
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -14,6 +15,18 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    """A sample value, exactly: `%g` would print 1234567 as 1.23457e+06."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
 
 
 def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
@@ -43,7 +56,7 @@ class Counter:
     def lines(self) -> Iterable[str]:
         """Exposition lines."""
         for labels, value in sorted(self.values.items()):
-            yield f"{self.name}{_labels(self.label_names, labels)} {value:g}"
+            yield f"{self.name}{_labels(self.label_names, labels)} {_number(value)}"
 
 
 class Gauge(Counter):
@@ -101,11 +114,11 @@ class Histogram:
             for bound, n in zip(self.buckets, series, strict=False):
                 cumulative += n
                 le = _labels(self.label_names, labels, 'le="%g"' % bound)
-                yield f"{self.name}_bucket{le} {cumulative:g}"
+                yield f"{self.name}_bucket{le} {_number(cumulative)}"
             le = _labels(self.label_names, labels, 'le="+Inf"')
-            yield f"{self.name}_bucket{le} {series[-1]:g}"
-            yield f"{self.name}_sum{_labels(self.label_names, labels)} {series[-2]:g}"
-            yield f"{self.name}_count{_labels(self.label_names, labels)} {series[-1]:g}"
+            yield f"{self.name}_bucket{le} {_number(series[-1])}"
+            yield f"{self.name}_sum{_labels(self.label_names, labels)} {_number(series[-2])}"
+            yield f"{self.name}_count{_labels(self.label_names, labels)} {_number(series[-1])}"
 
 
 Metric = Counter | Gauge | Histogram
@@ -147,7 +160,8 @@ class MetricsRegistry:
         """The Prometheus text exposition of every metric."""
         out: list[str] = []
         for metric in self._metrics.values():
-            out.append(f"# HELP {metric.name} {metric.help}")
+            help_text = metric.help.replace("\\", "\\\\").replace("\n", "\\n")
+            out.append(f"# HELP {metric.name} {help_text}")
             out.append(f"# TYPE {metric.name} {metric.kind}")
             out.extend(metric.lines())
         return "\n".join(out) + "\n"

@@ -12,19 +12,9 @@ from collections import deque
 import msgspec
 
 from spear_rt.config import BudgetConfig, Price
-from spear_rt.ir import CanonicalError, ErrorCode
+from spear_rt.ir import CanonicalError, ErrorCode, Usage
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.router.limits import TokenBucket
-
-
-class Usage(msgspec.Struct, frozen=True):
-    """What one request consumed (reported by the backend, or estimated from the request)."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    audio_seconds: float = 0.0
-    images: int = 0
-    session_minutes: float = 0.0
 
 
 def cost(price: Price | None, usage: Usage) -> float:

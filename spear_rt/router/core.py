@@ -19,11 +19,11 @@ import msgspec
 
 from spear_rt.config import Config
 from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError
-from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Operation
+from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Operation, Usage
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.registry import BackendRegistry, RegisteredInstance
-from spear_rt.router.accounting import BudgetTracker, KeyLimiter, RouterMetrics, Usage, cost
-from spear_rt.router.filter import CAPABILITY, CAPACITY, filter_candidates
+from spear_rt.router.accounting import BudgetTracker, KeyLimiter, RouterMetrics, cost
+from spear_rt.router.filter import CAPABILITY, CAPACITY, CandidateFilter
 from spear_rt.router.health import OutlierDetector
 from spear_rt.router.policies import DEFAULT_BY_OPERATION, EwmaLatency, Policy, make_policy
 
@@ -76,6 +76,7 @@ class Router:
         if config.policy.default is not None:
             self._policy(config.policy.default)
         self.registry = registry
+        self._filter = CandidateFilter()  # its cache belongs to this registry
         self.outliers = OutlierDetector(config.health.outlier)
         self._outlier_due = 0.0
         self.budgets = BudgetTracker(config.budget)
@@ -112,7 +113,7 @@ class Router:
         now = self._clock()
         self._evaluate_outliers(now)
         instances = self.registry.serving(req.operation)
-        eligible, rejected = filter_candidates(instances, req, now, exclude, self.outliers)
+        eligible, rejected = self._filter(instances, req, now, exclude, self.outliers)
         decision = Decision(req.operation, policy.name, len(instances), rejected)
         if not eligible:
             return None, decision

@@ -108,22 +108,24 @@ class Executor:
         router = self._router()
         self._budget.on_request(anyio.current_time())
         hedging = req.operation in self.hedge.operations and self.hedge.k > 1
+        # Every attempt that failed excluded its instance, so len(excluded) counts them.
         excluded: set[str] = set()
-        attempts = 0
         last: BaseException | None = None
         while True:
+            tried = len(excluded)
             try:
                 if hedging:
                     done = await self._hedged(router, req, call, excluded)
-                    attempts += done.attempts
-                    done.attempts = attempts
                 else:
                     instance, _ = router.route(req, exclude=excluded)
-                    attempts += 1
-                    done = Executed(await router.attempt(instance, call, req.operation), instance, attempts)
+                    excluded.add(instance.name)  # should it fail, the retry goes elsewhere
+                    done = Executed(await router.attempt(instance, call, req.operation), instance, 1)
+                done.attempts += tried
             except CanonicalFailure as exc:
-                if last is not None and exc.error.code is ErrorCode.NO_CANDIDATE_BACKEND:
-                    raise _exhausted(req, last, attempts) from None
+                if len(excluded) == tried:  # the router refused: no attempt was made
+                    if last is None:
+                        raise  # its own answer (no candidate, at capacity) as it is
+                    raise _exhausted(req, last, tried) from None
                 if not (idempotent and is_retryable(exc)):
                     raise
                 last = exc
@@ -134,6 +136,7 @@ class Executor:
             else:
                 self._maybe_mirror(req, call)
                 return done
+            attempts = len(excluded)
             if attempts >= self.retry.max_attempts or not self._budget.try_retry(anyio.current_time()):
                 raise _exhausted(req, last, attempts)
             router.count_fallback(req.operation)
@@ -159,15 +162,16 @@ class Executor:
                 winner.append(Executed(result, instance, len(started), hedged=len(started) > 1))
                 tg.cancel_scope.cancel()  # the losers are cancelled here
 
+        # The first route is outside the task group so that a refusal is raised as it is
+        # (inside, it would reach the caller wrapped in an exception group).
+        instance, _ = router.route(req, exclude=excluded)
         async with anyio.create_task_group() as tg:
             for n in range(self.hedge.k):
-                try:
-                    instance, _ = router.route(req, exclude=excluded | {i.name for i in started})
-                except CanonicalFailure:
-                    if not started:
-                        raise
-                    break
                 if n:
+                    try:
+                        instance, _ = router.route(req, exclude=excluded | {i.name for i in started})
+                    except CanonicalFailure:
+                        break
                     router.count_hedge(req.operation)
                 started.append(instance)
                 tg.start_soon(attempt, instance, tg)

@@ -3,6 +3,11 @@
 Host config is authoritative: request allow/deny lists and backend pins only ever narrow
 the set the host configured. Reasons are short human strings; they appear in explanations
 and errors and never contain a credential value.
+
+`filter_candidates` is the rule, instance by instance. `CandidateFilter` gives the same
+answer faster, for one registry: what depends only on the request's shape (pins, lists,
+model, features, transports, availability) is worked out once per shape and cached, so a
+decision only looks at the signals that move (breaker, ejection, in-flight, tokens).
 """
 
 from __future__ import annotations
@@ -17,18 +22,11 @@ from spear_rt.router.health import BreakerState, OutlierDetector
 CAPABILITY = "missing"
 CAPACITY = "at capacity"
 UNHEALTHY = "unhealthy"
+EXCLUDED = "failed earlier in this request"
 
 
-def rejection(
-    inst: RegisteredInstance,
-    req: CanonicalRequestEnvelope,
-    now: float = 0.0,
-    excluded: Collection[str] = (),
-    outliers: OutlierDetector | None = None,
-) -> str | None:
-    """Why `inst` cannot take `req` at `now`, or None when it can."""
-    if inst.name in excluded:
-        return "failed earlier in this request"
+def static_rejection(inst: RegisteredInstance, req: CanonicalRequestEnvelope) -> str | None:
+    """Why `inst` can never take a request shaped like `req` (under this registry), or None."""
     routing = req.routing
     if routing.backend is not None and inst.name != routing.backend:
         return f"not the requested backend {routing.backend!r}"
@@ -47,6 +45,13 @@ def rejection(
     missing_transports = needs.required_transports - inst.transports
     if missing_transports:
         return f"{CAPABILITY} transports: {', '.join(sorted(missing_transports))}"
+    return None
+
+
+def dynamic_rejection(
+    inst: RegisteredInstance, now: float, outliers: OutlierDetector | None = None
+) -> str | None:
+    """Why `inst` cannot take a request at `now` (health and limits), or None."""
     runtime = inst.runtime
     breaker = runtime.breaker
     if not breaker.allows(now):
@@ -62,6 +67,32 @@ def rejection(
     if bucket is not None and not bucket.available(now):
         return f"{CAPACITY}: rate limit {bucket.rate_per_s:g}/s, next slot in {bucket.retry_after(now):.3f}s"
     return None
+
+
+def rejection(
+    inst: RegisteredInstance,
+    req: CanonicalRequestEnvelope,
+    now: float = 0.0,
+    excluded: Collection[str] = (),
+    outliers: OutlierDetector | None = None,
+) -> str | None:
+    """Why `inst` cannot take `req` at `now`, or None when it can."""
+    if inst.name in excluded:
+        return EXCLUDED
+    return static_rejection(inst, req) or dynamic_rejection(inst, now, outliers)
+
+
+def _tiers(
+    eligible: list[RegisteredInstance], rejected: dict[str, str]
+) -> list[RegisteredInstance]:
+    """Priority tiers: the best tier serves; lower tiers stand by (not an error)."""
+    if not eligible:
+        return eligible
+    top = max(i.config.priority for i in eligible)
+    for inst in eligible:
+        if inst.config.priority < top:
+            rejected[inst.name] = f"standby: priority {inst.config.priority} < {top}"
+    return [i for i in eligible if i.config.priority == top]
 
 
 def filter_candidates(
@@ -80,11 +111,130 @@ def filter_candidates(
             eligible.append(inst)
         else:
             rejected[inst.name] = reason
-    if eligible:
-        # Priority tiers: the best tier serves; lower tiers stand by (not an error).
-        top = max(i.config.priority for i in eligible)
-        for inst in eligible:
-            if inst.config.priority < top:
-                rejected[inst.name] = f"standby: priority {inst.config.priority} < {top}"
-        eligible = [i for i in eligible if i.config.priority == top]
-    return eligible, rejected
+    return _tiers(eligible, rejected), rejected
+
+
+# Eligible instances and the standby reasons that go with them.
+_Variant = tuple[tuple[RegisteredInstance, ...], dict[str, str]]
+
+
+class _Shape:
+    """The static filtering of one registry's instances for one request shape."""
+
+    __slots__ = ("checks", "eligible", "instances", "position", "rejected", "static", "variants")
+
+    def __init__(
+        self, instances: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope
+    ) -> None:
+        self.instances = instances
+        self.position = {inst.name: n for n, inst in enumerate(instances)}
+        rows = [(inst, static_rejection(inst, req)) for inst in instances]
+        self.static = {inst.name: reason for inst, reason in rows if reason is not None}
+        passing = [inst for inst, reason in rows if reason is None]
+        # What each passing instance needs looked at per decision.
+        self.checks = [(i, i.runtime, i.runtime.breaker, i.limits.max_concurrency) for i in passing]
+        # The answer when no passing instance is rejected at decision time.
+        self.rejected = dict(self.static)
+        self.eligible = tuple(_tiers(passing, self.rejected))
+        # Eligible tuple and standby reasons per set of instances rejected at decision time
+        # (the eligible set depends on nothing else), so that a set that persists (one
+        # instance at capacity for a while) also keeps its identity.
+        self.variants: dict[tuple[str, ...], _Variant] = {}
+
+    def variant(self, late: dict[str, str]) -> _Variant:
+        """Eligible instances and standby reasons when the instances in `late` are out."""
+        key = tuple(late)
+        found = self.variants.get(key)
+        if found is None:
+            standby: dict[str, str] = {}
+            remaining = [check[0] for check in self.checks if check[0].name not in late]
+            if len(self.variants) >= 16:
+                self.variants.clear()
+            found = self.variants[key] = (tuple(_tiers(remaining, standby)), standby)
+        return found
+
+
+class CandidateFilter:
+    """`filter_candidates` for one registry, with its static part cached per request shape.
+
+    Same eligible instances (in order) and same reasons (in order) as `filter_candidates`,
+    and the same calls into breakers, outlier detector and buckets wherever those could
+    change anything. The eligible set comes back as a tuple that keeps its identity while
+    the set does, so policies may cache what they derive from it.
+    """
+
+    MAX_SHAPES = 256
+
+    def __init__(self) -> None:
+        self._shapes: dict[tuple[object, ...], _Shape] = {}
+
+    def _shape(
+        self, instances: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope
+    ) -> _Shape | None:
+        routing, needs = req.routing, req.requirements
+        key = (
+            req.operation,
+            routing.backend,
+            routing.allowlist,
+            routing.denylist,
+            routing.model,
+            needs.required_features,
+            needs.required_transports,
+        )
+        try:
+            shape = self._shapes.get(key)
+        except TypeError:  # unhashable lists in hand-built hints: no caching
+            return None
+        if shape is None or shape.instances is not instances:
+            if len(self._shapes) >= self.MAX_SHAPES:
+                self._shapes.clear()
+            shape = self._shapes[key] = _Shape(instances, req)
+        return shape
+
+    def __call__(
+        self,
+        instances: Sequence[RegisteredInstance],
+        req: CanonicalRequestEnvelope,
+        now: float = 0.0,
+        excluded: Collection[str] = (),
+        outliers: OutlierDetector | None = None,
+    ) -> tuple[Sequence[RegisteredInstance], dict[str, str]]:
+        """Eligible instances of the best tier and the rejected ones, with reasons."""
+        shape = self._shape(instances, req)
+        if shape is None:
+            return filter_candidates(instances, req, now, excluded, outliers)
+        ejected = outliers.ejected_until if outliers is not None else None
+        closed = BreakerState.CLOSED
+        late: dict[str, str] = {}  # rejected at decision time, in instance order
+        for inst, runtime, breaker, cap in shape.checks:
+            # A closed breaker, room under the cap, a token at the last refill and no
+            # ejection entry: dynamic_rejection would say None and change nothing.
+            if (
+                breaker.state is not closed
+                or (cap is not None and runtime.inflight >= cap)
+                or (runtime.bucket is not None and runtime.bucket.tokens < 1.0)
+                or (ejected and inst.name in ejected)
+                or (excluded and inst.name in excluded)
+            ):
+                if excluded and inst.name in excluded:
+                    reason: str | None = EXCLUDED
+                else:
+                    reason = dynamic_rejection(inst, now, outliers)
+                if reason is not None:
+                    late[inst.name] = reason
+        if not late and not excluded:
+            return shape.eligible, dict(shape.rejected)
+        static = shape.static
+        if excluded:  # "failed earlier" comes before any other reason
+            static = {name: EXCLUDED if name in excluded else r for name, r in static.items()}
+        if not late:
+            rejected = dict(static)
+        elif not static:
+            rejected = late
+        else:  # both, in instance order
+            position = shape.position
+            both = [*static.items(), *late.items()]
+            rejected = dict(sorted(both, key=lambda kv: position[kv[0]]))
+        eligible, standby = shape.variant(late)
+        rejected.update(standby)
+        return eligible, rejected

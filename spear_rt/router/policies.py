@@ -16,16 +16,25 @@ tests/router/test_policies.py:
 * lowest_cost: the cheapest candidate for the operation by declared price;
 * priority_fallback: the filter already keeps only the best priority tier; within it, smooth
   WRR; on failure the executor excludes the instance and routes again (next tier).
+
+Speed: the router's filter hands out the same candidate *tuple* for every request of a shape
+while nothing is rejected at decision time. Policies whose selection is O(n) in Python keep
+what they derive from such a tuple (weights, running scores, the ring, the cheapest set)
+until a different sequence comes; lists always take the plain path. Both paths pick the
+same instances (tests/router/test_policies.py checks it), so this is only about time.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
+import itertools
 import math
+import operator
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from spear_rt.errors import ConfigError
 from spear_rt.ir import CanonicalRequestEnvelope, Operation
@@ -71,10 +80,40 @@ class WeightedRoundRobin:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._current: dict[str, int] = {}
+        # While the same candidate tuple keeps coming, its scores live here, aligned with it.
+        self._aligned: tuple[RegisteredInstance, ...] | None = None
+        self._scores: list[int] = []
+        self._weights: list[int] = []
+        self._total = 0
+
+    def _flush(self) -> None:
+        if self._aligned is not None:
+            self._current.update(zip([i.name for i in self._aligned], self._scores, strict=True))
+            self._aligned = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WeightedRoundRobin:
+        clone = copy.copy(self)
+        clone._current = dict(self._current)
+        clone._scores = list(self._scores)
+        return clone
 
     def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
                now: float) -> RegisteredInstance:
         """Add each weight to its running score, pick the highest, subtract the total."""
+        if isinstance(candidates, tuple):
+            if candidates is not self._aligned:
+                self._flush()
+                self._weights = [i.config.weight for i in candidates]
+                self._scores = [self._current.get(i.name, 0) for i in candidates]
+                self._total = sum(self._weights)
+                self._aligned = candidates
+            scores = list(map(operator.add, self._scores, self._weights))
+            best_index = scores.index(max(scores))  # the first of equals, as below
+            scores[best_index] -= self._total
+            self._scores = scores
+            chosen: RegisteredInstance = candidates[best_index]
+            return chosen
+        self._flush()
         current = self._current
         total = 0
         best: RegisteredInstance | None = None
@@ -98,10 +137,26 @@ class WeightedRandom:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
+        self._for: tuple[RegisteredInstance, ...] | None = None
+        self._cum_weights: list[int] = []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WeightedRandom:
+        clone = copy.copy(self)
+        clone._rng = copy.deepcopy(self._rng, memo)
+        return clone
 
     def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
                now: float) -> RegisteredInstance:
         """One weighted draw."""
+        if isinstance(candidates, tuple):
+            if candidates is not self._for:
+                self._cum_weights = list(itertools.accumulate(i.config.weight for i in candidates))
+                self._for = candidates
+            # What choices(weights=...) computes first, so the same draw.
+            drawn: list[RegisteredInstance] = self._rng.choices(
+                candidates, cum_weights=self._cum_weights
+            )
+            return drawn[0]
         return self._rng.choices(candidates, weights=[i.config.weight for i in candidates])[0]
 
 
@@ -191,6 +246,13 @@ class ConsistentHash:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rings: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}
+        self._for: tuple[RegisteredInstance, ...] | None = None
+        self._by_name: dict[str, RegisteredInstance] = {}
+        self._hashes: list[int] = []
+        self._owners: list[str] = []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ConsistentHash:
+        return self  # only caches: selecting changes nothing
 
     def _ring(self, names: tuple[str, ...]) -> tuple[list[int], list[str]]:
         ring = self._rings.get(names)
@@ -214,6 +276,13 @@ class ConsistentHash:
                now: float) -> RegisteredInstance:
         """The instance owning the request's key (hash_key, else task_id, else request_id)."""
         key = req.routing.hash_key or req.task_id or req.request_id
+        if isinstance(candidates, tuple):
+            if candidates is not self._for:
+                self._by_name = {i.name: i for i in candidates}
+                self._hashes, self._owners = self._ring(tuple(sorted(self._by_name)))
+                self._for = candidates
+            i = bisect.bisect(self._hashes, _hash64(key.encode()))  # as select_key
+            return self._by_name[self._owners[i % len(self._owners)]]
         by_name = {i.name: i for i in candidates}
         return by_name[self.select_key(key, tuple(sorted(by_name)))]
 
@@ -242,13 +311,35 @@ class LowestCost:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._tie = RoundRobin()
+        self._for: tuple[RegisteredInstance, ...] | None = None
+        self._cheapest: dict[Operation, list[RegisteredInstance]] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LowestCost:
+        clone = copy.copy(self)
+        clone._tie = copy.copy(self._tie)
+        return clone
+
+    @staticmethod
+    def cheapest(
+        candidates: Sequence[RegisteredInstance], operation: Operation
+    ) -> list[RegisteredInstance]:
+        """The candidates sharing the minimum declared unit price, in order."""
+        prices = [unit_price(i, operation) for i in candidates]
+        best = min(prices)
+        return [i for i, p in zip(candidates, prices, strict=True) if p == best]
 
     def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
                now: float) -> RegisteredInstance:
         """Minimum declared unit price."""
-        prices = [unit_price(i, req.operation) for i in candidates]
-        best = min(prices)
-        cheapest = [i for i, p in zip(candidates, prices, strict=True) if p == best]
+        if isinstance(candidates, tuple):
+            if candidates is not self._for:
+                self._cheapest = {}
+                self._for = candidates
+            cheapest = self._cheapest.get(req.operation)
+            if cheapest is None:
+                cheapest = self._cheapest[req.operation] = self.cheapest(candidates, req.operation)
+        else:
+            cheapest = self.cheapest(candidates, req.operation)
         return self._tie.select(cheapest, req, now)
 
 
