@@ -133,8 +133,12 @@ class StubKind:
             {
                 Feature.SUPPORTS_STREAM,
                 Feature.SUPPORTS_AUDIO_INPUT,
+                Feature.SUPPORTS_AUDIO_OUTPUT,
                 Feature.SUPPORTS_BIDI_STREAM,
                 Feature.SUPPORTS_LANGUAGE,
+                Feature.SUPPORTS_DIMENSIONS,
+                Feature.SUPPORTS_TIMESTAMPS,
+                Feature.SUPPORTS_VOICES,
             }
         ),
         transports=frozenset({Transport.HTTP, Transport.WEBSOCKET}),
