@@ -26,8 +26,8 @@ DRIVERS = ["auto", "anyio"]
 
 
 def on_asyncio(driver: str, scenario: Callable[[Server], Awaitable[Any]], *, server: str = "",
-               registry: Callable[[Any], BackendRegistry] | None = None) -> Any:
-    """Run `scenario(server)` on asyncio against a server using `driver`."""
+               registry: Callable[[Any], BackendRegistry] | None = None, uvloop: bool = False) -> Any:
+    """Run `scenario(server)` on asyncio (or uvloop) against a server using `driver`."""
 
     async def main() -> Any:
         config = make_config(server=f'driver = "{driver}"\n{server}')
@@ -39,7 +39,7 @@ def on_asyncio(driver: str, scenario: Callable[[Server], Awaitable[Any]], *, ser
             tg.cancel_scope.cancel()
         return result
 
-    return anyio.run(main, backend="asyncio")
+    return anyio.run(main, backend="asyncio", backend_options={"use_uvloop": uvloop})
 
 
 async def manual_session(server: Server) -> list[str]:
@@ -59,6 +59,12 @@ def test_both_drivers_emit_the_same_session() -> None:
     seqs = {driver: on_asyncio(driver, manual_session) for driver in DRIVERS}
     assert seqs["auto"] == seqs["anyio"]
     assert seqs["auto"].count("error") == 2 and seqs["auto"][-1] == COMPLETED
+
+
+def test_callback_driver_runs_on_uvloop() -> None:
+    """uvloop's transports (not asyncio.Transport subclasses) work with the callback driver."""
+    pytest.importorskip("uvloop", reason="uvloop is installed by `make test`")
+    assert on_asyncio("auto", manual_session, uvloop=True) == on_asyncio("auto", manual_session)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
