@@ -10,9 +10,9 @@ never an unbounded wait.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from typing import Protocol
 
 import anyio
@@ -33,7 +33,7 @@ from spear_rt.ir import (
 )
 from spear_rt.protocol import server_events as se
 from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
-from spear_rt.registry import lease
+from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
 from spear_rt.session.machine import SessionMachine, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
@@ -159,45 +159,58 @@ class SessionManager:
             return
         assert instance.kind is not None  # the filter keeps only instances whose kind loaded
         realtime = self._config.realtime
-        session_id = new_id("sess")
-        settings = SessionSettings(kind=req.kind, model=req.model, transcription=TranscriptionSettings())
         spec = TranscriptionSpec(model=req.model)
         with lease(instance):
-            async with AsyncExitStack() as stack:
-                try:
-                    with anyio.fail_after(realtime.upstream_connect_timeout_s):
-                        upstream = await stack.enter_async_context(
-                            instance.kind.open_transcription(instance.info, spec)
-                        )
-                except TimeoutError:
-                    await reject(conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011)
-                    return
-                except BackendFailure as exc:
-                    await reject(conn, _backend_error(f"{instance.name}: {exc}", exc.retryable), 1011)
-                    return
-                except CanonicalFailure as exc:
-                    await reject(conn, exc.error, 1008)
-                    return
-                machine = SessionMachine(
-                    session_id=session_id,
-                    upstream_rate_hz=upstream.input_rate_hz,
-                    settings=settings,
-                    dialect=req.dialect,
-                    outbound=OutboundQueue(realtime.max_outbound_bytes),
-                    timeouts=Timeouts(realtime.idle_timeout_s, realtime.max_session_seconds),
-                    resume_token=secrets.token_urlsafe(24),
-                    spear_info={"backend": instance.name, "kind": instance.config.kind},
-                )
-                runner: Runner = (
-                    make_runner(machine, upstream) if make_runner else SessionRunner(machine, conn, upstream)
-                )
-                self.sessions[session_id] = runner
-                self.total_sessions += 1
-                try:
-                    await runner.run()
-                finally:
-                    del self.sessions[session_id]
-                    self._dropped_ended += machine.outbound.dropped
+            # The connect timeout is a scope around the whole session whose deadline is lifted
+            # once the upstream is open: an upstream context may hold a task group, and a
+            # scope must not end while a task group opened inside it is still running.
+            opened = False
+            try:
+                with anyio.CancelScope(deadline=anyio.current_time() + realtime.upstream_connect_timeout_s) as scope:
+                    async with instance.kind.open_transcription(instance.info, spec) as upstream:
+                        opened = True
+                        scope.deadline = math.inf
+                        await self._run_session(conn, req, instance, upstream, make_runner)
+            except BackendFailure as exc:
+                if opened:
+                    raise
+                await reject(conn, _backend_error(f"{instance.name}: {exc}", exc.retryable), 1011)
+                return
+            except CanonicalFailure as exc:
+                if opened:
+                    raise
+                await reject(conn, exc.error, 1008)
+                return
+            if scope.cancelled_caught and not opened:
+                await reject(conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011)
+
+    async def _run_session(
+        self,
+        conn: ClientLink,
+        req: ConnectRequest,
+        instance: RegisteredInstance,
+        upstream: TranscriptionUpstream,
+        make_runner: RunnerFactory | None,
+    ) -> None:
+        realtime = self._config.realtime
+        machine = SessionMachine(
+            session_id=new_id("sess"),
+            upstream_rate_hz=upstream.input_rate_hz,
+            settings=SessionSettings(kind=req.kind, model=req.model, transcription=TranscriptionSettings()),
+            dialect=req.dialect,
+            outbound=OutboundQueue(realtime.max_outbound_bytes),
+            timeouts=Timeouts(realtime.idle_timeout_s, realtime.max_session_seconds),
+            resume_token=secrets.token_urlsafe(24),
+            spear_info={"backend": instance.name, "kind": instance.config.kind},
+        )
+        runner: Runner = make_runner(machine, upstream) if make_runner else SessionRunner(machine, conn, upstream)
+        self.sessions[machine.session_id] = runner
+        self.total_sessions += 1
+        try:
+            await runner.run()
+        finally:
+            del self.sessions[machine.session_id]
+            self._dropped_ended += machine.outbound.dropped
 
     def drain(self, deadline_s: float) -> None:
         """Refuse new sessions and ask every live one to finish its turns and close."""
