@@ -68,6 +68,7 @@ class OutlierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Success-rate outlier ejection (config section `[health.outlier]`)."""
 
     enabled: bool = True
+    min_peers: int = 5  # fewer peers than this (or than 3): nobody is judged an outlier
     min_requests: int = 20
     stdev_factor: float = 1.9
     base_ejection_s: float = 30.0
@@ -133,13 +134,13 @@ class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
 
 class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Declared prices of an instance, in any one currency unit."""
+    """Declared prices of an instance, in any one currency unit (unset: not declared)."""
 
-    per_1k_input_tokens: float = 0.0
-    per_1k_output_tokens: float = 0.0
-    per_audio_second: float = 0.0
-    per_image: float = 0.0
-    per_session_minute: float = 0.0
+    per_1k_input_tokens: float | None = None
+    per_1k_output_tokens: float | None = None
+    per_audio_second: float | None = None
+    per_image: float | None = None
+    per_session_minute: float | None = None
 
 
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

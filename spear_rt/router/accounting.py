@@ -22,11 +22,11 @@ def cost(price: Price | None, usage: Usage) -> float:
     if price is None:
         return 0.0
     return (
-        usage.input_tokens / 1000 * price.per_1k_input_tokens
-        + usage.output_tokens / 1000 * price.per_1k_output_tokens
-        + usage.audio_seconds * price.per_audio_second
-        + usage.images * price.per_image
-        + usage.session_minutes * price.per_session_minute
+        usage.input_tokens / 1000 * (price.per_1k_input_tokens or 0.0)
+        + usage.output_tokens / 1000 * (price.per_1k_output_tokens or 0.0)
+        + usage.audio_seconds * (price.per_audio_second or 0.0)
+        + usage.images * (price.per_image or 0.0)
+        + usage.session_minutes * (price.per_session_minute or 0.0)
     )
 
 

@@ -23,8 +23,8 @@ from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Ope
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router.accounting import BudgetTracker, KeyLimiter, RouterMetrics, cost
-from spear_rt.router.filter import CAPABILITY, CAPACITY, CandidateFilter
-from spear_rt.router.health import OutlierDetector
+from spear_rt.router.filter import CAPABILITY, CAPACITY, UNHEALTHY, CandidateFilter
+from spear_rt.router.health import BreakerState, OutlierDetector
 from spear_rt.router.policies import DEFAULT_BY_OPERATION, EwmaLatency, Policy, make_policy
 
 T = TypeVar("T")
@@ -263,6 +263,15 @@ class Router:
                     operation=req.operation,
                 )
 
+    def _next_recovery(self, operation: Operation) -> float:
+        """Seconds until the first unhealthy instance for `operation` may be tried again."""
+        now = self._clock()
+        waits = [max(i.runtime.breaker.open_until - now, 0.0) for i in self.registry.serving(operation)
+                 if i.runtime.breaker.state is BreakerState.OPEN]
+        waits += [max(until - now, 0.0) for name, until in self.outliers.ejected_until.items()
+                  if name in {i.name for i in self.registry.serving(operation)}]
+        return max(min(waits), 0.1) if waits else CAPACITY_RETRY_AFTER_S
+
     def no_candidate_error(self, req: CanonicalRequestEnvelope, decision: Decision) -> CanonicalError:
         """The canonical error (with the explanation) for a request no instance can take."""
         reasons = decision.rejected_reasons
@@ -288,5 +297,9 @@ class Router:
             error.message = f"every backend instance for {req.operation} is at capacity"
             error.retryable = True
             error.retry_after_s = CAPACITY_RETRY_AFTER_S
+        elif any(r.startswith(UNHEALTHY) for r in reasons.values()):
+            error.message = f"every backend instance for {req.operation} is unhealthy"
+            error.retryable = True
+            error.retry_after_s = self._next_recovery(req.operation)
         return error
 

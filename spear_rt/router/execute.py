@@ -107,7 +107,8 @@ class Executor:
         """Route and run `call`, falling back or hedging as configured."""
         router = self._router()
         self._budget.on_request(anyio.current_time())
-        hedging = req.operation in self.hedge.operations and self.hedge.k > 1
+        # A hedge sends the same request twice: only for idempotent requests.
+        hedging = idempotent and req.operation in self.hedge.operations and self.hedge.k > 1
         # Every attempt that failed excluded its instance, so len(excluded) counts them.
         excluded: set[str] = set()
         last: BaseException | None = None
@@ -144,45 +145,18 @@ class Executor:
     async def _hedged(
         self, router: Router, req: CanonicalRequestEnvelope, call: Call[T], excluded: set[str]
     ) -> Executed[T]:
-        winner: list[Executed[T]] = []
-        failures: list[BaseException] = []
-        started: list[RegisteredInstance] = []
-        finished = anyio.Event()
-
-        async def attempt(instance: RegisteredInstance, tg: anyio.abc.TaskGroup) -> None:
-            nonlocal finished
-            try:
-                result = await router.attempt(instance, call, req.operation)
-            except (BackendFailure, TimeoutError, CanonicalFailure) as exc:
-                failures.append(exc)
-                excluded.add(instance.name)
-                finished.set()
-                return
-            if not winner:
-                winner.append(Executed(result, instance, len(started), hedged=len(started) > 1))
-                tg.cancel_scope.cancel()  # the losers are cancelled here
-
-        # The first route is outside the task group so that a refusal is raised as it is
-        # (inside, it would reach the caller wrapped in an exception group).
+        # The first route is outside the task group so that a refusal is raised as it is.
         instance, _ = router.route(req, exclude=excluded)
-        async with anyio.create_task_group() as tg:
-            for n in range(self.hedge.k):
-                if n:
-                    try:
-                        instance, _ = router.route(req, exclude=excluded | {i.name for i in started})
-                    except CanonicalFailure:
-                        break
-                    router.count_hedge(req.operation)
-                started.append(instance)
-                tg.start_soon(attempt, instance, tg)
-                with anyio.move_on_after(self.hedge.delay_ms / 1000):
-                    await finished.wait()
-                finished = anyio.Event()
-                if winner:
-                    break
-        if winner:
-            return winner[0]
-        raise failures[-1]
+        race = _HedgeRace(router, req, call, excluded, self.hedge)
+        try:
+            await race.run(instance)
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:  # the caller's own error, as itself
+                raise group.exceptions[0] from None
+            raise
+        if race.winner is not None:
+            return race.winner
+        raise race.failures[-1]
 
     def _maybe_mirror(self, req: CanonicalRequestEnvelope, call: Callable[[RegisteredInstance], Awaitable[object]]) -> None:
         mirror = self.mirror
@@ -207,6 +181,53 @@ class Executor:
                 await router.attempt(instance, call, req.operation)
             except Exception:  # noqa: BLE001 - a mirror's failure only reaches its metrics
                 pass
+
+
+class _HedgeRace(Generic[T]):
+    """One hedged request: attempts started `delay_ms` apart, the first success wins."""
+
+    def __init__(self, router: Router, req: CanonicalRequestEnvelope, call: Call[T],
+                 excluded: set[str], hedge: HedgeConfig) -> None:
+        self.router, self.req, self.call, self.excluded, self.hedge = router, req, call, excluded, hedge
+        self.winner: Executed[T] | None = None
+        self.failures: list[BaseException] = []
+        self.started: list[RegisteredInstance] = []
+        self._finished = anyio.Event()
+
+    async def run(self, first: RegisteredInstance) -> None:
+        """Start attempts until one succeeds, all fail, or k were started."""
+        instance = first
+        async with anyio.create_task_group() as tg:
+            for n in range(self.hedge.k):
+                if self.failures and not is_retryable(self.failures[-1]):
+                    break  # another instance would refuse it the same way
+                if n:
+                    try:
+                        taken = self.excluded | {i.name for i in self.started}
+                        instance, _ = self.router.route(self.req, exclude=taken)
+                    except CanonicalFailure:
+                        break
+                    self.router.count_hedge(self.req.operation)
+                self.started.append(instance)
+                tg.start_soon(self._attempt, instance, tg)
+                with anyio.move_on_after(self.hedge.delay_ms / 1000):
+                    await self._finished.wait()
+                self._finished = anyio.Event()
+                if self.winner is not None:
+                    break
+
+    async def _attempt(self, instance: RegisteredInstance, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            result = await self.router.attempt(instance, self.call, self.req.operation)
+        except (BackendFailure, TimeoutError, CanonicalFailure) as exc:
+            self.failures.append(exc)
+            self.excluded.add(instance.name)
+            self._finished.set()
+            return
+        if self.winner is None:
+            started = len(self.started)
+            self.winner = Executed(result, instance, started, hedged=started > 1)
+            tg.cancel_scope.cancel()  # the losers are cancelled here
 
 
 def _exhausted(req: CanonicalRequestEnvelope, last: BaseException | None, attempts: int) -> CanonicalFailure:

@@ -162,8 +162,10 @@ class OutlierDetector:
         if not cfg.enabled:
             return []
         rates = {n: 1 - f / r for n, r, f in stats if r >= cfg.min_requests}
-        if len(rates) < 3:
-            return []  # too few peers for a meaningful spread
+        if len(rates) < max(cfg.min_peers, 3):
+            # With n peers one outlier is at most sqrt(n - 1) deviations out: below 5 peers
+            # the default 1.9 factor could never eject anyone (Envoy's minimum is 5 hosts).
+            return []
         mean = sum(rates.values()) / len(rates)
         stdev = (sum((r - mean) ** 2 for r in rates.values()) / len(rates)) ** 0.5
         cutoff = mean - cfg.stdev_factor * stdev

@@ -292,16 +292,19 @@ def unit_price(inst: RegisteredInstance, operation: Operation) -> float:
     price = inst.config.price
     if price is None:
         return math.inf
+    parts: tuple[float | None, ...]
     match operation:
         case Operation.CHAT_COMPLETIONS | Operation.EMBEDDINGS | Operation.TEXT_TO_SPEECH:
-            value = price.per_1k_input_tokens + price.per_1k_output_tokens
+            parts = (price.per_1k_input_tokens, price.per_1k_output_tokens)
         case Operation.SPEECH_TO_TEXT:
-            value = price.per_audio_second
+            parts = (price.per_audio_second,)
         case Operation.IMAGE_GENERATION:
-            value = price.per_image
+            parts = (price.per_image,)
         case Operation.REALTIME_VOICE:
-            value = price.per_session_minute
-    return value
+            parts = (price.per_session_minute,)
+    declared = [p for p in parts if p is not None]
+    # A price declared for other operations only is no price for this one (not "free").
+    return sum(declared) if declared else math.inf
 
 
 class LowestCost:

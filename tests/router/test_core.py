@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from spear_rt.errors import BackendFailure, CanonicalFailure
@@ -316,3 +318,19 @@ async def test_reload_swaps_instances_and_keeps_runtime_by_name() -> None:
     assert {rt.route(request())[0].name for _ in range(4)} == {"a", "c"}
     rt.reload(registry(backend("c"), previous=new))
     assert rt.route(request(), exclude=())[1].candidates_checked == 1
+
+
+def test_every_circuit_open_is_retryable_with_the_wait_until_a_probe() -> None:
+    """All instances' circuits open: a retryable NoCandidate whose retry_after is the cool-down left."""
+    now = [100.0]
+    reg = registry(backend("a"), backend("b"))
+    rt = Router(reg, rng=random.Random(0), clock=lambda: now[0])
+    for inst in reg.instances.values():
+        for _ in range(5):
+            inst.runtime.breaker.on_result(False, now[0])
+    with pytest.raises(CanonicalFailure) as info:
+        rt.route(request())
+    error = info.value.error
+    assert error.retryable and error.code is ErrorCode.NO_CANDIDATE_BACKEND
+    soonest = min(i.runtime.breaker.open_until for i in reg.instances.values()) - now[0]
+    assert error.retry_after_s == pytest.approx(soonest)

@@ -333,6 +333,57 @@ async def test_a_hedged_request_nobody_can_take_gets_the_routers_error(
     assert backends.calls == []
 
 
+async def test_non_idempotent_requests_are_never_hedged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A hedge would send the request twice: a non-idempotent request waits for a instead."""
+    backends = Backends(a=(0.2, "ok"))
+    ex, rt = executor(tiered("a", "b"), hedge=HEDGE)
+    done = await ex.run(request(), backends, idempotent=False)
+    assert backends.calls == ["a"] and not done.hedged
+    assert rt.metrics.hedges.get("chat_completions") == 0
+
+
+async def test_a_non_retryable_failure_stops_the_hedge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """a refuses the request as invalid: no hedge to b, the refusal reaches the caller."""
+    refusal = BackendFailure("bad request", retryable=False, status=400)
+    backends = Backends(a=refusal)
+    ex, _ = executor(tiered("a", "b"), hedge=HEDGE)
+    with pytest.raises(BackendFailure, match="bad request"):
+        await ex.run(request(), backends, idempotent=True)
+    assert backends.calls == ["a"]
+
+
+async def test_a_callers_own_error_in_a_hedge_is_raised_as_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A bug in the call (ValueError) comes out as that ValueError, not an exception group."""
+    backends = Backends(a=ValueError("caller bug"))
+    ex, _ = executor(tiered("a", "b"), hedge=HEDGE)
+    with pytest.raises(ValueError, match="caller bug"):
+        await ex.run(request(), backends, idempotent=True)
+
+
+async def test_concurrent_hedged_requests_do_not_share_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two hedged requests at once: each hedges at its own 50 ms and gets its own winner."""
+    backends = Backends(a="stall")
+    ex, _ = executor(tiered("a", "b", "c"), hedge=HEDGE)
+    results: list[str] = []
+
+    async def one() -> None:
+        results.append((await ex.run(request(), backends, idempotent=True)).result)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    assert sorted(results) == ["b-ok", "b-ok"]
+    assert backends.cancelled == ["a", "a"]
+
+
 async def test_operations_not_named_for_hedging_are_not_hedged(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

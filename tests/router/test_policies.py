@@ -486,3 +486,16 @@ def test_policies_pick_the_same_from_a_cached_tuple_as_from_a_list(
                 assert plain.select(list(chosen), req, 0.0) is expected
                 continue
             assert cached.select(as_tuple, req, 0.0) is plain.select(list(chosen), req, 0.0)
+
+
+def test_a_price_declared_for_other_operations_is_no_price_for_this_one() -> None:
+    """An instance priced only per image is not 'free' for chat: the chat-priced one wins."""
+    from spear_rt.config import Price
+    from spear_rt.router.policies import unit_price
+
+    reg = registry(backend("images_only"), backend("chat_priced"))
+    images_only, chat_priced = reg.instances["images_only"], reg.instances["chat_priced"]
+    images_only.config.price = Price(per_image=0.01)
+    chat_priced.config.price = Price(per_1k_input_tokens=0.5, per_1k_output_tokens=1.5)
+    assert unit_price(images_only, CHAT) == float("inf")
+    assert unit_price(chat_priced, CHAT) == 2.0
