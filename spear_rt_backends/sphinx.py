@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections import deque
+from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_process
 import numpy as np
 
@@ -188,6 +190,14 @@ class SphinxTranscription:
 
 
 _limiters: dict[str, anyio.CapacityLimiter] = {}
+_warmed: set[tuple[str, int]] = set()  # (instance, event loop) whose workers were started
+
+
+async def _warm(instance: InstanceInfo, limiter: anyio.CapacityLimiter) -> None:
+    """Start every worker process and load its decoder (~1 s each) before the first segment."""
+    async with anyio.create_task_group() as tg:
+        for _ in range(int(limiter.total_tokens)):
+            tg.start_soon(partial(anyio.to_process.run_sync, decode_segment, b"", limiter=limiter))
 
 
 def _limiter(instance: InstanceInfo) -> anyio.CapacityLimiter:
@@ -230,8 +240,13 @@ class SphinxKind:
     ) -> AsyncIterator[SphinxTranscription]:
         """A streaming upstream whose segments decode in worker processes."""
         _check_language(spec.language)
-        upstream = SphinxTranscription(_limiter(instance), int(instance.options.get("pause_ms", 400)))
+        limiter = _limiter(instance)
+        upstream = SphinxTranscription(limiter, int(instance.options.get("pause_ms", 400)))
         async with anyio.create_task_group() as tg:
+            key = (instance.name, id(anyio.lowlevel.current_token()))
+            if key not in _warmed:  # workers are per event loop
+                _warmed.add(key)
+                tg.start_soon(_warm, instance, limiter)
             tg.start_soon(upstream.decode_loop)
             try:
                 yield upstream

@@ -1,0 +1,141 @@
+"""ASR accuracy through the gateway vs the engine fed directly, on real human speech.
+
+For every recording in ../shared/audio with a reference transcript (LibriVox lines, CMU cards,
+goforward.raw, jfk.flac) and every fixture in fixtures/audio:
+
+* direct: pocketsphinx decodes the 16 kHz recording as one utterance;
+* gateway: the recording is converted to pcm16 at 24 kHz (what a client sends), streamed in
+  20 ms frames over a real WebSocket to spear_rt (asyncio driver, pocketsphinx backend,
+  manual commit) and the `completed` transcript is taken.
+
+Prints a markdown table (WER of each, whether the words are identical, time to `completed`)
+and writes JSON to bench/results/. Usage: python bench/asr_accuracy.py [--shared ../shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spear_rt.audio import frames, load_audio, resample  # noqa: E402
+from spear_rt.config import parse_config  # noqa: E402
+from spear_rt.server.app import Server  # noqa: E402
+from spear_rt_backends.sphinx import transcribe_pcm16  # noqa: E402
+
+CONFIG = '[server]\nlisten = "127.0.0.1:0"\n[[backends]]\nname = "asr"\nkind = "pocketsphinx"\n'
+
+
+def normalize(text: str) -> list[str]:
+    """Lowercase words without punctuation (how references and hypotheses are compared)."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level Levenshtein distance / reference length."""
+    ref, hyp = normalize(reference), normalize(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row = row, [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (r != h))
+    return row[-1] / max(len(ref), 1)
+
+
+def items(shared: Path) -> list[tuple[str, Path, str]]:
+    """(label, audio file, reference) for every recording with a transcript."""
+    audio = shared / "audio"
+    out = []
+    for txt in sorted(audio.glob("librivox_*.txt")):
+        out.append((txt.stem[-4:], txt.with_suffix(".wav"), txt.read_text()))
+    cards = (audio / "cards.transcription").read_text().splitlines() if (audio / "cards.transcription").exists() else []
+    for i, line in enumerate(cards, 1):
+        text = re.sub(r"</?s>|\(.*?\)", "", line).strip()
+        out.append((f"cards_{i:03d}", audio / f"cards_{i:03d}.wav", text))
+    if (audio / "goforward.raw").exists():
+        out.append(("goforward", audio / "goforward.raw", "go forward ten meters"))
+    if (audio / "jfk.flac").exists():
+        out.append(("jfk", audio / "jfk.flac", "and so my fellow americans ask not what your country can do "
+                                               "for you ask what you can do for your country"))
+    manifest = json.loads((ROOT / "fixtures/audio/manifest.json").read_text())
+    for m in manifest:
+        if m["kind"] == "speech":
+            out.append((m["file"].removesuffix(".wav"), ROOT / "fixtures/audio" / m["file"], m["transcript"]))
+    return [(label, path, ref) for label, path, ref in out if path.exists()]
+
+
+async def through_gateway(port: int, pcm24k: np.ndarray) -> tuple[str, float]:
+    """Stream like a client (20 ms frames), commit, return (completed transcript, seconds)."""
+    url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
+    async with connect(url, additional_headers={"OpenAI-Beta": "realtime=v1"}, max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "transcription_session.update", "session": {"turn_detection": None}}))
+        await ws.recv()
+        for frame in frames(pcm24k, 24000):
+            audio = base64.b64encode(frame.astype("<i2").tobytes()).decode()
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+        started = time.perf_counter()
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == "conversation.item.input_audio_transcription.completed":
+                return event["transcript"], time.perf_counter() - started
+            if event["type"] == "error":
+                raise RuntimeError(event["error"]["message"])
+
+
+async def run(shared: Path) -> list[dict[str, object]]:
+    server = Server(parse_config(CONFIG, "bench"))
+    rows = []
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.serve)
+        for label, path, reference in items(shared):
+            pcm, rate = load_audio(path, raw_rate_hz=16000)
+            pcm16 = resample(pcm, rate, 16000)
+            direct = await transcribe_pcm16(pcm16)
+            via, latency = await through_gateway(port, resample(pcm, rate, 24000))
+            rows.append({"file": label, "seconds": round(pcm.size / rate, 2), "wer_direct": round(wer(reference, direct), 3),
+                         "wer_gateway": round(wer(reference, via), 3), "same_words": normalize(direct) == normalize(via),
+                         "commit_to_completed_ms": round(latency * 1000, 1), "direct": direct, "gateway": via,
+                         "reference": reference})
+            print(f"  {label}: WER direct {rows[-1]['wer_direct']} gateway {rows[-1]['wer_gateway']}", file=sys.stderr)
+        tg.cancel_scope.cancel()
+    return rows
+
+
+def main() -> None:
+    """Run, print the table, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    args = parser.parse_args()
+    rows = anyio.run(run, Path(args.shared), backend="asyncio")
+    print("| file | audio s | WER direct | WER gateway | same words | commit→completed ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['file']} | {r['seconds']} | {r['wer_direct']} | {r['wer_gateway']} | {r['same_words']} | "
+              f"{r['commit_to_completed_ms']} |")
+    real = [r for r in rows if not str(r["file"]).startswith("speech_")]
+    for name, group in (("real speech (../shared/audio)", real), ("fixtures (espeak-ng)", [r for r in rows if r not in real])):
+        if group:
+            print(f"\n{name}: mean WER direct {np.mean([r['wer_direct'] for r in group]):.3f}, gateway "
+                  f"{np.mean([r['wer_gateway'] for r in group]):.3f}, identical words "
+                  f"{sum(bool(r['same_words']) for r in group)}/{len(group)}")
+    out = ROOT / "bench/results" / f"asr_accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
