@@ -41,6 +41,8 @@ class WebSocketConnection:
     async def receive(self) -> list[Message] | None:
         """Read once; the complete messages it carried, or None when the connection ended."""
         proto = self.protocol
+        if self.closed_by_peer:
+            return None  # the close came in the same read as the last messages
         try:
             data = await self.stream.receive(READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
