@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import soundfile  # type: ignore[import-untyped]  # ships no type hints
+import soundfile
 from numpy.typing import NDArray
 
 from spear_rt.audio.codecs import AudioFormatError, float32_to_int16, pcm16_from_bytes

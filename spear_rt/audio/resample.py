@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import soxr  # type: ignore[import-untyped]  # ships no type hints
+import soxr
 from numpy.typing import NDArray
 
 from spear_rt.audio.codecs import float32_to_int16, int16_to_float32

@@ -230,6 +230,6 @@ class SessionHost:
     def drain(self, link: FdLink) -> None:
         """SHUTDOWN_WRITE reached the session: finish its turns, then close (loop side)."""
         for runner in self.manager.sessions.values():
-            if runner.conn is link:
+            if getattr(runner, "conn", None) is link:  # task runners keep their link
                 runner.drain(Timeouts().drain_deadline_s)
                 return

@@ -142,7 +142,7 @@ AnyClientEvent = (
     | SpearMetricsRequest
 )
 
-KNOWN_TYPES = tuple(sorted(cls.__struct_config__.tag for cls in AnyClientEvent.__args__))  # type: ignore[attr-defined]
+KNOWN_TYPES = tuple(sorted(str(cls.__struct_config__.tag) for cls in AnyClientEvent.__args__))
 
 
 class ProtocolError(msgspec.Struct, frozen=True):
@@ -165,17 +165,18 @@ _decoder = msgspec.json.Decoder(AnyClientEvent)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 
 
-def decode_client_event(data: bytes | str) -> AnyClientEvent | ProtocolError:
+def decode_client_event(data: bytes | bytearray | memoryview | str) -> AnyClientEvent | ProtocolError:
     """Decode one text frame into a client event, or a ProtocolError saying what is wrong."""
     try:
-        return _decoder.decode(data)
+        event: AnyClientEvent = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         return _explain(data, str(exc))
     except msgspec.DecodeError as exc:
         return ProtocolError("invalid_json", f"the frame is not valid JSON: {exc}")
+    return event
 
 
-def _explain(data: bytes | str, reason: str) -> ProtocolError:
+def _explain(data: bytes | bytearray | memoryview | str, reason: str) -> ProtocolError:
     try:
         envelope = _envelope_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):

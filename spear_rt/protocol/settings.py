@@ -122,7 +122,7 @@ def apply_update(current: SessionSettings, wire: SessionWire) -> SessionSettings
     if wire.audio is not UNSET and wire.audio.input is not UNSET:
         audio_in = wire.audio.input
         if audio_in.format is not UNSET:
-            fmt = {"type": audio_in.format.type}
+            fmt: dict[str, str | int] = {"type": audio_in.format.type}
             if audio_in.format.rate is not None:
                 fmt["rate"] = audio_in.format.rate
             changes["input_format"] = _format(fmt, "session.audio.input.format")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -75,7 +75,7 @@ class ExplainRequest(msgspec.Struct, forbid_unknown_fields=True):
 _explain_decoder = msgspec.json.Decoder(ExplainRequest)
 
 
-def decode_json(decoder: msgspec.json.Decoder, body: bytes, what: str) -> object:
+def decode_json(decoder: msgspec.json.Decoder[Any], body: bytes, what: str) -> object:
     """Decode a JSON body or raise HttpError 400 saying what is wrong."""
     if not body:
         raise HttpError(400, f"{what}: the request body is empty; send JSON", "invalid_json")

@@ -187,7 +187,7 @@ class CallbackRunner:
         self._pump_wake = anyio.Event()
         self._timer_scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes | bytearray | memoryview] = []
         self._fragment_text = False
         self._close_sent = False
         self._grace: asyncio.TimerHandle | None = None

@@ -165,6 +165,7 @@ class Server:
             with self._accepting:
                 async with anyio.create_task_group() as acceptors:
                     for listener in multi.listeners:
+                        assert isinstance(listener, anyio.abc.SocketListener)
                         acceptors.start_soon(self._accept_loop, listener, connections)
 
     async def _accept_loop(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
@@ -176,7 +177,7 @@ class Server:
         """Close the listener; live connections carry on."""
         self._accepting.cancel()
 
-    async def _handle_connection(self, stream: anyio.abc.SocketStream) -> None:
+    async def _handle_connection(self, stream: anyio.abc.ByteStream) -> None:
         async with stream:
             try:
                 await self._serve_http(stream)
@@ -186,7 +187,7 @@ class Server:
     def _peer_allowed(self, stream: anyio.abc.ByteStream) -> bool:
         return bool(self._client_keys) or _is_loopback(stream)
 
-    async def _serve_http(self, stream: anyio.abc.SocketStream) -> None:
+    async def _serve_http(self, stream: anyio.abc.ByteStream) -> None:
         http = HttpConnection(stream)
         timeout = self.config.server.handshake_timeout_s
         while True:

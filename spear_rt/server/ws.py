@@ -8,6 +8,8 @@ protocol (a sync call) and `wake()` the writer, which sends everything pending i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import anyio
 import anyio.abc
 from websockets.frames import Frame, Opcode
@@ -22,7 +24,7 @@ class Message:
 
     __slots__ = ("data", "text")
 
-    def __init__(self, data: bytes, text: bool) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, text: bool) -> None:
         self.data = data
         self.text = text
 
@@ -34,11 +36,11 @@ class WebSocketConnection:
         self.stream = stream
         self.protocol = protocol
         self._wake = anyio.Event()
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes | bytearray | memoryview] = []
         self._fragment_text = False
         self.closed_by_peer = False
 
-    async def receive(self) -> list[Message] | None:
+    async def receive(self) -> Sequence[Message] | None:
         """Read once; the complete messages it carried, or None when the connection ended."""
         proto = self.protocol
         if self.closed_by_peer:

@@ -17,6 +17,7 @@ cancelled, so a client that stops reading cannot keep a session alive.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import anyio
@@ -40,8 +41,15 @@ _BINARY = ProtocolError(
 class ClientMessage(Protocol):
     """One complete message from the client."""
 
-    data: bytes
-    text: bool
+    @property
+    def data(self) -> bytes | bytearray | memoryview:
+        """The payload."""
+        ...
+
+    @property
+    def text(self) -> bool:
+        """True for a text frame."""
+        ...
 
 
 class ClientLink(Protocol):
@@ -49,7 +57,7 @@ class ClientLink(Protocol):
 
     closed_by_peer: bool
 
-    async def receive(self) -> list[ClientMessage] | None:
+    async def receive(self) -> Sequence[ClientMessage] | None:
         """The messages of one read, or None once the client is gone."""
         ...
 
