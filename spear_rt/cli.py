@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stream)
 
     p = sub.add_parser("demo", help="start a server on the embedded default and stream the fixtures through it")
-    p.add_argument("--loop", choices=LOOPS, default="trio")
-    p.add_argument("--pace", choices=("realtime", "fast"), default="fast")
+    p.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP)
+    p.add_argument("--pace", choices=("realtime", "fast"), default="realtime",
+                   help="realtime: 20 ms frames every 20 ms, like a microphone (default)")
     p.add_argument("files", nargs="*", help="audio files (default: fixtures/audio speech clips)")
     p.set_defaults(func=_cmd_demo)
 
