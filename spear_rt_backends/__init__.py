@@ -1,0 +1,1 @@
+"""Backend kinds of spear_rt, one module each, loaded by entry point (group `spear_rt.backends`)."""
