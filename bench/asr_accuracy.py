@@ -59,19 +59,35 @@ def items(shared: Path) -> list[tuple[str, Path, str]]:
     out = []
     for txt in sorted(audio.glob("librivox_*.txt")):
         out.append((txt.stem[-4:], txt.with_suffix(".wav"), txt.read_text()))
-    cards = (audio / "cards.transcription").read_text().splitlines() if (audio / "cards.transcription").exists() else []
+    cards = (
+        (audio / "cards.transcription").read_text().splitlines()
+        if (audio / "cards.transcription").exists()
+        else []
+    )
     for i, line in enumerate(cards, 1):
         text = re.sub(r"</?s>|\(.*?\)", "", line).strip()
         out.append((f"cards_{i:03d}", audio / f"cards_{i:03d}.wav", text))
     if (audio / "goforward.raw").exists():
         out.append(("goforward", audio / "goforward.raw", "go forward ten meters"))
     if (audio / "jfk.flac").exists():
-        out.append(("jfk", audio / "jfk.flac", "and so my fellow americans ask not what your country can do "
-                                               "for you ask what you can do for your country"))
+        out.append(
+            (
+                "jfk",
+                audio / "jfk.flac",
+                "and so my fellow americans ask not what your country can do "
+                "for you ask what you can do for your country",
+            )
+        )
     manifest = json.loads((ROOT / "fixtures/audio/manifest.json").read_text())
     for m in manifest:
         if m["kind"] == "speech":
-            out.append((m["file"].removesuffix(".wav"), ROOT / "fixtures/audio" / m["file"], m["transcript"]))
+            out.append(
+                (
+                    m["file"].removesuffix(".wav"),
+                    ROOT / "fixtures/audio" / m["file"],
+                    m["transcript"],
+                )
+            )
     return [(label, path, ref) for label, path, ref in out if path.exists()]
 
 
@@ -80,7 +96,11 @@ async def through_gateway(port: int, pcm24k: np.ndarray) -> tuple[str, float]:
     url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
     async with connect(url, additional_headers={"OpenAI-Beta": "realtime=v1"}, max_size=None) as ws:
         await ws.recv()
-        await ws.send(json.dumps({"type": "transcription_session.update", "session": {"turn_detection": None}}))
+        await ws.send(
+            json.dumps(
+                {"type": "transcription_session.update", "session": {"turn_detection": None}}
+            )
+        )
         await ws.recv()
         for frame in frames(pcm24k, 24000):
             audio = base64.b64encode(frame.astype("<i2").tobytes()).decode()
@@ -105,11 +125,23 @@ async def run(shared: Path) -> list[dict[str, object]]:
             pcm16 = resample(pcm, rate, 16000)
             direct = await transcribe_pcm16(pcm16)
             via, latency = await through_gateway(port, resample(pcm, rate, 24000))
-            rows.append({"file": label, "seconds": round(pcm.size / rate, 2), "wer_direct": round(wer(reference, direct), 3),
-                         "wer_gateway": round(wer(reference, via), 3), "same_words": normalize(direct) == normalize(via),
-                         "commit_to_completed_ms": round(latency * 1000, 1), "direct": direct, "gateway": via,
-                         "reference": reference})
-            print(f"  {label}: WER direct {rows[-1]['wer_direct']} gateway {rows[-1]['wer_gateway']}", file=sys.stderr)
+            rows.append(
+                {
+                    "file": label,
+                    "seconds": round(pcm.size / rate, 2),
+                    "wer_direct": round(wer(reference, direct), 3),
+                    "wer_gateway": round(wer(reference, via), 3),
+                    "same_words": normalize(direct) == normalize(via),
+                    "commit_to_completed_ms": round(latency * 1000, 1),
+                    "direct": direct,
+                    "gateway": via,
+                    "reference": reference,
+                }
+            )
+            print(
+                f"  {label}: WER direct {rows[-1]['wer_direct']} gateway {rows[-1]['wer_gateway']}",
+                file=sys.stderr,
+            )
         tg.cancel_scope.cancel()
     return rows
 
@@ -123,14 +155,23 @@ def main() -> None:
     print("| file | audio s | WER direct | WER gateway | same words | commit→completed ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['file']} | {r['seconds']} | {r['wer_direct']} | {r['wer_gateway']} | {r['same_words']} | "
-              f"{r['commit_to_completed_ms']} |")
+        print(
+            f"| {r['file']} | {r['seconds']} | {r['wer_direct']} | {r['wer_gateway']} | "
+            f"{r['same_words']} | "
+            f"{r['commit_to_completed_ms']} |"
+        )
     real = [r for r in rows if not str(r["file"]).startswith("speech_")]
-    for name, group in (("real speech (../shared/audio)", real), ("fixtures (espeak-ng)", [r for r in rows if r not in real])):
+    for name, group in (
+        ("real speech (../shared/audio)", real),
+        ("fixtures (espeak-ng)", [r for r in rows if r not in real]),
+    ):
         if group:
-            print(f"\n{name}: mean WER direct {np.mean([r['wer_direct'] for r in group]):.3f}, gateway "
-                  f"{np.mean([r['wer_gateway'] for r in group]):.3f}, identical words "
-                  f"{sum(bool(r['same_words']) for r in group)}/{len(group)}")
+            print(
+                f"\n{name}: mean WER direct "
+                f"{np.mean([r['wer_direct'] for r in group]):.3f}, gateway "
+                f"{np.mean([r['wer_gateway'] for r in group]):.3f}, identical words "
+                f"{sum(bool(r['same_words']) for r in group)}/{len(group)}"
+            )
     out = ROOT / "bench/results" / f"asr_accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))

@@ -28,8 +28,10 @@ def run_on_loop(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> Non
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            print("spear-rt: uvloop is not installed (pip install 'spear-rt[uvloop]'); using asyncio",
-                  file=sys.stderr)
+            print(
+                "spear-rt: uvloop is not installed (pip install 'spear-rt[uvloop]'); using asyncio",
+                file=sys.stderr,
+            )
             loop = "asyncio"
         else:
             anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
@@ -60,7 +62,10 @@ async def serve(
             state = "ready" if inst.unavailable is None else f"unavailable ({inst.unavailable})"
             print(f"spear-rt: backend {inst.name} [{inst.config.kind}] {state}", file=sys.stderr)
         host = config.server.listen.rpartition(":")[0]
-        print(f"spear-rt: listening on http://{host}:{port} (config: {config.source})", file=sys.stderr)
+        print(
+            f"spear-rt: listening on http://{host}:{port} (config: {config.source})",
+            file=sys.stderr,
+        )
         if announce is not None:
             announce(port)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -69,17 +74,22 @@ async def serve(
                     try:
                         summary = server.reload()
                     except ConfigError as exc:
-                        print(f"spear-rt: reload refused, keeping the old config: {exc}", file=sys.stderr)
+                        print(
+                            f"spear-rt: reload refused, keeping the old config: {exc}",
+                            file=sys.stderr,
+                        )
                     else:
-                        print(f"spear-rt: reloaded {summary['config']}: {summary['backends']}", file=sys.stderr)
+                        print(
+                            f"spear-rt: reloaded {summary['config']}: {summary['backends']}",
+                            file=sys.stderr,
+                        )
                     continue
                 if signum == signal.SIGTERM:
                     print("spear-rt: SIGTERM: draining", file=sys.stderr)
                     server.stop_accepting()
                     server.sessions.drain(config.realtime.resume_grace_seconds)
                     with anyio.move_on_after(config.realtime.resume_grace_seconds + 5):
-                        while server.sessions.sessions:
-                            await anyio.sleep(0.05)
+                        await server.sessions.wait_empty()
                 tg.cancel_scope.cancel()
                 return
 
@@ -114,19 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP, help="event loop")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("stream", help="stream an audio file to a server and print the live transcript")
-    p.add_argument("file", help="any format soundfile reads (wav, flac, ogg, mp3), or .raw s16le 16 kHz")
+    p = sub.add_parser(
+        "stream", help="stream an audio file to a server and print the live transcript"
+    )
+    p.add_argument(
+        "file", help="any format soundfile reads (wav, flac, ogg, mp3), or .raw s16le 16 kHz"
+    )
     p.add_argument("--url", default="ws://127.0.0.1:8787/v1/realtime?intent=transcription")
     p.add_argument("--pace", choices=("realtime", "fast"), default="realtime")
-    p.add_argument("--vad", action="store_true", help="let server VAD split turns (default: one manual commit)")
+    p.add_argument(
+        "--vad", action="store_true", help="let server VAD split turns (default: one manual commit)"
+    )
     p.add_argument("--key", help="client key (default: $SPEAR_RT_CLIENT_KEY)")
     p.add_argument("--json", action="store_true", help="print every server event as JSON lines")
     p.set_defaults(func=_cmd_stream)
 
-    p = sub.add_parser("demo", help="start a server on the embedded default and stream the fixtures through it")
+    p = sub.add_parser(
+        "demo", help="start a server on the embedded default and stream the fixtures through it"
+    )
     p.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP)
-    p.add_argument("--pace", choices=("realtime", "fast"), default="realtime",
-                   help="realtime: 20 ms frames every 20 ms, like a microphone (default)")
+    p.add_argument(
+        "--pace",
+        choices=("realtime", "fast"),
+        default="realtime",
+        help="realtime: 20 ms frames every 20 ms, like a microphone (default)",
+    )
     p.add_argument("files", nargs="*", help="audio files (default: fixtures/audio speech clips)")
     p.set_defaults(func=_cmd_demo)
 

@@ -210,7 +210,10 @@ def _check(config: Config) -> None:
         seen.add(backend.name)
         if backend.weight <= 0:
             raise ConfigError(f"{where}.weight", "must be a positive integer")
-        if backend.credential_ref is not None and config.credential_env(backend.credential_ref) is None:
+        if (
+            backend.credential_ref is not None
+            and config.credential_env(backend.credential_ref) is None
+        ):
             declared = sorted(c.name for c in config.credentials) or ["none"]
             raise ConfigError(
                 f"{where}.credential_ref",
@@ -218,7 +221,9 @@ def _check(config: Config) -> None:
             )
     for i, cred in enumerate(config.credentials):
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", cred.api_key_env):
-            raise ConfigError(f"credentials[{i}].api_key_env", "must be an environment variable name")
+            raise ConfigError(
+                f"credentials[{i}].api_key_env", "must be an environment variable name"
+            )
     _parse_listen(config.server.listen)
     if config.server.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes", "must be at least 1024")

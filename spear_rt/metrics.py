@@ -10,7 +10,22 @@ import bisect
 import math
 from collections.abc import Callable, Iterable
 
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 def _escape(value: str) -> str:
@@ -64,8 +79,13 @@ class Gauge(Counter):
 
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 callback: Callable[[], dict[tuple[str, ...], float]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        callback: Callable[[], dict[tuple[str, ...], float]] | None = None,
+    ) -> None:
         super().__init__(name, help_text, labels)
         self.callback = callback
 
@@ -85,8 +105,13 @@ class Histogram:
 
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = LATENCY_BUCKETS_S,
+    ) -> None:
         self.name, self.help, self.label_names = name, help_text, labels
         self.buckets = buckets
         self.series: dict[tuple[str, ...], list[float]] = {}  # bucket counts..., sum, count
@@ -113,7 +138,7 @@ class Histogram:
             cumulative = 0.0
             for bound, n in zip(self.buckets, series, strict=False):
                 cumulative += n
-                le = _labels(self.label_names, labels, 'le="%g"' % bound)
+                le = _labels(self.label_names, labels, f'le="{bound:g}"')
                 yield f"{self.name}_bucket{le} {_number(cumulative)}"
             le = _labels(self.label_names, labels, 'le="+Inf"')
             yield f"{self.name}_bucket{le} {_number(series[-1])}"
@@ -149,8 +174,13 @@ class MetricsRegistry:
         self.add(metric)
         return metric
 
-    def gauge(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-              callback: Callable[[], dict[tuple[str, ...], float]] | None = None) -> Gauge:
+    def gauge(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        callback: Callable[[], dict[tuple[str, ...], float]] | None = None,
+    ) -> Gauge:
         """Register and return a gauge."""
         metric = Gauge(name, help_text, labels, callback)
         self.add(metric)

@@ -51,7 +51,14 @@ def load_kind(name: str) -> BackendKind:
 class InstanceRuntime:
     """Mutable per-instance signals the router reads (shared across reloads by name)."""
 
-    __slots__ = ("breaker", "bucket", "inflight", "interval_failures", "interval_requests", "total_requests")
+    __slots__ = (
+        "breaker",
+        "bucket",
+        "inflight",
+        "interval_failures",
+        "interval_requests",
+        "total_requests",
+    )
 
     def __init__(self, breaker: BreakerConfig | None = None) -> None:
         self.inflight = 0
@@ -66,7 +73,11 @@ class InstanceRuntime:
         rate = limits.rate_per_s
         if rate is None:
             self.bucket = None
-        elif self.bucket is None or self.bucket.rate_per_s != rate or self.bucket.burst != (limits.burst or max(1.0, rate)):
+        elif (
+            self.bucket is None
+            or self.bucket.rate_per_s != rate
+            or self.bucket.burst != (limits.burst or max(1.0, rate))
+        ):
             self.bucket = TokenBucket(rate, limits.burst)
 
 
@@ -106,7 +117,9 @@ class RegisteredInstance:
             config.ops if config.ops is not None else (defaults.ops if defaults else ())
         )
         self.features: frozenset[Feature] = frozenset(
-            config.features if config.features is not None else (defaults.features if defaults else ())
+            config.features
+            if config.features is not None
+            else (defaults.features if defaults else ())
         )
         self.transports: frozenset[Transport] = frozenset(
             config.transports

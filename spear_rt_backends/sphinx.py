@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 from collections import deque
-from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -86,7 +86,9 @@ def decode_segment(pcm_bytes: bytes) -> str:
 
 async def transcribe_pcm16(pcm16_16k: Pcm16, limiter: anyio.CapacityLimiter | None = None) -> str:
     """The engine's transcript of a whole recording as one utterance (the direct reference)."""
-    return await anyio.to_process.run_sync(decode_segment, pcm16_16k.astype("<i2").tobytes(), limiter=limiter)
+    return await anyio.to_process.run_sync(
+        decode_segment, pcm16_16k.astype("<i2").tobytes(), limiter=limiter
+    )
 
 
 class SphinxTranscription:
@@ -167,8 +169,12 @@ class SphinxTranscription:
                 await self._work.wait()
             item_id, audio, ends_turn = self._segments[0]
             try:
-                text = await transcribe_pcm16(audio, self._limiter) if audio is not None and audio.size else ""
-            except Exception as exc:  # noqa: BLE001 - a broken worker fails the item, not the session
+                text = (
+                    await transcribe_pcm16(audio, self._limiter)
+                    if audio is not None and audio.size
+                    else ""
+                )
+            except Exception as exc:
                 self._segments.popleft()
                 words.pop(item_id, None)
                 self._emit(TranscriptFailed(item_id, f"pocketsphinx failed: {exc}"))
@@ -203,7 +209,9 @@ async def _warm(instance: InstanceInfo, limiter: anyio.CapacityLimiter) -> None:
 def _limiter(instance: InstanceInfo) -> anyio.CapacityLimiter:
     limiter = _limiters.get(instance.name)
     if limiter is None:
-        limiter = _limiters[instance.name] = anyio.CapacityLimiter(int(instance.options.get("workers", 2)))
+        limiter = _limiters[instance.name] = anyio.CapacityLimiter(
+            int(instance.options.get("workers", 2))
+        )
     return limiter
 
 
@@ -211,7 +219,8 @@ def _check_language(language: str | None) -> None:
     if language not in LANGUAGES:
         raise CanonicalFailure.of(
             ErrorCode.INVALID_REQUEST,
-            f"pocketsphinx recognizes English only; language {language!r} is not supported (use 'en')",
+            f"pocketsphinx recognizes English only; language {language!r} is not supported "
+            "(use 'en')",
         )
 
 
@@ -222,8 +231,14 @@ class SphinxKind:
     extra = "local-asr"
     defaults = InstanceDefaults(
         ops=frozenset({Operation.SPEECH_TO_TEXT, Operation.REALTIME_VOICE}),
-        features=frozenset({Feature.SUPPORTS_STREAM, Feature.SUPPORTS_AUDIO_INPUT,
-                            Feature.SUPPORTS_BIDI_STREAM, Feature.SUPPORTS_LANGUAGE}),
+        features=frozenset(
+            {
+                Feature.SUPPORTS_STREAM,
+                Feature.SUPPORTS_AUDIO_INPUT,
+                Feature.SUPPORTS_BIDI_STREAM,
+                Feature.SUPPORTS_LANGUAGE,
+            }
+        ),
         transports=frozenset({Transport.WEBSOCKET, Transport.HTTP}),
         hosting=Hosting.LOCAL,
     )

@@ -101,7 +101,11 @@ STUB = '[[backends]]\nname = "a"\nkind = "stub"\n'
         ('[server]\nlisten = "127.0.0.1:99999"\n', "server.listen", ["99999"]),
         ('[[backends]]\nname = "a"\n', "backends[0]", ["kind"]),
         (STUB + "weight = 0\n", "backends[0].weight", ["positive"]),
-        (STUB + "[backends.limits]\nmax_conc = 3\n", "backends[0].limits.max_conc", ["unknown field"]),
+        (
+            STUB + "[backends.limits]\nmax_conc = 3\n",
+            "backends[0].limits.max_conc",
+            ["unknown field"],
+        ),
         ('[[backends]]\nname = "has space"\nkind = "stub"\n', "backends[0].name", ["has space"]),
         (
             '[[credentials]]\nname = "c"\napi_key_env = "not a var"\n',

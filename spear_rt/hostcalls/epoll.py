@@ -114,8 +114,11 @@ class Epoll:
 
     def ready(self, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` (fd, events) records, sorted by fd, rotating when more are ready."""
-        ready = [(fd, ev) for fd, (rt, mask) in self.watches.items()
-                 if (ev := rt.events() & (mask | EPOLLERR | EPOLLHUP))]
+        ready = [
+            (fd, ev)
+            for fd, (rt, mask) in self.watches.items()
+            if (ev := rt.events() & (mask | EPOLLERR | EPOLLHUP))
+        ]
         ready += [(fd, EPOLLHUP) for fd in self.closed_fds]
         ready.sort()
         if len(ready) > limit:

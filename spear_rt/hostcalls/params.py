@@ -35,10 +35,18 @@ MIN_QUEUE_BYTES = 4096
 _BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _MODEL_PART = r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}"
 _MODEL_NAME = re.compile(rf"^{_MODEL_PART}(/{_MODEL_PART})?$")
-KEYS = frozenset({
-    "input_audio_format", "input_sample_rate_hz", "model", "backend", "turn_detection",
-    "max_send_queue_bytes", "max_recv_queue_bytes", "drop_policy",
-})
+KEYS = frozenset(
+    {
+        "input_audio_format",
+        "input_sample_rate_hz",
+        "model",
+        "backend",
+        "turn_detection",
+        "max_send_queue_bytes",
+        "max_recv_queue_bytes",
+        "drop_policy",
+    }
+)
 _HOST_ONLY_KEY = re.compile(
     r"url|uri|endpoint|host|base|addr|api_?key|secret|token|credential|passw|auth|header|^key$",
     re.IGNORECASE,

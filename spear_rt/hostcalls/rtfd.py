@@ -116,8 +116,15 @@ class RtFd:
         self.watchers: set[Watcher] = set()
         self.input_waker: Callable[[], None] | None = None  # left by the session's reader
         self.counters = dict.fromkeys(
-            ("writes", "bytes_written", "events_sent", "eagain", "events_received",
-             "events_read", "bytes_read"),
+            (
+                "writes",
+                "bytes_written",
+                "events_sent",
+                "eagain",
+                "events_received",
+                "events_read",
+                "bytes_read",
+            ),
             0,
         )
 

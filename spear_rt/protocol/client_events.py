@@ -44,9 +44,9 @@ class GaAudioInput(msgspec.Struct):
     """GA `session.audio.input`."""
 
     format: GaAudioFormat | UnsetType = UNSET
-    transcription: TranscriptionWire | None | UnsetType = UNSET
-    turn_detection: TurnDetectionWire | None | UnsetType = UNSET
-    noise_reduction: dict[str, Any] | None | UnsetType = UNSET
+    transcription: TranscriptionWire | UnsetType | None = UNSET
+    turn_detection: TurnDetectionWire | UnsetType | None = UNSET
+    noise_reduction: dict[str, Any] | UnsetType | None = UNSET
 
 
 class GaAudio(msgspec.Struct):
@@ -63,17 +63,17 @@ class SessionWire(msgspec.Struct):
     """
 
     type: str | UnsetType = UNSET  # GA: "realtime" | "transcription"
-    model: str | None | UnsetType = UNSET  # null: what session.created shows when unset
+    model: str | UnsetType | None = UNSET  # null: what session.created shows when unset
     # beta
     input_audio_format: str | UnsetType = UNSET
-    input_audio_transcription: TranscriptionWire | None | UnsetType = UNSET
-    turn_detection: TurnDetectionWire | None | UnsetType = UNSET
+    input_audio_transcription: TranscriptionWire | UnsetType | None = UNSET
+    turn_detection: TurnDetectionWire | UnsetType | None = UNSET
     modalities: list[str] | UnsetType = UNSET
     # GA
     audio: GaAudio | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
     instructions: str | UnsetType = UNSET
-    include: list[str] | None | UnsetType = UNSET
+    include: list[str] | UnsetType | None = UNSET
 
 
 class ClientEvent(msgspec.Struct, tag_field="type"):
@@ -165,7 +165,9 @@ _decoder = msgspec.json.Decoder(AnyClientEvent)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 
 
-def decode_client_event(data: bytes | bytearray | memoryview | str) -> AnyClientEvent | ProtocolError:
+def decode_client_event(
+    data: bytes | bytearray | memoryview | str,
+) -> AnyClientEvent | ProtocolError:
     """Decode one text frame into a client event, or a ProtocolError saying what is wrong."""
     try:
         event: AnyClientEvent = _decoder.decode(data)

@@ -13,8 +13,13 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
-from spear_rt.audio import AudioFormatError, InputFormat, VadConfig
-from spear_rt.audio import input_format_from_wire, input_format_to_wire
+from spear_rt.audio import (
+    AudioFormatError,
+    InputFormat,
+    VadConfig,
+    input_format_from_wire,
+    input_format_to_wire,
+)
 from spear_rt.protocol.client_events import SessionWire, TranscriptionWire, TurnDetectionWire
 
 
@@ -64,12 +69,17 @@ _MAX_PADDING_MS = 5_000
 
 def _vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadConfig:
     if wire.type != "server_vad":
-        raise SettingsError(f"{param}.type", f"turn detection {wire.type!r} is not supported; use "
-                            "'server_vad' or null for manual commit")
+        raise SettingsError(
+            f"{param}.type",
+            f"turn detection {wire.type!r} is not supported; use "
+            "'server_vad' or null for manual commit",
+        )
     base = current or VadConfig()
     threshold = base.threshold if wire.threshold is None else wire.threshold
     padding = base.prefix_padding_ms if wire.prefix_padding_ms is None else wire.prefix_padding_ms
-    silence = base.silence_duration_ms if wire.silence_duration_ms is None else wire.silence_duration_ms
+    silence = (
+        base.silence_duration_ms if wire.silence_duration_ms is None else wire.silence_duration_ms
+    )
     if not 0.0 <= threshold <= 1.0:
         raise SettingsError(f"{param}.threshold", f"threshold must be within 0..1, got {threshold}")
     if not 0 <= padding <= _MAX_PADDING_MS:
@@ -79,7 +89,9 @@ def _vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadC
     return VadConfig(threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence)
 
 
-def _transcription(wire: TranscriptionWire | None, current: TranscriptionSettings) -> TranscriptionSettings:
+def _transcription(
+    wire: TranscriptionWire | None, current: TranscriptionSettings
+) -> TranscriptionSettings:
     if wire is None:
         return TranscriptionSettings()
     return TranscriptionSettings(
@@ -103,7 +115,9 @@ def apply_update(current: SessionSettings, wire: SessionWire) -> SessionSettings
         try:
             kind = SessionKind(wire.type)
         except ValueError:
-            raise SettingsError("session.type", "session.type must be 'realtime' or 'transcription'") from None
+            raise SettingsError(
+                "session.type", "session.type must be 'realtime' or 'transcription'"
+            ) from None
         if kind is not current.kind:
             raise SettingsError(
                 "session.type", f"this is a {current.kind} session; its type cannot change"
@@ -153,7 +167,11 @@ def _transcription_wire(t: TranscriptionSettings) -> dict[str, Any]:
 
 def render_session(settings: SessionSettings, dialect: Dialect, session_id: str) -> dict[str, Any]:
     """The `session` object of session.created/updated in `dialect`."""
-    obj = "realtime.transcription_session" if settings.kind is SessionKind.TRANSCRIPTION else "realtime.session"
+    obj = (
+        "realtime.transcription_session"
+        if settings.kind is SessionKind.TRANSCRIPTION
+        else "realtime.session"
+    )
     if dialect is Dialect.GA:
         return {
             "type": str(settings.kind),

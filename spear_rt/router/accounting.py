@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import msgspec
-
 from spear_rt.config import BudgetConfig, Price
 from spear_rt.ir import CanonicalError, ErrorCode, Usage
 from spear_rt.metrics import MetricsRegistry
@@ -61,7 +59,8 @@ class BudgetTracker:
         retry = entries[0][0] + self.config.window_s - now if entries else self.config.window_s
         return CanonicalError(
             ErrorCode.BUDGET_EXCEEDED,
-            f"budget exhausted: spent {spent:.4g} of {limit:g} in the last {self.config.window_s:g}s",
+            f"budget exhausted: spent {spent:.4g} of {limit:g} "
+            f"in the last {self.config.window_s:g}s",
             retryable=True,
             retry_after_s=max(retry, 0.0),
         )
@@ -78,7 +77,9 @@ class BudgetTracker:
 class KeyLimiter:
     """A token bucket per client key (one-shot requests)."""
 
-    def __init__(self, rate_per_s: float | None, burst: int | None, max_keys: int = 100_000) -> None:
+    def __init__(
+        self, rate_per_s: float | None, burst: int | None, max_keys: int = 100_000
+    ) -> None:
         self.rate_per_s = rate_per_s
         self.burst = burst
         self._buckets: dict[str, TokenBucket] = {}
@@ -108,14 +109,28 @@ class RouterMetrics:
 
     def __init__(self, registry: MetricsRegistry) -> None:
         labels = ("operation", "instance")
-        self.requests = registry.counter("spear_requests_total", "Requests sent to an instance", labels)
+        self.requests = registry.counter(
+            "spear_requests_total", "Requests sent to an instance", labels
+        )
         self.errors = registry.counter("spear_errors_total", "Requests that failed", labels)
         self.timeouts = registry.counter("spear_timeouts_total", "Requests that timed out", labels)
         self.rate_limited = registry.counter(
-            "spear_rate_limited_total", "Requests refused or answered 429", ("operation", "instance"))
-        self.latency = registry.histogram("spear_request_latency_seconds", "Backend latency", labels)
-        self.fallbacks = registry.counter("spear_fallbacks_total", "Retries on another instance", ("operation",))
-        self.hedges = registry.counter("spear_hedges_total", "Hedged second attempts", ("operation",))
-        self.mirrors = registry.counter("spear_mirrors_total", "Mirrored copies sent", ("operation",))
+            "spear_rate_limited_total",
+            "Requests refused or answered 429",
+            ("operation", "instance"),
+        )
+        self.latency = registry.histogram(
+            "spear_request_latency_seconds", "Backend latency", labels
+        )
+        self.fallbacks = registry.counter(
+            "spear_fallbacks_total", "Retries on another instance", ("operation",)
+        )
+        self.hedges = registry.counter(
+            "spear_hedges_total", "Hedged second attempts", ("operation",)
+        )
+        self.mirrors = registry.counter(
+            "spear_mirrors_total", "Mirrored copies sent", ("operation",)
+        )
         self.no_candidate = registry.counter(
-            "spear_no_candidate_total", "Requests no instance could take", ("operation", "code"))
+            "spear_no_candidate_total", "Requests no instance could take", ("operation", "code")
+        )

@@ -158,7 +158,9 @@ class Router:
                 self.metrics.rate_limited.inc(req.operation, "")
                 raise CanonicalFailure(error)
 
-    def charge(self, req: CanonicalRequestEnvelope, instance: RegisteredInstance, usage: Usage) -> float:
+    def charge(
+        self, req: CanonicalRequestEnvelope, instance: RegisteredInstance, usage: Usage
+    ) -> float:
         """Spend `usage` at `instance`'s prices against the request's client key."""
         amount = cost(instance.config.price, usage)
         self.budgets.charge(req.meta.client_key_id, amount, self._clock())
@@ -266,13 +268,21 @@ class Router:
     def _next_recovery(self, operation: Operation) -> float:
         """Seconds until the first unhealthy instance for `operation` may be tried again."""
         now = self._clock()
-        waits = [max(i.runtime.breaker.open_until - now, 0.0) for i in self.registry.serving(operation)
-                 if i.runtime.breaker.state is BreakerState.OPEN]
-        waits += [max(until - now, 0.0) for name, until in self.outliers.ejected_until.items()
-                  if name in {i.name for i in self.registry.serving(operation)}]
+        waits = [
+            max(i.runtime.breaker.open_until - now, 0.0)
+            for i in self.registry.serving(operation)
+            if i.runtime.breaker.state is BreakerState.OPEN
+        ]
+        waits += [
+            max(until - now, 0.0)
+            for name, until in self.outliers.ejected_until.items()
+            if name in {i.name for i in self.registry.serving(operation)}
+        ]
         return max(min(waits), 0.1) if waits else CAPACITY_RETRY_AFTER_S
 
-    def no_candidate_error(self, req: CanonicalRequestEnvelope, decision: Decision) -> CanonicalError:
+    def no_candidate_error(
+        self, req: CanonicalRequestEnvelope, decision: Decision
+    ) -> CanonicalError:
         """The canonical error (with the explanation) for a request no instance can take."""
         reasons = decision.rejected_reasons
         required = {
@@ -302,4 +312,3 @@ class Router:
             error.retryable = True
             error.retry_after_s = self._next_recovery(req.operation)
         return error
-

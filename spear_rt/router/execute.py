@@ -103,7 +103,9 @@ class Executor:
         ](mirror.queue)
         self.mirror_dropped = 0
 
-    async def run(self, req: CanonicalRequestEnvelope, call: Call[T], *, idempotent: bool) -> Executed[T]:
+    async def run(
+        self, req: CanonicalRequestEnvelope, call: Call[T], *, idempotent: bool
+    ) -> Executed[T]:
         """Route and run `call`, falling back or hedging as configured."""
         router = self._router()
         self._budget.on_request(anyio.current_time())
@@ -120,7 +122,9 @@ class Executor:
                 else:
                     instance, _ = router.route(req, exclude=excluded)
                     excluded.add(instance.name)  # should it fail, the retry goes elsewhere
-                    done = Executed(await router.attempt(instance, call, req.operation), instance, 1)
+                    done = Executed(
+                        await router.attempt(instance, call, req.operation), instance, 1
+                    )
                 done.attempts += tried
             except CanonicalFailure as exc:
                 if len(excluded) == tried:  # the router refused: no attempt was made
@@ -138,7 +142,9 @@ class Executor:
                 self._maybe_mirror(req, call)
                 return done
             attempts = len(excluded)
-            if attempts >= self.retry.max_attempts or not self._budget.try_retry(anyio.current_time()):
+            if attempts >= self.retry.max_attempts or not self._budget.try_retry(
+                anyio.current_time()
+            ):
                 raise _exhausted(req, last, attempts)
             router.count_fallback(req.operation)
 
@@ -158,7 +164,9 @@ class Executor:
             return race.winner
         raise race.failures[-1]
 
-    def _maybe_mirror(self, req: CanonicalRequestEnvelope, call: Callable[[RegisteredInstance], Awaitable[object]]) -> None:
+    def _maybe_mirror(
+        self, req: CanonicalRequestEnvelope, call: Callable[[RegisteredInstance], Awaitable[object]]
+    ) -> None:
         mirror = self.mirror
         if not mirror.instance or req.operation not in mirror.operations:
             return
@@ -179,16 +187,28 @@ class Executor:
             router.count_mirror(req.operation)
             try:
                 await router.attempt(instance, call, req.operation)
-            except Exception:  # noqa: BLE001 - a mirror's failure only reaches its metrics
+            except Exception:
                 pass
 
 
 class _HedgeRace(Generic[T]):
     """One hedged request: attempts started `delay_ms` apart, the first success wins."""
 
-    def __init__(self, router: Router, req: CanonicalRequestEnvelope, call: Call[T],
-                 excluded: set[str], hedge: HedgeConfig) -> None:
-        self.router, self.req, self.call, self.excluded, self.hedge = router, req, call, excluded, hedge
+    def __init__(
+        self,
+        router: Router,
+        req: CanonicalRequestEnvelope,
+        call: Call[T],
+        excluded: set[str],
+        hedge: HedgeConfig,
+    ) -> None:
+        self.router, self.req, self.call, self.excluded, self.hedge = (
+            router,
+            req,
+            call,
+            excluded,
+            hedge,
+        )
         self.winner: Executed[T] | None = None
         self.failures: list[BaseException] = []
         self.started: list[RegisteredInstance] = []
@@ -230,11 +250,15 @@ class _HedgeRace(Generic[T]):
             tg.cancel_scope.cancel()  # the losers are cancelled here
 
 
-def _exhausted(req: CanonicalRequestEnvelope, last: BaseException | None, attempts: int) -> CanonicalFailure:
+def _exhausted(
+    req: CanonicalRequestEnvelope, last: BaseException | None, attempts: int
+) -> CanonicalFailure:
     if isinstance(last, CanonicalFailure):
         error = last.error
     else:
         code = ErrorCode.TIMEOUT if isinstance(last, TimeoutError) else ErrorCode.BACKEND_ERROR
-        error = CanonicalError(code, f"{last}" or "backend failed", retryable=True, operation=req.operation)
+        error = CanonicalError(
+            code, f"{last}" or "backend failed", retryable=True, operation=req.operation
+        )
     error.message = f"{error.message} (after {attempts} attempt{'s' if attempts != 1 else ''})"
     return CanonicalFailure(error)

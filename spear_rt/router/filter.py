@@ -59,13 +59,15 @@ def dynamic_rejection(
             return f"{UNHEALTHY}: circuit open for {breaker.open_until - now:.1f}s more"
         return f"{UNHEALTHY}: circuit half-open, probe in flight"
     if outliers is not None and outliers.is_ejected(inst.name, now):
-        return f"{UNHEALTHY}: ejected as an outlier for {outliers.ejected_until[inst.name] - now:.1f}s more"
+        left = outliers.ejected_until[inst.name] - now
+        return f"{UNHEALTHY}: ejected as an outlier for {left:.1f}s more"
     cap = inst.limits.max_concurrency
     if cap is not None and runtime.inflight >= cap:
         return f"{CAPACITY}: {runtime.inflight} in flight, max_concurrency {cap}"
     bucket = runtime.bucket
     if bucket is not None and not bucket.available(now):
-        return f"{CAPACITY}: rate limit {bucket.rate_per_s:g}/s, next slot in {bucket.retry_after(now):.3f}s"
+        wait = bucket.retry_after(now)
+        return f"{CAPACITY}: rate limit {bucket.rate_per_s:g}/s, next slot in {wait:.3f}s"
     return None
 
 

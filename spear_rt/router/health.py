@@ -41,7 +41,9 @@ class BreakerState(enum.StrEnum):
 class CircuitBreaker:
     """One instance's breaker."""
 
-    def __init__(self, config: BreakerConfig = BreakerConfig(), rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: BreakerConfig = BreakerConfig(), rng: random.Random | None = None
+    ) -> None:
         self.config = config
         self.state = BreakerState.CLOSED
         self._rng = rng or random.Random()

@@ -65,8 +65,9 @@ class RoundRobin:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._next = 0
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """The next candidate in order."""
         chosen = candidates[self._next % len(candidates)]
         self._next += 1
@@ -97,8 +98,9 @@ class WeightedRoundRobin:
         clone._scores = list(self._scores)
         return clone
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """Add each weight to its running score, pick the highest, subtract the total."""
         if isinstance(candidates, tuple):
             if candidates is not self._aligned:
@@ -145,8 +147,9 @@ class WeightedRandom:
         clone._rng = copy.deepcopy(self._rng, memo)
         return clone
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """One weighted draw."""
         if isinstance(candidates, tuple):
             if candidates is not self._for:
@@ -174,8 +177,9 @@ class LeastInflight:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """Two distinct random candidates; the one with the lower inflight/weight wins."""
         if len(candidates) == 1:
             return candidates[0]
@@ -194,7 +198,9 @@ class EwmaLatency:
 
     name = "ewma_latency"
 
-    def __init__(self, rng: random.Random | None = None, tau_s: float = 10.0, default_s: float = 0.1) -> None:
+    def __init__(
+        self, rng: random.Random | None = None, tau_s: float = 10.0, default_s: float = 0.1
+    ) -> None:
         self._rng = rng or random.Random()
         self.tau_s = tau_s
         self.default_s = default_s
@@ -219,8 +225,9 @@ class EwmaLatency:
         """Expected wait if this request went to `inst`."""
         return self.latency(inst.name) * (inst.runtime.inflight + 1)
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """P2C over cost."""
         if len(candidates) == 1:
             return candidates[0]
@@ -258,7 +265,9 @@ class ConsistentHash:
         ring = self._rings.get(names)
         if ring is None:
             points = sorted(
-                (_hash64(f"{name}#{i}".encode()), name) for name in names for i in range(self.VNODES)
+                (_hash64(f"{name}#{i}".encode()), name)
+                for name in names
+                for i in range(self.VNODES)
             )
             ring = ([p for p, _ in points], [n for _, n in points])
             if len(self._rings) > 16:
@@ -272,8 +281,9 @@ class ConsistentHash:
         i = bisect.bisect(hashes, _hash64(key.encode()))
         return owners[i % len(owners)]
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """The instance owning the request's key (hash_key, else task_id, else request_id)."""
         key = req.routing.hash_key or req.task_id or req.request_id
         if isinstance(candidates, tuple):
@@ -331,8 +341,9 @@ class LowestCost:
         best = min(prices)
         return [i for i, p in zip(candidates, prices, strict=True) if p == best]
 
-    def select(self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope,
-               now: float) -> RegisteredInstance:
+    def select(
+        self, candidates: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope, now: float
+    ) -> RegisteredInstance:
         """Minimum declared unit price."""
         if isinstance(candidates, tuple):
             if candidates is not self._for:

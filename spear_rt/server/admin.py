@@ -25,7 +25,13 @@ from spear_rt.ir import (
     RoutingHints,
     Transport,
 )
-from spear_rt.server.http import HttpError, HttpRequest, Response, canonical_error_response, json_response
+from spear_rt.server.http import (
+    HttpError,
+    HttpRequest,
+    Response,
+    canonical_error_response,
+    json_response,
+)
 from spear_rt.session.machine import new_id
 
 if TYPE_CHECKING:
@@ -129,17 +135,27 @@ class AdminApi:
         try:
             summary = self._reload_config()
         except ConfigError as exc:
-            return json_response(400, {"reloaded": False, "error": {"key": exc.key, "reason": exc.reason,
-                                                                   "message": str(exc)}})
+            return json_response(
+                400,
+                {
+                    "reloaded": False,
+                    "error": {"key": exc.key, "reason": exc.reason, "message": str(exc)},
+                },
+            )
         return json_response(200, {"reloaded": True, **summary})
 
     def _authorize_admin(self, request: HttpRequest) -> None:
         keys = [v for env in self.server.config.server.admin_keys_env if (v := os.environ.get(env))]
         if not keys:
             if not request.peer_is_loopback:
-                raise HttpError(403, "no admin keys are configured: admin endpoints are loopback only",
-                                "forbidden")
+                raise HttpError(
+                    403,
+                    "no admin keys are configured: admin endpoints are loopback only",
+                    "forbidden",
+                )
             return
         offered = request.bearer()
-        if offered is None or not any(hmac.compare_digest(k.encode(), offered.encode()) for k in keys):
+        if offered is None or not any(
+            hmac.compare_digest(k.encode(), offered.encode()) for k in keys
+        ):
             raise HttpError(401, "missing or invalid admin key", "unauthorized")

@@ -135,7 +135,11 @@ class ProtocolStream(anyio.abc.ByteStream):
             proto.buffer.appendleft(data[max_bytes:])
             data = data[:max_bytes]
         proto.buffered -= len(data)
-        if proto.buffered <= READ_HIGH_WATER // 2 and proto.transport is not None and not proto.lost:
+        if (
+            proto.buffered <= READ_HIGH_WATER // 2
+            and proto.transport is not None
+            and not proto.lost
+        ):
             proto.transport.resume_reading()
         return data
 
@@ -182,7 +186,9 @@ class CallbackRunner:
         self.connection = connection
         self.ws = ws
         self.upstream = upstream
-        self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(upstream, "send_nowait", None)
+        self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(
+            upstream, "send_nowait", None
+        )
         self._backlog: deque[UpstreamCommand] = deque()  # commands waiting for the async pump
         self._pump_wake = anyio.Event()
         self._timer_scope: anyio.CancelScope | None = None
@@ -379,7 +385,9 @@ async def serve_asyncio(
         pending.append(stream)  # handed to a task below: tasks cannot start in a callback
         arrived.set()
 
-    server = await loop.create_server(lambda: ConnectionProtocol(on_connect), host, port, backlog=4096)
+    server = await loop.create_server(
+        lambda: ConnectionProtocol(on_connect), host, port, backlog=4096
+    )
     started(server.sockets[0].getsockname()[1])
     try:
         with accepting:

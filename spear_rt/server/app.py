@@ -22,12 +22,15 @@ import h11
 import sniffio
 from websockets.server import ServerProtocol
 
+from spear_rt.backend import TranscriptionUpstream
 from spear_rt.config import Config, listen_address, load_config
-from spear_rt.metrics import MetricsRegistry
 from spear_rt.ir import CanonicalError, ErrorCode
+from spear_rt.metrics import MetricsRegistry
 from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router import Router
+from spear_rt.server.admin import AdminApi
+from spear_rt.server.aio import CallbackRunner, ProtocolStream, serve_asyncio
 from spear_rt.server.http import (
     HttpConnection,
     HttpError,
@@ -36,9 +39,6 @@ from spear_rt.server.http import (
     error_response,
     json_response,
 )
-from spear_rt.backend import TranscriptionUpstream
-from spear_rt.server.admin import AdminApi
-from spear_rt.server.aio import CallbackRunner, ProtocolStream, serve_asyncio
 from spear_rt.server.oneshot import OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.ws import WebSocketConnection
 from spear_rt.session.machine import SessionMachine
@@ -91,7 +91,9 @@ class Server:
         self.router = Router(self.registry, metrics=self.metrics)
         self.sessions = SessionManager(config, lambda: self.router)
         self._register_gauges()
-        self._client_keys = [v for env in config.server.client_keys_env if (v := os.environ.get(env))]
+        self._client_keys = [
+            v for env in config.server.client_keys_env if (v := os.environ.get(env))
+        ]
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
         admin = AdminApi(self, self.reload)
@@ -123,27 +125,61 @@ class Server:
         return self.apply_config(load_config(self.config_path))
 
     def _register_gauges(self) -> None:
-        def per_instance(value: Callable[[RegisteredInstance], float]) -> Callable[[], dict[tuple[str, ...], float]]:
+        def per_instance(
+            value: Callable[[RegisteredInstance], float],
+        ) -> Callable[[], dict[tuple[str, ...], float]]:
             return lambda: {(i.name,): value(i) for i in self.registry.instances.values()}
 
-        self.metrics.gauge("spear_inflight", "Requests and sessions in flight per instance", ("instance",),
-                           per_instance(lambda i: i.runtime.inflight))
-        self.metrics.gauge("spear_breaker_open", "1 when the instance's circuit is not closed", ("instance",),
-                           per_instance(lambda i: float(i.runtime.breaker.state != "closed")))
-        self.metrics.gauge("spear_instance_available", "1 when the instance can serve", ("instance",),
-                           per_instance(lambda i: float(i.unavailable is None)))
-        self.metrics.gauge("spear_sessions", "Live realtime sessions", (),
-                           lambda: {(): float(len(self.sessions.sessions))})
-        self.metrics.gauge("spear_session_queue_bytes", "Bytes queued toward clients, all sessions", (),
-                           lambda: {(): float(sum(r.machine.outbound.nbytes for r in self.sessions.sessions.values()))})
-        self.metrics.gauge("spear_session_events_dropped", "Deltas dropped for slow clients (live + ended)", (),
-                           lambda: {(): float(self.sessions.dropped_events())})
-        self.metrics.gauge("spear_sessions_total", "Realtime sessions started", (),
-                           lambda: {(): float(self.sessions.total_sessions)})
+        self.metrics.gauge(
+            "spear_inflight",
+            "Requests and sessions in flight per instance",
+            ("instance",),
+            per_instance(lambda i: i.runtime.inflight),
+        )
+        self.metrics.gauge(
+            "spear_breaker_open",
+            "1 when the instance's circuit is not closed",
+            ("instance",),
+            per_instance(lambda i: float(i.runtime.breaker.state != "closed")),
+        )
+        self.metrics.gauge(
+            "spear_instance_available",
+            "1 when the instance can serve",
+            ("instance",),
+            per_instance(lambda i: float(i.unavailable is None)),
+        )
+        self.metrics.gauge(
+            "spear_sessions",
+            "Live realtime sessions",
+            (),
+            lambda: {(): float(len(self.sessions.sessions))},
+        )
+        self.metrics.gauge(
+            "spear_session_queue_bytes",
+            "Bytes queued toward clients, all sessions",
+            (),
+            lambda: {
+                (): float(sum(r.machine.outbound.nbytes for r in self.sessions.sessions.values()))
+            },
+        )
+        self.metrics.gauge(
+            "spear_session_events_dropped",
+            "Deltas dropped for slow clients (live + ended)",
+            (),
+            lambda: {(): float(self.sessions.dropped_events())},
+        )
+        self.metrics.gauge(
+            "spear_sessions_total",
+            "Realtime sessions started",
+            (),
+            lambda: {(): float(self.sessions.total_sessions)},
+        )
 
     # --- listener -----------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen and serve until cancelled; reports the bound port through `task_status`."""
         host, port = listen_address(self.config)
         if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
@@ -154,7 +190,9 @@ class Server:
                     self.port = bound
                     task_status.started(bound)
 
-                await serve_asyncio(host, port, connections, self._handle_connection, started, self._accepting)
+                await serve_asyncio(
+                    host, port, connections, self._handle_connection, started, self._accepting
+                )
             return
         multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
@@ -168,7 +206,9 @@ class Server:
                         assert isinstance(listener, anyio.abc.SocketListener)
                         acceptors.start_soon(self._accept_loop, listener, connections)
 
-    async def _accept_loop(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+    async def _accept_loop(
+        self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
+    ) -> None:
         while True:
             stream = await listener.accept()
             tg.start_soon(self._handle_connection, stream)
@@ -197,12 +237,18 @@ class Server:
                     event = await http.next_event()
                 except h11.RemoteProtocolError as exc:
                     if http.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        await http.send(error_response(exc.error_status_hint, f"bad request: {exc}", "bad_request"))
+                        await http.send(
+                            error_response(
+                                exc.error_status_hint, f"bad request: {exc}", "bad_request"
+                            )
+                        )
                     return
             if not isinstance(event, h11.Request):
                 return  # closed, idle or too slow: drop the connection
             if not self._peer_allowed(stream):
-                await http.send(error_response(403, "no client keys are configured: loopback only", "forbidden"))
+                await http.send(
+                    error_response(403, "no client keys are configured: loopback only", "forbidden")
+                )
                 return
             if (_header(event, b"upgrade") or "").lower() == "websocket":
                 await self._upgrade(stream, http, event)
@@ -224,14 +270,18 @@ class Server:
             with anyio.fail_after(self.config.server.body_timeout_s):
                 body = await http.read_body(self.config.server.max_http_body_bytes)
             handler = self._route(request.method, path)
-            req = HttpRequest(request.method.decode(), path, url.query, list(request.headers), body, loopback)
+            req = HttpRequest(
+                request.method.decode(), path, url.query, list(request.headers), body, loopback
+            )
             if path not in OPEN_PATHS:
                 req.client_key_id = self._authorize_client(req)
             answer = await handler(req)
         except HttpError as exc:
             answer = error_response(exc.status, exc.message, exc.code, exc.headers)
         except TimeoutError:
-            answer = error_response(408, "the request body did not arrive in time", "request_timeout")
+            answer = error_response(
+                408, "the request body did not arrive in time", "request_timeout"
+            )
         except Exception:
             log.exception("HTTP handler crashed on %s", path)
             answer = error_response(500, "internal error", "internal_error")
@@ -243,11 +293,19 @@ class Server:
             return handler
         methods = sorted(m.decode() for m, p in self._routes if p == path)
         if methods:
-            raise HttpError(405, f"{method.decode()} is not allowed on {path}", "method_not_allowed",
-                            [("Allow", ", ".join(methods))])
+            raise HttpError(
+                405,
+                f"{method.decode()} is not allowed on {path}",
+                "method_not_allowed",
+                [("Allow", ", ".join(methods))],
+            )
         if path == REALTIME_PATH:
-            raise HttpError(426, f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
-                            "upgrade_required", [("Upgrade", "websocket")])
+            raise HttpError(
+                426,
+                f"{REALTIME_PATH} is a WebSocket endpoint: send Upgrade: websocket",
+                "upgrade_required",
+                [("Upgrade", "websocket")],
+            )
         raise HttpError(404, f"no such endpoint: {path}", "not_found")
 
     def _authorize_client(self, request: HttpRequest) -> str | None:
@@ -256,7 +314,11 @@ class Server:
             return None
         key_id = self._key_id(request.bearer())
         if key_id is None:
-            raise HttpError(401, "missing or invalid client key (Authorization: Bearer <key>)", "invalid_api_key")
+            raise HttpError(
+                401,
+                "missing or invalid client key (Authorization: Bearer <key>)",
+                "invalid_api_key",
+            )
         return key_id
 
     def _key_id(self, offered: str | None) -> str | None:
@@ -271,16 +333,24 @@ class Server:
 
     async def _healthz(self, request: HttpRequest) -> Response:
         instances = self.registry.instances.values()
-        return json_response(200, {
-            "status": "draining" if self.sessions.draining else "ok",
-            "sessions": len(self.sessions.sessions),
-            "backends_available": sum(1 for i in instances if i.unavailable is None),
-            "backends_configured": len(self.registry.instances),
-        })
+        return json_response(
+            200,
+            {
+                "status": "draining" if self.sessions.draining else "ok",
+                "sessions": len(self.sessions.sessions),
+                "backends_available": sum(1 for i in instances if i.unavailable is None),
+                "backends_configured": len(self.registry.instances),
+            },
+        )
 
     async def _backends(self, request: HttpRequest) -> Response:
-        return json_response(200, {"config": self.config.source,
-                                   "data": [i.describe() for i in self.registry.instances.values()]})
+        return json_response(
+            200,
+            {
+                "config": self.config.source,
+                "data": [i.describe() for i in self.registry.instances.values()],
+            },
+        )
 
     async def _capabilities(self, request: HttpRequest) -> Response:
         return json_response(200, {"operations": self.registry.capabilities()})
@@ -297,14 +367,18 @@ class Server:
             offered = auth[7:].strip()
         for proto in _offered_subprotocols(request):
             if proto.startswith(KEY_SUBPROTOCOL):
-                offered = proto[len(KEY_SUBPROTOCOL):]
+                offered = proto[len(KEY_SUBPROTOCOL) :]
         key_id = self._key_id(offered)
         return key_id is not None, key_id
 
-    async def _upgrade(self, stream: anyio.abc.ByteStream, http: HttpConnection, request: h11.Request) -> None:
+    async def _upgrade(
+        self, stream: anyio.abc.ByteStream, http: HttpConnection, request: h11.Request
+    ) -> None:
         url = urlsplit(request.target.decode("latin-1"))
         if url.path != REALTIME_PATH:
-            await http.send(error_response(404, f"no WebSocket endpoint at {url.path}", "not_found"))
+            await http.send(
+                error_response(404, f"no WebSocket endpoint at {url.path}", "not_found")
+            )
             return
         protocol = ServerProtocol(
             select_subprotocol=_select_realtime,  # type: ignore[arg-type]
@@ -322,7 +396,9 @@ class Server:
             return
         authorized, key_id = self._client_key_id(request)
         if not authorized:
-            await reject(conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008)
+            await reject(
+                conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008
+            )
             return
         connect = _connect_request(url.query, request, key_id)
         if isinstance(connect, CanonicalError):
@@ -350,14 +426,18 @@ def _is_loopback(stream: anyio.abc.ByteStream) -> bool:
         return True  # not a TCP socket (in-memory test stream)
 
 
-def _connect_request(query: str, request: h11.Request, key_id: str | None) -> ConnectRequest | CanonicalError:
+def _connect_request(
+    query: str, request: h11.Request, key_id: str | None
+) -> ConnectRequest | CanonicalError:
     params = {k: v[-1] for k, v in parse_qs(query).items()}
     intent = params.get("intent")
     if intent not in (None, "transcription", "conversation"):
-        return CanonicalError(ErrorCode.INVALID_REQUEST,
-                              f"unknown intent {intent!r}; use 'transcription' or omit it")
+        return CanonicalError(
+            ErrorCode.INVALID_REQUEST, f"unknown intent {intent!r}; use 'transcription' or omit it"
+        )
     beta = (_header(request, b"openai-beta") or "").startswith("realtime") or any(
-        p.startswith("openai-beta.realtime") for p in _offered_subprotocols(request))
+        p.startswith("openai-beta.realtime") for p in _offered_subprotocols(request)
+    )
     return ConnectRequest(
         kind=SessionKind.TRANSCRIPTION if intent == "transcription" else SessionKind.REALTIME,
         dialect=Dialect.BETA if beta else Dialect.GA,

@@ -33,7 +33,9 @@ _json = msgspec.json.Encoder()
 class HttpError(Exception):
     """Answer the current request with this status and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -77,17 +79,23 @@ class Response(msgspec.Struct):
     headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
 
 
-def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+def json_response(
+    status: int, payload: Any, headers: list[tuple[str, str]] | None = None
+) -> Response:
     """A JSON response."""
     return Response(status, _json.encode(payload), headers=headers or [])
 
 
-def error_body(message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None
+) -> dict[str, Any]:
     """The OpenAI error envelope: {"error": {message, type, code, param}}."""
     return {"error": {"message": message, "type": error_type, "code": code, "param": param}}
 
 
-def error_response(status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None) -> Response:
+def error_response(
+    status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None
+) -> Response:
     """An OpenAI-style JSON error response."""
     error_type = "invalid_request_error" if status < 500 else "server_error"
     return json_response(status, error_body(message, code, error_type), headers)
@@ -99,7 +107,9 @@ def canonical_error_response(error: CanonicalError) -> Response:
     headers = []
     if error.retry_after_s is not None:
         headers.append(("Retry-After", str(max(1, round(error.retry_after_s)))))
-    body = error_body(error.message, str(error.code), "invalid_request_error" if status < 500 else "server_error")
+    body = error_body(
+        error.message, str(error.code), "invalid_request_error" if status < 500 else "server_error"
+    )
     body["error"]["spear"] = msgspec.to_builtins(error)
     return json_response(status, body, headers)
 
@@ -136,14 +146,18 @@ class HttpConnection:
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
-                    raise HttpError(413, f"request body over the limit of {limit} bytes", "body_too_large")
+                    raise HttpError(
+                        413, f"request body over the limit of {limit} bytes", "body_too_large"
+                    )
                 parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
             elif isinstance(event, h11.ConnectionClosed):
                 raise HttpError(400, "connection closed mid-body", "incomplete_body")
 
-    async def send(self, response: Response, extra_headers: list[tuple[str, str]] | None = None) -> None:
+    async def send(
+        self, response: Response, extra_headers: list[tuple[str, str]] | None = None
+    ) -> None:
         """Write one complete response."""
         headers = [
             ("Content-Type", response.content_type),

@@ -45,12 +45,28 @@ import numpy as np
 from spear_rt.audio import AudioFormatError, StreamResampler, VoiceActivityDetector, decode_audio
 from spear_rt.audio.vad import SpeechStarted as VadStarted
 from spear_rt.audio.vad import SpeechStopped as VadStopped
-from spear_rt.backend import AppendAudio, BeginTurn, Clear, Commit, Pcm16, UpstreamCommand
-from spear_rt.backend import TranscriptCompleted, TranscriptDelta, TranscriptFailed, UpstreamEvent
+from spear_rt.backend import (
+    AppendAudio,
+    BeginTurn,
+    Clear,
+    Commit,
+    Pcm16,
+    TranscriptCompleted,
+    TranscriptDelta,
+    TranscriptFailed,
+    UpstreamCommand,
+    UpstreamEvent,
+)
 from spear_rt.protocol import client_events as ce
 from spear_rt.protocol import server_events as se
-from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, SettingsError
-from spear_rt.protocol.settings import apply_update, render_session
+from spear_rt.protocol.settings import (
+    Dialect,
+    SessionKind,
+    SessionSettings,
+    SettingsError,
+    apply_update,
+    render_session,
+)
 from spear_rt.session.history import AudioHistory
 from spear_rt.session.outbound import OutboundQueue
 
@@ -81,6 +97,9 @@ class Timeouts(msgspec.Struct, frozen=True):
     drain_deadline_s: float = 10.0
 
 
+DEFAULT_TIMEOUTS = Timeouts()
+
+
 def new_id(prefix: str) -> str:
     """A random id such as ``item_3f9a...`` (what OpenAI's ids look like)."""
     return f"{prefix}_{secrets.token_hex(10)}"
@@ -97,7 +116,7 @@ class SessionMachine:
         settings: SessionSettings,
         dialect: Dialect,
         outbound: OutboundQueue,
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         resume_token: str | None = None,
         ids: Callable[[str], str] = new_id,
         spear_info: dict[str, object] | None = None,
@@ -186,7 +205,11 @@ class SessionMachine:
                     self._emit(se.ItemDone(item=item, previous_item_id=None))
                 self._item_finished(item_id)
             case TranscriptFailed(item_id=item_id, message=message):
-                error = {"type": "transcription_error", "code": "transcription_failed", "message": message}
+                error = {
+                    "type": "transcription_error",
+                    "code": "transcription_failed",
+                    "message": message,
+                }
                 self._emit(se.TranscriptionFailed(item_id=item_id, error=error))
                 self._item_finished(item_id)
 
@@ -204,7 +227,9 @@ class SessionMachine:
         if self.state is not State.ACTIVE:
             return
         self.state = State.DRAINING
-        self._drain_deadline = now + (deadline_s if deadline_s is not None else self._timeouts.drain_deadline_s)
+        self._drain_deadline = now + (
+            deadline_s if deadline_s is not None else self._timeouts.drain_deadline_s
+        )
         if self._turn_id is not None and self._turn_samples:
             self._commit_turn()
         elif self._turn_id is not None:
@@ -222,7 +247,11 @@ class SessionMachine:
         if self._drain_deadline is not None and now >= self._drain_deadline:
             self._close(1001, "server draining: deadline reached")
         elif now - self._started_at >= self._timeouts.max_session_seconds:
-            self.error("session_expired", "the session reached max_session_seconds", error_type="server_error")
+            self.error(
+                "session_expired",
+                "the session reached max_session_seconds",
+                error_type="server_error",
+            )
             self._close(1000, "max_session_seconds reached")
         elif now - self._last_activity >= self._timeouts.idle_timeout_s:
             self._close(1000, "idle timeout")
@@ -230,7 +259,9 @@ class SessionMachine:
     def next_deadline(self) -> float:
         """Event-loop time at which `tick` next has something to check."""
         t = self._timeouts
-        deadline = min(self._started_at + t.max_session_seconds, self._last_activity + t.idle_timeout_s)
+        deadline = min(
+            self._started_at + t.max_session_seconds, self._last_activity + t.idle_timeout_s
+        )
         if self._drain_deadline is not None:
             deadline = min(deadline, self._drain_deadline)
         return deadline
@@ -239,7 +270,11 @@ class SessionMachine:
 
     def _on_append(self, event: ce.InputAudioBufferAppend) -> None:
         if self.state is State.DRAINING:
-            self.error("session_draining", "the server is draining; no new audio is accepted", event.event_id)
+            self.error(
+                "session_draining",
+                "the server is draining; no new audio is accepted",
+                event.event_id,
+            )
             return
         try:
             pcm = decode_audio(self.settings.input_format, event.audio)
@@ -278,7 +313,11 @@ class SessionMachine:
                     if self._turn_id is None:
                         continue  # its turn was committed or cleared by the client already
                     item_id = self._turn_id
-                    silence = self.settings.turn_detection.silence_duration_ms if self.settings.turn_detection else 0
+                    silence = (
+                        self.settings.turn_detection.silence_duration_ms
+                        if self.settings.turn_detection
+                        else 0
+                    )
                     stop = min((end_ms + silence) * rate // 1000, chunk_end)
                     self._emit(se.SpeechStopped(audio_end_ms=end_ms, item_id=item_id))
                     self._send_audio(self._history.slice(cursor, max(stop, cursor)))
@@ -322,10 +361,15 @@ class SessionMachine:
             return
         old = self.settings
         self.settings = settings
-        if settings.input_format != old.input_format or settings.turn_detection != old.turn_detection:
+        if (
+            settings.input_format != old.input_format
+            or settings.turn_detection != old.turn_detection
+        ):
             if self._turn_id is not None and settings.input_format != old.input_format:
                 self._flush_resampler()
-                self._resampler = StreamResampler(settings.input_format.rate_hz, self._upstream_rate)
+                self._resampler = StreamResampler(
+                    settings.input_format.rate_hz, self._upstream_rate
+                )
             self._reset_audio_path()
         session = render_session(settings, self.dialect, self.session_id)
         if self._transcription_beta():
@@ -417,7 +461,9 @@ class SessionMachine:
         error_type: str = "invalid_request_error",
     ) -> None:
         """Emit an `error` event; the session itself carries on."""
-        body = se.ErrorBody(type=error_type, code=code, message=message, param=param, event_id=event_id)
+        body = se.ErrorBody(
+            type=error_type, code=code, message=message, param=param, event_id=event_id
+        )
         self._emit(se.Error(error=body))
 
     def _close(self, code: int, reason: str) -> None:

@@ -81,6 +81,13 @@ class SessionManager:
         self.total_sessions = 0
         self.draining = False
         self._dropped_ended = 0  # deltas dropped by sessions that have ended
+        self._emptied = anyio.Event()
+
+    async def wait_empty(self) -> None:
+        """Return once no session is live (a draining server's last step)."""
+        while self.sessions:
+            self._emptied = anyio.Event()
+            await self._emptied.wait()
 
     def reconfigure(self, config: Config) -> None:
         """Use `config` for sessions opened from now on."""
@@ -95,7 +102,10 @@ class SessionManager:
         server = self._config.server
         if self.draining:
             return CanonicalError(
-                ErrorCode.NO_CANDIDATE_BACKEND, "the server is draining", retryable=True, retry_after_s=5.0
+                ErrorCode.NO_CANDIDATE_BACKEND,
+                "the server is draining",
+                retryable=True,
+                retry_after_s=5.0,
             )
         if self._admitted >= server.max_sessions:
             return CanonicalError(
@@ -166,7 +176,9 @@ class SessionManager:
             # scope must not end while a task group opened inside it is still running.
             opened = False
             try:
-                with anyio.CancelScope(deadline=anyio.current_time() + realtime.upstream_connect_timeout_s) as scope:
+                with anyio.CancelScope(
+                    deadline=anyio.current_time() + realtime.upstream_connect_timeout_s
+                ) as scope:
                     async with instance.kind.open_transcription(instance.info, spec) as upstream:
                         opened = True
                         scope.deadline = math.inf
@@ -182,7 +194,9 @@ class SessionManager:
                 await reject(conn, exc.error, 1008)
                 return
             if scope.cancelled_caught and not opened:
-                await reject(conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011)
+                await reject(
+                    conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011
+                )
 
     async def _run_session(
         self,
@@ -196,14 +210,20 @@ class SessionManager:
         machine = SessionMachine(
             session_id=new_id("sess"),
             upstream_rate_hz=upstream.input_rate_hz,
-            settings=SessionSettings(kind=req.kind, model=req.model, transcription=TranscriptionSettings()),
+            settings=SessionSettings(
+                kind=req.kind, model=req.model, transcription=TranscriptionSettings()
+            ),
             dialect=req.dialect,
             outbound=OutboundQueue(realtime.max_outbound_bytes),
             timeouts=Timeouts(realtime.idle_timeout_s, realtime.max_session_seconds),
             resume_token=secrets.token_urlsafe(24),
             spear_info={"backend": instance.name, "kind": instance.config.kind},
         )
-        runner: Runner = make_runner(machine, upstream) if make_runner else SessionRunner(machine, conn, upstream)
+        runner: Runner = (
+            make_runner(machine, upstream)
+            if make_runner
+            else SessionRunner(machine, conn, upstream)
+        )
         self.sessions[machine.session_id] = runner
         self.total_sessions += 1
         try:
@@ -211,6 +231,8 @@ class SessionManager:
         finally:
             del self.sessions[machine.session_id]
             self._dropped_ended += machine.outbound.dropped
+            if not self.sessions:
+                self._emptied.set()
 
     def drain(self, deadline_s: float) -> None:
         """Refuse new sessions and ask every live one to finish its turns and close."""
@@ -232,7 +254,11 @@ async def reject(conn: ClientLink, error: CanonicalError, close_code: int) -> No
     )
     event = se.Error(error=body, spear=msgspec.to_builtins(error), event_id="event_reject", seq=1)
     conn.queue_text(se.encode_server_event(event))
-    reason = error.message if error.retry_after_s is None else f"retry after {error.retry_after_s:g}s: {error.message}"
+    reason = (
+        error.message
+        if error.retry_after_s is None
+        else f"retry after {error.retry_after_s:g}s: {error.message}"
+    )
     await conn.close(close_code, reason)
     with anyio.move_on_after(CLOSE_GRACE_S):
         while await conn.receive() is not None:

@@ -102,14 +102,18 @@ async def test_only_english_is_accepted() -> None:
 @pytest.mark.slow
 async def test_a_websocket_session_routes_to_pocketsphinx(serve) -> None:  # type: ignore[no-untyped-def]
     """Over the wire with a pocketsphinx backend: `completed` equals the engine's direct words."""
-    server = await serve(make_config(backends='[[backends]]\nname = "asr"\nkind = "pocketsphinx"\n'))
+    server = await serve(
+        make_config(backends='[[backends]]\nname = "asr"\nkind = "pocketsphinx"\n')
+    )
     pcm = fixture_16k("speech_go_forward.wav")
     with trio.fail_after(60):
         direct = await transcribe_pcm16(pcm)
         client = await WsClient.connect(server.port, headers=[("OpenAI-Beta", "realtime=v1")])
         created = await client.recv()
         assert created["spear"]["backend"] == "asr"
-        await client.send({"type": "transcription_session.update", "session": {"turn_detection": None}})
+        await client.send(
+            {"type": "transcription_session.update", "session": {"turn_detection": None}}
+        )
         await client.recv()
         for frame in frames(resample(pcm, 16000, 24000), 24000):
             await client.send({"type": "input_audio_buffer.append", "audio": b64(frame)})

@@ -321,7 +321,7 @@ async def test_reload_swaps_instances_and_keeps_runtime_by_name() -> None:
 
 
 def test_every_circuit_open_is_retryable_with_the_wait_until_a_probe() -> None:
-    """All instances' circuits open: a retryable NoCandidate whose retry_after is the cool-down left."""
+    """All circuits open: a retryable NoCandidate whose retry_after is the cool-down left."""
     now = [100.0]
     reg = registry(backend("a"), backend("b"))
     rt = Router(reg, rng=random.Random(0), clock=lambda: now[0])

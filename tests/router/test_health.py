@@ -243,7 +243,12 @@ def test_three_peers_are_enough_with_a_tighter_stdev_factor() -> None:
     detector = OutlierDetector(OutlierConfig(stdev_factor=1.0, min_peers=3))
     assert detector.evaluate([*healthy(2), ("bad", 100, 60)], 0.0) == ["bad"]
     assert OutlierDetector().evaluate([*healthy(3), ("bad", 100, 100)], 0.0) == []
-    assert OutlierDetector(OutlierConfig(stdev_factor=1.0)).evaluate([*healthy(2), ("bad", 100, 60)], 0.0) == []
+    assert (
+        OutlierDetector(OutlierConfig(stdev_factor=1.0)).evaluate(
+            [*healthy(2), ("bad", 100, 60)], 0.0
+        )
+        == []
+    )
 
 
 def test_too_few_peers_or_requests_eject_nobody() -> None:

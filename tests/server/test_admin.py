@@ -1,4 +1,4 @@
-"""Operator endpoints: /v1/route/explain, /metrics, /admin/reload (and reload under live sessions)."""
+"""Operator endpoints: /v1/route/explain, /metrics, /admin/reload (also under live sessions)."""
 
 from __future__ import annotations
 
@@ -39,11 +39,16 @@ async def commit_on(client: WsClient) -> str:
 
 async def test_explain_names_the_selected_instance_and_the_rejected_ones(serve) -> None:  # type: ignore[no-untyped-def]
     """An instance without the required feature is rejected with a reason; the other is chosen."""
-    backends = STUB_BACKEND + '[[backends]]\nname = "tools"\nkind = "stub"\nfeatures = ["supports_tools"]\n'
+    backends = (
+        STUB_BACKEND
+        + '[[backends]]\nname = "tools"\nkind = "stub"\nfeatures = ["supports_tools"]\n'
+    )
     server = await serve(make_config(backends=backends))
     async with httpx.AsyncClient() as http:
-        r = await http.post(url(server, "/v1/route/explain"),
-                            json={"operation": "chat_completions", "required_features": ["supports_tools"]})
+        r = await http.post(
+            url(server, "/v1/route/explain"),
+            json={"operation": "chat_completions", "required_features": ["supports_tools"]},
+        )
     body = r.json()
     assert r.status_code == 200
     assert body["selected"] == "tools" and body["policy"] == "ewma_latency"
@@ -54,8 +59,10 @@ async def test_explain_names_the_selected_instance_and_the_rejected_ones(serve) 
 async def test_explain_without_candidate_carries_the_canonical_error(server: Server) -> None:
     """No instance has the feature: the answer says MissingCapabilities and why."""
     async with httpx.AsyncClient() as http:
-        r = await http.post(url(server, "/v1/route/explain"),
-                            json={"operation": "embeddings", "required_features": ["supports_tools"]})
+        r = await http.post(
+            url(server, "/v1/route/explain"),
+            json={"operation": "embeddings", "required_features": ["supports_tools"]},
+        )
     body = r.json()
     assert body.get("selected") is None
     assert body["error"]["code"] == "MissingCapabilities"
@@ -74,9 +81,15 @@ async def test_explain_changes_no_state(serve) -> None:  # type: ignore[no-untyp
 
 @pytest.mark.parametrize(
     ("body", "fragment"),
-    [(b"", "empty"), (b"{", "not valid JSON"), (b'{"operation": "chat"}', "Invalid enum value 'chat'")],
+    [
+        (b"", "empty"),
+        (b"{", "not valid JSON"),
+        (b'{"operation": "chat"}', "Invalid enum value 'chat'"),
+    ],
 )
-async def test_explain_bad_body_is_a_400_saying_why(server: Server, body: bytes, fragment: str) -> None:
+async def test_explain_bad_body_is_a_400_saying_why(
+    server: Server, body: bytes, fragment: str
+) -> None:
     """Empty, malformed or mistyped explain bodies: 400 with the reason."""
     async with httpx.AsyncClient() as http:
         r = await http.post(url(server, "/v1/route/explain"), content=body)
@@ -96,7 +109,9 @@ async def test_metrics_exposes_sessions_and_instances(server: Server) -> None:
     assert "# TYPE spear_request_latency_seconds histogram" in lines
 
 
-async def test_reload_keeps_live_sessions_on_their_instance(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_reload_keeps_live_sessions_on_their_instance(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
     """A live session on `a` survives a reload that removes `a`; new sessions see the new set."""
     path = tmp_path / "spear.toml"
     server = await start_from_file(nursery, path, two_stubs(("a",)))
@@ -107,14 +122,20 @@ async def test_reload_keeps_live_sessions_on_their_instance(nursery: trio.Nurser
             r = await http.post(url(server, "/admin/reload"))
             assert r.status_code == 200 and r.json()["backends"] == ["b"]
             assert len((await commit_on(live)).split()) == 1  # still served, by `a`
-            names = [b["name"] for b in (await http.get(url(server, "/v1/backends"))).json()["data"]]
+            names = [
+                b["name"] for b in (await http.get(url(server, "/v1/backends"))).json()["data"]
+            ]
             assert names == ["b"]
-            async with await WsClient.connect(server.port, "/v1/realtime?intent=transcription&backend=b") as new:
+            async with await WsClient.connect(
+                server.port, "/v1/realtime?intent=transcription&backend=b"
+            ) as new:
                 created = await new.recv()
                 assert created["spear"]["backend"] == "b"
 
 
-async def test_bad_reload_is_refused_and_the_old_config_stays(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_bad_reload_is_refused_and_the_old_config_stays(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
     """A reload of an invalid file answers 400 with the key and reason; routing is unchanged."""
     path = tmp_path / "spear.toml"
     server = await start_from_file(nursery, path, two_stubs(("a",)))
@@ -124,7 +145,9 @@ async def test_bad_reload_is_refused_and_the_old_config_stays(nursery: trio.Nurs
         body = r.json()
         assert r.status_code == 400 and body["reloaded"] is False
         assert body["error"]["key"] == "backends[0].kind" and "nope" in body["error"]["reason"]
-        assert [b["name"] for b in (await http.get(url(server, "/v1/backends"))).json()["data"]] == ["a"]
+        assert [
+            b["name"] for b in (await http.get(url(server, "/v1/backends"))).json()["data"]
+        ] == ["a"]
 
 
 async def test_reload_needs_the_admin_key_when_one_is_configured(
@@ -133,7 +156,9 @@ async def test_reload_needs_the_admin_key_when_one_is_configured(
     """With admin keys configured: no key 401, wrong key 401, the right key 200."""
     monkeypatch.setenv("SPEAR_TEST_ADMIN", "adm-123")
     path = tmp_path / "spear.toml"
-    server = await start_from_file(nursery, path, 'admin_keys_env = ["SPEAR_TEST_ADMIN"]\n' + two_stubs(("a",)))
+    server = await start_from_file(
+        nursery, path, 'admin_keys_env = ["SPEAR_TEST_ADMIN"]\n' + two_stubs(("a",))
+    )
     async with httpx.AsyncClient() as http:
         assert (await http.post(url(server, "/admin/reload"))).status_code == 401
         wrong = {"Authorization": "Bearer nope"}

@@ -13,20 +13,32 @@ from typing import Any
 import anyio
 import pytest
 
-from spear_rt.backend import InstanceDefaults, InstanceInfo, TranscriptionSpec, UpstreamCommand, UpstreamEvent
-from spear_rt.backend import AppendAudio
+from spear_rt.backend import (
+    AppendAudio,
+    InstanceDefaults,
+    InstanceInfo,
+    TranscriptionSpec,
+    UpstreamCommand,
+    UpstreamEvent,
+)
 from spear_rt.ir import Operation, Transport
 from spear_rt.registry import BackendRegistry
 from spear_rt.server.app import Server
 from spear_rt_backends.stub import StubTranscription
-from tests.conftest import WsClient, b64, make_config, noise_pcm
+from tests.conftest import b64, make_config, noise_pcm
 from tests.server.test_realtime import COMPLETED, open_manual, types
 
 DRIVERS = ["auto", "anyio"]
 
 
-def on_asyncio(driver: str, scenario: Callable[[Server], Awaitable[Any]], *, server: str = "",
-               registry: Callable[[Any], BackendRegistry] | None = None, uvloop: bool = False) -> Any:
+def on_asyncio(
+    driver: str,
+    scenario: Callable[[Server], Awaitable[Any]],
+    *,
+    server: str = "",
+    registry: Callable[[Any], BackendRegistry] | None = None,
+    uvloop: bool = False,
+) -> Any:
     """Run `scenario(server)` on asyncio (or uvloop) against a server using `driver`."""
 
     async def main() -> Any:
@@ -124,8 +136,9 @@ class GatedUpstream:
 class GatedKind:
     name = "gated"
     extra = None
-    defaults = InstanceDefaults(ops=frozenset({Operation.SPEECH_TO_TEXT}),
-                                transports=frozenset({Transport.WEBSOCKET}))
+    defaults = InstanceDefaults(
+        ops=frozenset({Operation.SPEECH_TO_TEXT}), transports=frozenset({Transport.WEBSOCKET})
+    )
 
     def __init__(self) -> None:
         self.gate = anyio.Event()
@@ -135,7 +148,9 @@ class GatedKind:
         return None
 
     @asynccontextmanager
-    async def open_transcription(self, instance: InstanceInfo, spec: TranscriptionSpec) -> AsyncIterator[GatedUpstream]:
+    async def open_transcription(
+        self, instance: InstanceInfo, spec: TranscriptionSpec
+    ) -> AsyncIterator[GatedUpstream]:
         yield GatedUpstream(self.gate, self.seen)
 
 
@@ -168,7 +183,8 @@ def test_slow_upstream_pushes_back_and_loses_no_audio(driver: str) -> None:
         return stalled_at, sum(kind.seen)
 
     stalled_at, samples = on_asyncio(
-        driver, scenario,
+        driver,
+        scenario,
         registry=lambda config: BackendRegistry.build(config, loader=lambda name: kind, environ={}),  # type: ignore[arg-type, return-value]
     )
     assert stalled_at < frames  # the client was pushed back

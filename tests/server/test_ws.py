@@ -7,8 +7,8 @@ import anyio.abc
 import pytest
 import trio
 import trio.testing
-from websockets.frames import Close, Frame, Opcode
 from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
@@ -70,7 +70,9 @@ async def test_a_close_read_together_with_data_ends_the_next_receive_at_once(
     )
     conn = WebSocketConnection(ScriptedStream([data]), protocol)
     messages = await conn.receive()
-    assert messages is not None and [m.data for m in messages] == [b'{"type": "input_audio_buffer.clear"}']
+    assert messages is not None and [m.data for m in messages] == [
+        b'{"type": "input_audio_buffer.clear"}'
+    ]
     with trio.fail_after(1):  # virtual time: a blocking read would hang here
         assert await conn.receive() is None
 
@@ -80,7 +82,10 @@ async def test_fragmented_messages_are_reassembled(opcode: Opcode) -> None:
     """A message in three fragments comes out whole, with its kind."""
     protocol, client = handshake()
     data = client_frames(
-        client, Frame(opcode, b"ab", fin=False), Frame(Opcode.CONT, b"cd", fin=False), Frame(Opcode.CONT, b"ef")
+        client,
+        Frame(opcode, b"ab", fin=False),
+        Frame(Opcode.CONT, b"cd", fin=False),
+        Frame(Opcode.CONT, b"ef"),
     )
     conn = WebSocketConnection(ScriptedStream([data]), protocol)
     messages = await conn.receive()
