@@ -52,7 +52,8 @@ class EmbeddingsHead(msgspec.Struct):
     """What spear_rt reads of an embeddings request."""
 
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    # text, texts, tokens or token lists (msgspec allows one array-like type per union)
+    input: str | list[str | int | list[int]]
     dimensions: int | None = None
 
 
@@ -177,6 +178,8 @@ def normalize_json(op: Operation, body: bytes, **envelope_args: Any) -> Normaliz
         raise _msgspec_error(exc) from None
     if isinstance(head, ChatHead) and not head.messages:
         raise InvalidInput("messages must contain at least one message", "messages")
+    if isinstance(head, EmbeddingsHead) and not head.input:
+        raise InvalidInput("input must not be empty", "input")
     model = getattr(head, "model", None)
     envelope = envelope_for(op, model=model, features=_features(op, head), **envelope_args)
     stream = bool(getattr(head, "stream", False))

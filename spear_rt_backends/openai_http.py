@@ -10,7 +10,9 @@ cancelled.
 
 Connections: one pooled `httpx.AsyncClient` per instance (and event loop), HTTP/1.1 with
 keep-alive, created on first use and closed by `aclose_clients()` (the server calls it at
-shutdown). Instance options, all optional:
+shutdown). A plain `http://` upstream is served by our own h11 pool (`_h11_transport`: O(1)
+work per request, where httpcore's pool scans every connection); `https://`, and any
+instance with `trust_env`, use httpx's own transport. Instance options, all optional:
 
   max_connections (100), max_keepalive_connections (= max_connections),
   keepalive_expiry_s (30), connect_timeout_s (5), read_timeout_s (300: the longest wait
@@ -51,6 +53,7 @@ from spear_rt.backend import (
 )
 from spear_rt.errors import BackendFailure
 from spear_rt.ir import Feature, Hosting, Operation, Transport, Usage
+from spear_rt_backends._h11_transport import H11Transport
 
 PATHS = {
     Operation.CHAT_COMPLETIONS: "/chat/completions",
@@ -106,9 +109,11 @@ _error_body = msgspec.json.Decoder(_ErrorBody)
 # --- the kind ------------------------------------------------------------------------------
 
 
-class _Pooled(msgspec.Struct):
+class _Pooled(msgspec.Struct, kw_only=True):
     client: httpx.AsyncClient
+    lean: H11Transport | None  # plain http://: JSON skips httpx's client layer
     prefix: str  # base_url without its trailing slash
+    urls: dict[str, httpx.URL] = msgspec.field(default_factory=dict)  # parsed once per path
 
 
 class OpenAIHttpKind:
@@ -156,10 +161,9 @@ class OpenAIHttpKind:
             raise BackendFailure(f"openai_http does not serve {request.operation}")
         pooled = self._pooled(instance)
         secret = instance.api_key.reveal() if instance.api_key is not None else None
-        http_request = _build(pooled, path, request, secret)
 
         with _translated(secret), _deadline(request.timeout_s):
-            response = await pooled.client.send(http_request, stream=True)
+            response = await _send(pooled, path, request, secret)
             relayed = False
             try:
                 if response.status_code >= 300:
@@ -195,7 +199,8 @@ class OpenAIHttpKind:
         pooled = clients.get(key)
         if pooled is None:
             prefix = (instance.base_url or "").rstrip("/")
-            pooled = clients[key] = _Pooled(_new_client(instance), prefix)
+            client, lean = _new_client(instance)
+            pooled = clients[key] = _Pooled(client=client, lean=lean, prefix=prefix)
         return pooled
 
     async def aclose(self) -> None:
@@ -256,6 +261,29 @@ class _Relay:
 # --- helpers -------------------------------------------------------------------------------
 
 
+async def _send(
+    pooled: _Pooled, path: str, request: OneShotRequest, secret: str | None
+) -> httpx.Response:
+    """The upstream's answer, body unread. JSON to a plain-HTTP upstream goes straight to our
+    h11 pool (no httpx Request, URL merge or cookie jar per request); the rest through httpx."""
+    lean = pooled.lean
+    if lean is None or request.operation is Operation.SPEECH_TO_TEXT:
+        return await pooled.client.send(_build(pooled, path, request, secret), stream=True)
+    url = pooled.urls.get(path)
+    if url is None:
+        url = pooled.urls[path] = httpx.URL(pooled.prefix + path)
+    body = request.raw_body if request.raw_body is not None else _encoder.encode(request.payload)
+    headers = [
+        (b"Host", url.netloc),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"%d" % len(body)),
+    ]
+    if secret:
+        headers.append((b"Authorization", b"Bearer " + secret.encode()))
+    timeouts = _timeout(pooled.client, request).as_dict()
+    return await lean.send(b"POST", url, headers, body, timeouts)
+
+
 def _build(
     pooled: _Pooled, path: str, request: OneShotRequest, secret: str | None
 ) -> httpx.Request:
@@ -281,7 +309,8 @@ def _build(
     )
 
 
-def _new_client(instance: InstanceInfo) -> httpx.AsyncClient:
+def _new_client(instance: InstanceInfo) -> tuple[httpx.AsyncClient, H11Transport | None]:
+    """The instance's client and, for a plain-HTTP upstream, the h11 pool it sends through."""
     options = instance.options
 
     def number(name: str, default: float) -> float:
@@ -299,15 +328,20 @@ def _new_client(instance: InstanceInfo) -> httpx.AsyncClient:
         write=number("write_timeout_s", 30.0),
         pool=number("pool_timeout_s", 10.0),
     )
-    return httpx.AsyncClient(
+    trust_env = bool(options.get("trust_env", False))
+    plain = (instance.base_url or "").startswith("http://") and not trust_env
+    lean = H11Transport(limits) if plain else None
+    client = httpx.AsyncClient(
         limits=limits,
         timeout=timeout,
         http1=True,
         http2=False,
         follow_redirects=False,
         verify=bool(options.get("verify_tls", True)),
-        trust_env=bool(options.get("trust_env", False)),
+        trust_env=trust_env,
+        transport=lean,
     )
+    return client, lean
 
 
 def _timeout(client: httpx.AsyncClient, request: OneShotRequest) -> httpx.Timeout:

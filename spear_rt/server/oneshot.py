@@ -8,6 +8,7 @@ Every answer carries `x-spear-instance` (who served it), `x-spear-attempts` and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,9 @@ JSON_ENDPOINTS = {
 }
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 DEFAULT_TIMEOUT_S = 120.0
+# The overhead header is a measurement, not logic: it reads a monotonic clock of its own,
+# since uvloop's loop clock moves in whole milliseconds (the header would read 0 or 1).
+_stopwatch = time.perf_counter
 
 
 class StreamingAnswer:
@@ -80,7 +84,7 @@ class OneShotApi:
 
     async def handle(self, request: HttpRequest) -> Response:
         """Normalize, route, run; a stream is handed back to the connection to write."""
-        started = anyio.current_time()
+        started = _stopwatch()
         try:
             normalized = self._normalize(request)
             self.server.router.admit(normalized.envelope)
@@ -116,23 +120,31 @@ class OneShotApi:
     async def _run(self, normalized: Normalized, started: float) -> Response | StreamingAnswer:
         envelope = normalized.envelope
         timeout_s = envelope.timeout_ms / 1000 if envelope.timeout_ms is not None else DEFAULT_TIMEOUT_S
-        backend_time = 0.0
+        backend_time = 0.0  # in every attempt, failed ones included: not spear_rt's overhead
+        last_failure: BaseException | None = None
 
         async def call(instance: RegisteredInstance) -> OneShotResponse:
-            nonlocal backend_time
+            nonlocal backend_time, last_failure
             assert instance.kind is not None
             request: OneShotRequest = normalized.for_model(instance.model)
-            t0 = anyio.current_time()
+            t0 = _stopwatch()
             try:
                 with anyio.fail_after(timeout_s):
                     return await instance.kind.call(instance.info, request)
+            except (BackendFailure, TimeoutError) as exc:
+                last_failure = exc
+                raise
             finally:
-                backend_time = anyio.current_time() - t0
+                backend_time += _stopwatch() - t0
 
-        done = await self.executor.run(envelope, call, idempotent=True)
+        try:
+            done = await self.executor.run(envelope, call, idempotent=True)
+        except CanonicalFailure as exc:
+            _rate_limited_if_last_was_429(exc.error, last_failure)
+            raise
         response = done.result
         self.server.router.charge(envelope, done.instance, response.usage or _estimate(normalized))
-        overhead_ms = max((anyio.current_time() - started - backend_time) * 1000, 0.0)
+        overhead_ms = max((_stopwatch() - started - backend_time) * 1000, 0.0)
         headers = [
             ("x-spear-instance", done.instance.name),
             ("x-spear-attempts", str(done.attempts)),
@@ -141,6 +153,15 @@ class OneShotApi:
         if response.stream is not None:
             return StreamingAnswer(response, headers)
         return Response(response.status, response.body, response.content_type, headers)
+
+
+def _rate_limited_if_last_was_429(error: CanonicalError, last: BaseException | None) -> None:
+    """Fallback gave up after an upstream 429: that is RateLimited (429 + Retry-After), not a
+    BackendError 502, so the client backs off instead of retrying at once."""
+    if (error.code is ErrorCode.BACKEND_ERROR and isinstance(last, BackendFailure)
+            and last.status == 429):
+        error.code = ErrorCode.RATE_LIMITED
+        error.retry_after_s = last.retry_after_s if last.retry_after_s is not None else 1.0
 
 
 def _backend_failure_response(exc: BackendFailure) -> Response:
