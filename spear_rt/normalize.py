@@ -90,7 +90,9 @@ def _msgspec_error(exc: msgspec.ValidationError) -> InvalidInput:
     param = where.rstrip("`") if sep else None
     if text.startswith("Object missing required field"):
         field = text.split("`")[1]
-        return InvalidInput(f"you must provide a `{field}` parameter", field, "missing_required_parameter")
+        return InvalidInput(
+            f"you must provide a `{field}` parameter", field, "missing_required_parameter"
+        )
     return InvalidInput(f"{reason or text}", param)
 
 
@@ -104,8 +106,11 @@ def _features(op: Operation, head: msgspec.Struct) -> frozenset[Feature]:
                 needs.add(Feature.SUPPORTS_TOOLS)
             if fmt is not None and fmt.get("type") == "json_schema":
                 needs.add(Feature.SUPPORTS_JSON_SCHEMA)
-            if any(isinstance(m.get("content"), list) and any(
-                    isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages):
+            if any(
+                isinstance(m.get("content"), list)
+                and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+                for m in messages
+            ):
                 needs.add(Feature.SUPPORTS_IMAGE_INPUT)
         case EmbeddingsHead(dimensions=dimensions) if dimensions is not None:
             needs.add(Feature.SUPPORTS_DIMENSIONS)
@@ -122,12 +127,15 @@ def envelope_for(
     client_key_id: str | None,
 ) -> CanonicalRequestEnvelope:
     """The canonical envelope of a one-shot request; `hints` come from `spear-*` headers."""
+
     def names(value: str | None) -> tuple[str, ...] | None:
         return tuple(n.strip() for n in value.split(",") if n.strip()) if value else None
 
     timeout = hints.get("timeout_ms")
     if timeout is not None and not timeout.isdigit():
-        raise InvalidInput("spear-timeout-ms must be a whole number of milliseconds", "spear-timeout-ms")
+        raise InvalidInput(
+            "spear-timeout-ms must be a whole number of milliseconds", "spear-timeout-ms"
+        )
     return CanonicalRequestEnvelope(
         request_id=request_id,
         operation=op,
@@ -169,7 +177,9 @@ def normalize_json(op: Operation, body: bytes, **envelope_args: Any) -> Normaliz
     try:
         payload = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+        raise InvalidInput(
+            f"the request body is not valid JSON: {exc}", None, "invalid_json"
+        ) from None
     if not isinstance(payload, dict):
         raise InvalidInput("the request body must be a JSON object", None, "invalid_json")
     try:
@@ -191,10 +201,13 @@ def decode_upload(data: bytes, filename: str, content_type: str) -> AudioInput:
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidInput(f"could not decode the audio file {filename!r}: {exc}", "file",
-                           "unsupported_audio") from None
+        raise InvalidInput(
+            f"could not decode the audio file {filename!r}: {exc}", "file", "unsupported_audio"
+        ) from None
     if samples.size == 0:
-        raise InvalidInput(f"the audio file {filename!r} holds no samples", "file", "unsupported_audio")
+        raise InvalidInput(
+            f"the audio file {filename!r} holds no samples", "file", "unsupported_audio"
+        )
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     try:
         pcm = float32_to_int16(np.ascontiguousarray(mono))
@@ -207,17 +220,26 @@ def normalize_transcription(form: dict[str, Any], **envelope_args: Any) -> Norma
     """Validate a transcription form (`file` + fields) into a canonical request."""
     upload = form.get("file")
     if upload is None or upload.filename is None:
-        raise InvalidInput("you must provide a `file` (multipart file field)", "file",
-                           "missing_required_parameter")
+        raise InvalidInput(
+            "you must provide a `file` (multipart file field)", "file", "missing_required_parameter"
+        )
     fields = {k: form[k].data.decode("utf-8", "replace") for k in TRANSCRIPTION_FIELDS if k in form}
     if "model" not in fields:
-        raise InvalidInput("you must provide a `model` parameter", "model", "missing_required_parameter")
-    audio = decode_upload(upload.data, upload.filename, upload.content_type or "application/octet-stream")
+        raise InvalidInput(
+            "you must provide a `model` parameter", "model", "missing_required_parameter"
+        )
+    audio = decode_upload(
+        upload.data, upload.filename, upload.content_type or "application/octet-stream"
+    )
     features: set[Feature] = set()  # the operation itself implies audio input
     if "language" in fields:
         features.add(Feature.SUPPORTS_LANGUAGE)
     if fields.get("response_format") == "verbose_json" or "timestamp_granularities[]" in form:
         features.add(Feature.SUPPORTS_TIMESTAMPS)
-    envelope = envelope_for(Operation.SPEECH_TO_TEXT, model=fields["model"], features=frozenset(features),
-                            **envelope_args)
+    envelope = envelope_for(
+        Operation.SPEECH_TO_TEXT,
+        model=fields["model"],
+        features=frozenset(features),
+        **envelope_args,
+    )
     return Normalized(envelope, OneShotRequest(Operation.SPEECH_TO_TEXT, dict(fields), audio=audio))

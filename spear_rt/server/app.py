@@ -177,10 +177,24 @@ class Server:
 
     # --- listener -----------------------------------------------------------------------------
 
+    async def _close_kinds(self) -> None:
+        """Let loaded backend kinds release pooled resources (their optional `aclose`)."""
+        with anyio.CancelScope(shield=True):
+            for kind in {id(i.kind): i.kind for i in self.registry.instances.values()}.values():
+                aclose = getattr(kind, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen and serve until cancelled; reports the bound port through `task_status`."""
+        try:
+            await self._listen(task_status)
+        finally:
+            await self._close_kinds()
+
+    async def _listen(self, task_status: anyio.abc.TaskStatus[int]) -> None:
         host, port = listen_address(self.config)
         if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
             async with anyio.create_task_group() as connections:
@@ -224,10 +238,9 @@ class Server:
             except Exception:
                 log.exception("connection handler crashed")
 
-    def _peer_allowed(self, stream: anyio.abc.ByteStream) -> bool:
-        return bool(self._client_keys) or _is_loopback(stream)
 
     async def _serve_http(self, stream: anyio.abc.ByteStream) -> None:
+        loopback = _is_loopback(stream)  # once per connection, not per request
         http = HttpConnection(stream)
         timeout = self.config.server.handshake_timeout_s
         while True:
@@ -245,7 +258,7 @@ class Server:
                     return
             if not isinstance(event, h11.Request):
                 return  # closed, idle or too slow: drop the connection
-            if not self._peer_allowed(stream):
+            if not (self._client_keys or loopback):
                 await http.send(
                     error_response(403, "no client keys are configured: loopback only", "forbidden")
                 )
@@ -253,7 +266,7 @@ class Server:
             if (_header(event, b"upgrade") or "").lower() == "websocket":
                 await self._upgrade(stream, http, event)
                 return
-            await self._answer(http, event, _is_loopback(stream))
+            await self._answer(http, event, loopback)
             if http.h11.our_state is h11.MUST_CLOSE:
                 return
             try:

@@ -62,8 +62,9 @@ class OneShotApi:
     def __init__(self, server: Server) -> None:
         self.server = server
         policy = server.config.policy
-        self.executor = Executor(lambda: server.router, retry=policy.retry, hedge=policy.hedge,
-                                 mirror=policy.mirror)
+        self.executor = Executor(
+            lambda: server.router, retry=policy.retry, hedge=policy.hedge, mirror=policy.mirror
+        )
 
     def routes(self) -> dict[tuple[bytes, str], Callable[[HttpRequest], Awaitable[Response]]]:
         """(method, path) -> handler (streams are answered through `handle_streaming`)."""
@@ -78,8 +79,15 @@ class OneShotApi:
         data = []
         for inst in self.server.registry.instances.values():
             if inst.unavailable is None:
-                data.append({"id": inst.model or inst.name, "object": "model", "created": 0,
-                             "owned_by": inst.name, "spear": {"ops": sorted(inst.ops)}})
+                data.append(
+                    {
+                        "id": inst.model or inst.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": inst.name,
+                        "spear": {"ops": sorted(inst.ops)},
+                    }
+                )
         return json_response(200, {"object": "list", "data": data})
 
     async def handle(self, request: HttpRequest) -> Response:
@@ -96,8 +104,11 @@ class OneShotApi:
         except BackendFailure as exc:
             return _backend_failure_response(exc)
         except TimeoutError:
-            return canonical_error_response(CanonicalError(ErrorCode.TIMEOUT, "the backend did not answer in time",
-                                                           retryable=True))
+            return canonical_error_response(
+                CanonicalError(
+                    ErrorCode.TIMEOUT, "the backend did not answer in time", retryable=True
+                )
+            )
         return answer  # type: ignore[return-value]
 
     def _normalize(self, request: HttpRequest) -> Normalized:
@@ -119,29 +130,23 @@ class OneShotApi:
 
     async def _run(self, normalized: Normalized, started: float) -> Response | StreamingAnswer:
         envelope = normalized.envelope
-        timeout_s = envelope.timeout_ms / 1000 if envelope.timeout_ms is not None else DEFAULT_TIMEOUT_S
+        timeout_s = (
+            envelope.timeout_ms / 1000 if envelope.timeout_ms is not None else DEFAULT_TIMEOUT_S
+        )
         backend_time = 0.0  # in every attempt, failed ones included: not spear_rt's overhead
-        last_failure: BaseException | None = None
 
         async def call(instance: RegisteredInstance) -> OneShotResponse:
-            nonlocal backend_time, last_failure
+            nonlocal backend_time
             assert instance.kind is not None
             request: OneShotRequest = normalized.for_model(instance.model)
             t0 = _stopwatch()
             try:
                 with anyio.fail_after(timeout_s):
                     return await instance.kind.call(instance.info, request)
-            except (BackendFailure, TimeoutError) as exc:
-                last_failure = exc
-                raise
             finally:
                 backend_time += _stopwatch() - t0
 
-        try:
-            done = await self.executor.run(envelope, call, idempotent=True)
-        except CanonicalFailure as exc:
-            _rate_limited_if_last_was_429(exc.error, last_failure)
-            raise
+        done = await self.executor.run(envelope, call, idempotent=True)
         response = done.result
         self.server.router.charge(envelope, done.instance, response.usage or _estimate(normalized))
         overhead_ms = max((_stopwatch() - started - backend_time) * 1000, 0.0)
@@ -155,23 +160,17 @@ class OneShotApi:
         return Response(response.status, response.body, response.content_type, headers)
 
 
-def _rate_limited_if_last_was_429(error: CanonicalError, last: BaseException | None) -> None:
-    """Fallback gave up after an upstream 429: that is RateLimited (429 + Retry-After), not a
-    BackendError 502, so the client backs off instead of retrying at once."""
-    if (error.code is ErrorCode.BACKEND_ERROR and isinstance(last, BackendFailure)
-            and last.status == 429):
-        error.code = ErrorCode.RATE_LIMITED
-        error.retry_after_s = last.retry_after_s if last.retry_after_s is not None else 1.0
-
-
 def _backend_failure_response(exc: BackendFailure) -> Response:
     status = exc.status if exc.status is not None and 400 <= exc.status < 500 else 502
     headers = []
     if exc.retry_after_s is not None:
         headers.append(("Retry-After", str(max(1, round(exc.retry_after_s)))))
     code = "rate_limited" if status == 429 else "backend_error"
-    return json_response(status, error_body(str(exc), code, "invalid_request_error" if status < 500
-                                            else "server_error"), headers)
+    return json_response(
+        status,
+        error_body(str(exc), code, "invalid_request_error" if status < 500 else "server_error"),
+        headers,
+    )
 
 
 def _estimate(normalized: Normalized) -> Usage:
@@ -192,10 +191,14 @@ async def write_answer(http: HttpConnection, answer: Response | StreamingAnswer)
     if isinstance(answer, StreamingAnswer):
         response = answer.response
         assert response.stream is not None
-        headers = [("Content-Type", response.content_type), ("Cache-Control", "no-cache"), *answer.headers]
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Cache-Control", "no-cache"),
+            *answer.headers,
+        ]
         return await http.send_stream(response.status, headers, response.stream)
     await http.send(answer)
     return True
 
 
-__all__ = ["OneShotApi", "StreamingAnswer", "write_answer", "HttpError"]
+__all__ = ["HttpError", "OneShotApi", "StreamingAnswer", "write_answer"]
