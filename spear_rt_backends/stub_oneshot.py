@@ -25,69 +25,30 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import io
-import re
-import struct
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import msgspec
 import numpy as np
-import soundfile  # type: ignore[import-untyped]  # ships no type hints
 from numpy.typing import NDArray
 
-from spear_rt.audio import float32_to_int16, resample
 from spear_rt.backend import InstanceInfo, OneShotRequest, OneShotResponse
 from spear_rt.ir import Operation, Usage
-from spear_rt_backends.espeak_tts import (
-    DEFAULT_MAX_CHARS,
-    encode_speech,
-    int_option,
-    invalid,
-    parse_speech_request,
+from spear_rt_backends.espeak_tts import int_option, invalid
+from spear_rt_backends.stub_media import (  # shared helpers and the media operations
+    CREATED,
+    DEFAULT_DIMENSIONS,
+    MAX_DIMENSIONS,
+    MAX_EMBEDDING_INPUTS,
+    _int_field,
+    _json,
+    _model,
+    _ok,
+    image_generation,
+    speech_to_text,
+    text_to_speech,
 )
-from spear_rt_backends.stub import LEXICON, STUB_RATE_HZ
-
-CREATED = 1700000000  # a fixed timestamp: answers are byte-for-byte reproducible
-DEFAULT_DIMENSIONS = 1536
-MAX_DIMENSIONS = 8192
-MAX_EMBEDDING_INPUTS = 2048
-MAX_PROMPT_CHARS = 32000
-IMAGE_SIZES = {
-    "auto": (1024, 1024),
-    "256x256": (256, 256),
-    "512x512": (512, 512),
-    "1024x1024": (1024, 1024),
-    "1536x1024": (1536, 1024),
-    "1024x1536": (1024, 1536),
-    "1792x1024": (1792, 1024),
-    "1024x1792": (1024, 1792),
-}
-TRANSCRIPT_FORMATS = ("json", "text", "verbose_json")
-
-_json = msgspec.json.Encoder()
-
-
-def _ok(answer: dict[str, Any], usage: Usage) -> OneShotResponse:
-    return OneShotResponse(body=_json.encode(answer), usage=usage)
-
-
-def _model(payload: dict[str, Any]) -> str:
-    model = payload.get("model", "stub")
-    if not isinstance(model, str):
-        raise invalid(f"`model` must be a string, got {type(model).__name__}")
-    return model
-
-
-def _int_field(payload: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = payload.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise invalid(f"`{key}` must be a whole number from {low} to {high}, got {value!r}")
-    return value
 
 
 async def call(instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
@@ -329,188 +290,3 @@ def embeddings(instance: InstanceInfo, payload: dict[str, Any]) -> OneShotRespon
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
     return _ok(answer, Usage(input_tokens=tokens))
-
-
-# --- images -------------------------------------------------------------------------------------
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def stub_png(width: int, height: int, seed: bytes) -> bytes:
-    """A checkered 4-colour indexed PNG; colours and pattern come from `seed` (>= 16 bytes)."""
-    block = 16 << (seed[12] % 3)  # 16, 32 or 64 px squares
-    cols = np.arange(width) // block
-    rows = np.arange(height) // block
-    index = (cols[None, :] * (1 + seed[13] % 3) + rows[:, None] * (1 + seed[14] % 3)) % 4
-    scanlines = np.zeros((height, width + 1), dtype=np.uint8)  # filter byte 0 per row
-    scanlines[:, 1:] = index
-    return b"".join(
-        (
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)),
-            _png_chunk(b"PLTE", seed[:12]),
-            _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
-
-
-def image_generation(payload: dict[str, Any]) -> OneShotResponse:
-    """`n` deterministic PNGs of the asked size, as `b64_json`."""
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise invalid("you must provide `prompt`: a non-empty string describing the image")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise invalid(f"`prompt` is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
-    n = _int_field(payload, "n", 1, 1, 10)
-    size = payload.get("size") or "auto"
-    if size not in IMAGE_SIZES:
-        raise invalid(f"`size` must be one of {', '.join(IMAGE_SIZES)}, got {size!r}")
-    response_format = payload.get("response_format") or "b64_json"
-    if response_format == "url":
-        raise invalid(
-            "the stub backend hosts no images, so it cannot answer with a URL; "
-            "ask for response_format 'b64_json'"
-        )
-    if response_format != "b64_json":
-        raise invalid(f"`response_format` must be 'b64_json' or 'url', got {response_format!r}")
-    output_format = payload.get("output_format") or "png"
-    if output_format != "png":
-        raise invalid(f"the stub only draws PNG images; `output_format` {output_format!r} is not")
-    width, height = IMAGE_SIZES[size]
-    data = []
-    for i in range(n):
-        seed = hashlib.sha256(f"{i}:{prompt}".encode()).digest()
-        png = stub_png(width, height, seed)
-        data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": prompt})
-    return _ok({"created": CREATED, "data": data}, Usage(images=n))
-
-
-# --- speech to text -----------------------------------------------------------------------------
-
-
-def transcribe(pcm: NDArray[np.int16], rate_hz: int, block_ms: int = 200) -> list[str]:
-    """The stub's words for `pcm`: one per full `block_ms` block at 24 kHz (as in realtime)."""
-    pcm24 = np.ascontiguousarray(resample(np.asarray(pcm, dtype=np.int16), rate_hz, STUB_RATE_HZ))
-    block = STUB_RATE_HZ * block_ms // 1000
-    return [
-        LEXICON[zlib.crc32(pcm24[start : start + block].tobytes()) % len(LEXICON)]
-        for start in range(0, pcm24.size - block + 1, block)
-    ]
-
-
-def _decode_upload(data: bytes, filename: str) -> tuple[NDArray[np.int16], int]:
-    try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise invalid(f"could not decode the audio file {filename!r}: {exc}") from None
-    return float32_to_int16(samples.mean(axis=1, dtype=np.float32)), int(rate)
-
-
-def _granularities(payload: dict[str, Any]) -> set[str]:
-    value = payload.get("timestamp_granularities[]", payload.get("timestamp_granularities"))
-    if value is None:
-        return {"segment"}
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(v in ("word", "segment") for v in values):
-        raise invalid("`timestamp_granularities` must list 'word' and/or 'segment'")
-    return set(values)
-
-
-def speech_to_text(instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
-    """A transcription in `response_format` json, text or verbose_json."""
-    payload, audio = request.payload, request.audio
-    if audio is None:
-        raise invalid("you must provide `file`: the audio to transcribe (a multipart upload)")
-    response_format = payload.get("response_format") or "json"
-    if response_format not in TRANSCRIPT_FORMATS:
-        raise invalid(
-            f"`response_format` must be one of {', '.join(TRANSCRIPT_FORMATS)} here, "
-            f"got {response_format!r}"
-        )
-    language = payload.get("language")
-    if language is not None and not isinstance(language, str):
-        raise invalid("`language` must be a language code such as 'en'")
-    granularities = _granularities(payload)
-    if audio.pcm is not None and audio.rate_hz > 0:
-        pcm, rate_hz = audio.pcm, audio.rate_hz
-    else:
-        pcm, rate_hz = _decode_upload(audio.data, audio.filename)
-    block_ms = int_option(instance, "block_ms", 200)
-    words = transcribe(pcm, rate_hz, block_ms)
-    text = " ".join(words)
-    duration = pcm.size / rate_hz
-    usage = Usage(audio_seconds=duration)
-    if response_format == "text":
-        return OneShotResponse("text/plain; charset=utf-8", (text + "\n").encode(), usage=usage)
-    if response_format == "json":
-        return _ok({"text": text}, usage)
-    answer: dict[str, Any] = {
-        "task": "transcribe",
-        "language": language or "english",
-        "duration": duration,
-        "text": text,
-    }
-    step = block_ms / 1000
-    if "segment" in granularities:
-        answer["segments"] = [
-            {
-                "id": 0,
-                "seek": 0,
-                "start": 0.0,
-                "end": duration,
-                "text": text,
-                "tokens": [],
-                "temperature": 0.0,
-                "avg_logprob": 0.0,
-                "compression_ratio": 1.0,
-                "no_speech_prob": 0.0,
-            }
-        ]
-    if "word" in granularities:
-        answer["words"] = [
-            {"word": w, "start": round(i * step, 3), "end": round((i + 1) * step, 3)}
-            for i, w in enumerate(words)
-        ]
-    return _ok(answer, usage)
-
-
-# --- text to speech -----------------------------------------------------------------------------
-
-_TAG = re.compile(r"<[^>]*>")
-
-
-def tones(text: str, rate_hz: int, speed: float) -> NDArray[np.int16]:
-    """One tone per word: pitch from its CRC-32, length from its letters; 50 ms gaps."""
-    parts = []
-    gap = np.zeros(int(0.05 / speed * rate_hz), dtype=np.float32)
-    for word in _TAG.sub(" ", text).split():
-        freq = 200 + zlib.crc32(word.lower().encode()) % 600
-        count = int((0.12 + 0.02 * min(len(word), 12)) / speed * rate_hz)
-        tone = 0.25 * np.sin(
-            np.arange(count, dtype=np.float32) * np.float32(2 * np.pi * freq / rate_hz)
-        )
-        fade = min(count // 2, rate_hz // 200)  # 5 ms ramps: no clicks
-        ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
-        tone[:fade] *= ramp
-        tone[count - fade :] *= ramp[::-1]
-        parts += [tone, gap]
-    return float32_to_int16(np.concatenate(parts) if parts else gap)
-
-
-async def text_to_speech(instance: InstanceInfo, payload: dict[str, Any]) -> OneShotResponse:
-    """Tones for the words of `input`, encoded in `response_format`."""
-    speech = parse_speech_request(
-        payload, max_chars=int_option(instance, "max_chars", DEFAULT_MAX_CHARS)
-    )
-    fmt = speech.format
-    pcm = tones(speech.text, fmt.rate_hz, speech.speed)
-    if fmt.container in (None, "WAV"):  # no codec: cheaper than a thread hop
-        body = encode_speech(pcm, fmt.rate_hz, fmt)
-    else:
-        body = await anyio.to_thread.run_sync(encode_speech, pcm, fmt.rate_hz, fmt)
-    return OneShotResponse(
-        content_type=fmt.content_type, body=body, usage=Usage(characters=len(payload["input"]))
-    )

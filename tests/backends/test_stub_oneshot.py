@@ -29,7 +29,7 @@ from spear_rt.backend import (
 )
 from spear_rt.errors import CanonicalFailure
 from spear_rt.ir import ErrorCode, Operation
-from spear_rt_backends import stub_oneshot
+from spear_rt_backends import stub_media, stub_oneshot
 from spear_rt_backends.stub import KIND, StubTranscription
 
 INSTANCE = InstanceInfo(name="stub")
@@ -410,7 +410,7 @@ async def test_realtime_voice_is_not_a_one_shot_operation() -> None:
 
 def test_transcribe_is_the_documented_block_rule() -> None:
     pcm = noise(4800 * 3)
-    words = stub_oneshot.transcribe(pcm, 24000)
+    words = stub_media.transcribe(pcm, 24000)
     assert len(words) == 3
     crc = zlib.crc32(pcm[4800:9600].tobytes())
-    assert words[1] == stub_oneshot.LEXICON[crc % len(stub_oneshot.LEXICON)]
+    assert words[1] == stub_media.LEXICON[crc % len(stub_media.LEXICON)]
