@@ -126,6 +126,21 @@ class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     window_s: float = 3600.0
 
 
+class MediaConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[media]`: the content-addressed media store and the http_url host allowlist."""
+
+    root: str = "~/.cache/spear-rt/media"  # expanded (`root_path`)
+    max_bytes: int = 1 << 30
+    max_age_s: float = 24 * 3600.0
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)  # empty: no URL fetching
+    max_fetch_bytes: int = 25 << 20
+
+    @property
+    def root_path(self) -> Path:
+        """`root` with ``~`` and environment variables expanded."""
+        return Path(os.path.expandvars(self.root)).expanduser()
+
+
 class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A named credential: the env var that holds the key."""
 
@@ -170,6 +185,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    media: MediaConfig = msgspec.field(default_factory=MediaConfig)
     credentials: list[CredentialConfig] = msgspec.field(default_factory=list)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     source: str = "embedded default"
@@ -227,6 +243,9 @@ def _check(config: Config) -> None:
     _parse_listen(config.server.listen)
     if config.server.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes", "must be at least 1024")
+    for field in ("max_bytes", "max_age_s", "max_fetch_bytes"):
+        if getattr(config.media, field) <= 0:
+            raise ConfigError(f"media.{field}", "must be positive")
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:

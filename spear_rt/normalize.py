@@ -216,8 +216,43 @@ def decode_upload(data: bytes, filename: str, content_type: str) -> AudioInput:
     return AudioInput(data, filename, content_type, pcm, int(rate))
 
 
+AUDIO_SOURCES = ("file", "file_ref", "file_url")
+
+
+def transcription_source(form: dict[str, Any]) -> tuple[str, str | None]:
+    """Which one of `file`, `file_ref` or `file_url` a transcription form carries.
+
+    ``("file", None)`` for a multipart upload, else the field's name and its text value (a
+    ``spear-media://`` reference or an http(s) URL, resolved by the caller: this module does
+    no I/O). Exactly one must be present.
+    """
+    given = [name for name in AUDIO_SOURCES if name in form]
+    if len(given) > 1:
+        raise InvalidInput(
+            f"give exactly one of `file`, `file_ref` or `file_url`, not {' and '.join(given)}",
+            given[1],
+        )
+    if not given or (given == ["file"] and form["file"].filename is None):
+        raise InvalidInput(
+            "you must provide a `file` (multipart file field), or a `file_ref` "
+            "(spear-media://<sha256> from POST /v1/media) or a `file_url`",
+            "file",
+            "missing_required_parameter",
+        )
+    name = given[0]
+    if name == "file":
+        return name, None
+    value: str = form[name].data.decode("utf-8", "replace").strip()
+    if not value:
+        raise InvalidInput(f"`{name}` is empty", name)
+    return name, value
+
+
 def normalize_transcription(form: dict[str, Any], **envelope_args: Any) -> Normalized:
-    """Validate a transcription form (`file` + fields) into a canonical request."""
+    """Validate a transcription form (`file` + fields) into a canonical request.
+
+    A `file_ref` or `file_url` must have been resolved into a `file` part by the caller.
+    """
     upload = form.get("file")
     if upload is None or upload.filename is None:
         raise InvalidInput(

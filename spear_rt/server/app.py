@@ -39,7 +39,7 @@ from spear_rt.server.http import (
     error_response,
     json_response,
 )
-from spear_rt.server.oneshot import OneShotApi, StreamingAnswer, write_answer
+from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.ws import WebSocketConnection
 from spear_rt.session.machine import SessionMachine
 from spear_rt.session.manager import ConnectRequest, Runner, RunnerFactory, SessionManager, reject
@@ -238,7 +238,6 @@ class Server:
             except Exception:
                 log.exception("connection handler crashed")
 
-
     async def _serve_http(self, stream: anyio.abc.ByteStream) -> None:
         loopback = _is_loopback(stream)  # once per connection, not per request
         http = HttpConnection(stream)
@@ -304,6 +303,15 @@ class Server:
         handler = self._routes.get((method, path))
         if handler is not None:
             return handler
+        if path.startswith(MEDIA_PREFIX):  # the one route with a path parameter
+            if method == b"GET":
+                return self.oneshot.get_media
+            raise HttpError(
+                405,
+                f"{method.decode()} is not allowed on {path}",
+                "method_not_allowed",
+                [("Allow", "GET")],
+            )
         methods = sorted(m.decode() for m, p in self._routes if p == path)
         if methods:
             raise HttpError(

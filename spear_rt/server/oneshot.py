@@ -8,16 +8,27 @@ Every answer carries `x-spear-instance` (who served it), `x-spear-attempts` and
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
+import msgspec
 
 from spear_rt.backend import OneShotRequest, OneShotResponse
 from spear_rt.errors import BackendFailure, CanonicalFailure
 from spear_rt.ir import CanonicalError, ErrorCode, Operation, Usage
-from spear_rt.normalize import InvalidInput, Normalized, normalize_json, normalize_transcription
+from spear_rt.media import MediaStore, check_http_url, fetch_http_url, sha256_of_uri
+from spear_rt.normalize import (
+    InvalidInput,
+    Normalized,
+    normalize_json,
+    normalize_transcription,
+    transcription_source,
+)
 from spear_rt.registry import RegisteredInstance
 from spear_rt.router.execute import Executor
 from spear_rt.server.http import (
@@ -29,7 +40,7 @@ from spear_rt.server.http import (
     error_body,
     json_response,
 )
-from spear_rt.server.multipart import MultipartError, parse_multipart
+from spear_rt.server.multipart import MultipartError, Part, parse_multipart
 from spear_rt.session.machine import new_id
 
 if TYPE_CHECKING:
@@ -42,6 +53,9 @@ JSON_ENDPOINTS = {
     "/v1/images/generations": Operation.IMAGE_GENERATION,
 }
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
+MEDIA = "/v1/media"
+MEDIA_PREFIX = "/v1/media/"  # GET /v1/media/<sha256>: matched by prefix in `Server._route`
+FETCH_TIMEOUT_S = 30.0
 DEFAULT_TIMEOUT_S = 120.0
 # The overhead header is a measurement, not logic: it reads a monotonic clock of its own,
 # since uvloop's loop clock moves in whole milliseconds (the header would read 0 or 1).
@@ -65,6 +79,15 @@ class OneShotApi:
         self.executor = Executor(
             lambda: server.router, retry=policy.retry, hedge=policy.hedge, mirror=policy.mirror
         )
+        self._media: MediaStore | None = None
+
+    @property
+    def media(self) -> MediaStore:
+        """The server's media store, created on first use from the `[media]` config."""
+        if self._media is None:
+            cfg = self.server.config.media
+            self._media = MediaStore(cfg.root_path, cfg.max_bytes, cfg.max_age_s)
+        return self._media
 
     def routes(self) -> dict[tuple[bytes, str], Callable[[HttpRequest], Awaitable[Response]]]:
         """(method, path) -> handler (streams are answered through `handle_streaming`)."""
@@ -72,7 +95,32 @@ class OneShotApi:
             (b"POST", path): self.handle for path in (*JSON_ENDPOINTS, TRANSCRIPTIONS)
         }
         routes[(b"GET", "/v1/models")] = self.models
+        routes[(b"POST", MEDIA)] = self.upload_media
         return routes
+
+    async def upload_media(self, request: HttpRequest) -> Response:
+        """Store the body (its Content-Type as the MIME type): 201 with its reference."""
+        if not request.body:
+            return json_response(400, error_body("the request body is empty", "invalid_value"))
+        mime = (request.header("content-type") or "").split(";")[0].strip()
+        try:
+            stored = await self.media.put(request.body, mime or "application/octet-stream")
+        except CanonicalFailure as exc:
+            return canonical_error_response(exc.error)
+        return json_response(
+            201,
+            {"sha256": stored.sha256, "uri": stored.uri, "size": stored.size, "mime": stored.mime},
+        )
+
+    async def get_media(self, request: HttpRequest) -> Response:
+        """GET /v1/media/<sha256>: the stored bytes with their MIME type (404 when gone)."""
+        sha = request.path[len(MEDIA_PREFIX) :]
+        try:
+            stat = await self.media.stat(sha)
+            data = await self.media.get(stat.sha256)
+        except CanonicalFailure as exc:
+            return json_response(404, error_body(exc.error.message, "media_not_found"))
+        return Response(200, data, stat.mime)
 
     async def models(self, request: HttpRequest) -> Response:
         """OpenAI's model list: each instance's model (or its name when it serves any)."""
@@ -94,9 +142,18 @@ class OneShotApi:
         """Normalize, route, run; a stream is handed back to the connection to write."""
         started = _stopwatch()
         try:
-            normalized = self._normalize(request)
+            normalized = await self._normalize(request)
+            wants_url = _image_url_requested(normalized)
+            if wants_url:  # backends answer b64_json; the edge stores it and answers a URL
+                req = normalized.request
+                payload = {**req.payload, "response_format": "b64_json"}
+                normalized = msgspec.structs.replace(
+                    normalized, request=msgspec.structs.replace(req, payload=payload, raw_body=None)
+                )
             self.server.router.admit(normalized.envelope)
             answer = await self._run(normalized, started)
+            if wants_url and isinstance(answer, Response) and answer.status == 200:
+                answer = await self._images_as_urls(answer, request)
         except InvalidInput as exc:
             return json_response(400, error_body(str(exc), exc.code, param=exc.param))
         except CanonicalFailure as exc:
@@ -111,7 +168,7 @@ class OneShotApi:
             )
         return answer  # type: ignore[return-value]
 
-    def _normalize(self, request: HttpRequest) -> Normalized:
+    async def _normalize(self, request: HttpRequest) -> Normalized:
         hints = {
             "backend": request.header("spear-backend"),
             "policy": request.header("spear-policy"),
@@ -125,8 +182,71 @@ class OneShotApi:
                 form = parse_multipart(request.body, request.header("content-type"))
             except MultipartError as exc:
                 raise InvalidInput(str(exc), None, "invalid_multipart") from None
+            source, value = transcription_source(form)
+            if value is not None:
+                form = {**form, "file": await self._resolve_audio(source, value)}
             return normalize_transcription(form, **args)
         return normalize_json(JSON_ENDPOINTS[request.path], request.body, **args)
+
+    async def _resolve_audio(self, source: str, value: str) -> Part:
+        """A `file_ref` (from the media store) or `file_url` (an allowed host) as a file part."""
+        if source == "file_ref":
+            try:
+                sha = sha256_of_uri(value)
+                stat = await self.media.stat(sha)
+                data = await self.media.get(sha)
+            except CanonicalFailure as exc:
+                raise InvalidInput(exc.error.message, "file_ref", "media_not_found") from None
+            return Part("file", data, sha, stat.mime)
+        cfg = self.server.config.media
+        if not cfg.allowed_hosts:
+            raise InvalidInput(
+                "fetching media by URL is disabled on this server (its media.allowed_hosts is "
+                "empty); upload the file, or POST it to /v1/media and send `file_ref`",
+                "file_url",
+                "url_not_allowed",
+            )
+        try:
+            check_http_url(value, cfg.allowed_hosts)
+        except CanonicalFailure as exc:
+            raise InvalidInput(
+                f"{exc.error.message} (media.allowed_hosts)", "file_url", "url_not_allowed"
+            ) from None
+        try:
+            with anyio.fail_after(FETCH_TIMEOUT_S):
+                fetched = await fetch_http_url(value, cfg.allowed_hosts, cfg.max_fetch_bytes)
+        except CanonicalFailure as exc:
+            raise InvalidInput(exc.error.message, "file_url", "media_fetch_failed") from None
+        except TimeoutError:
+            raise InvalidInput(
+                f"media URL did not answer within {FETCH_TIMEOUT_S:g} s",
+                "file_url",
+                "media_fetch_failed",
+            ) from None
+        name = urlsplit(value).path.rsplit("/", 1)[-1] or "upload"
+        return Part("file", fetched.data, name, fetched.mime)
+
+    async def _images_as_urls(self, answer: Response, request: HttpRequest) -> Response:
+        """Store each `b64_json` image of an answer and replace it by a `url` to GET it."""
+        try:
+            body = msgspec.json.decode(answer.body)
+            items: list[dict[str, Any]] = body["data"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            return answer  # not the shape we know: pass it through untouched
+        host = request.header("host") or f"127.0.0.1:{self.server.port}"
+        for item in items:
+            encoded = item.pop("b64_json", None) if isinstance(item, dict) else None
+            if not isinstance(encoded, str):
+                continue
+            try:
+                data = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise BackendFailure("the backend answered an image that is not base64") from None
+            stored = await self.media.put(data, _image_mime(data))
+            item["url"] = f"http://{host}{MEDIA_PREFIX}{stored.sha256}"
+        return Response(
+            answer.status, msgspec.json.encode(body), answer.content_type, answer.headers
+        )
 
     async def _run(self, normalized: Normalized, started: float) -> Response | StreamingAnswer:
         envelope = normalized.envelope
@@ -158,6 +278,24 @@ class OneShotApi:
         if response.stream is not None:
             return StreamingAnswer(response, headers)
         return Response(response.status, response.body, response.content_type, headers)
+
+
+def _image_url_requested(normalized: Normalized) -> bool:
+    request = normalized.request
+    return (
+        request.operation is Operation.IMAGE_GENERATION
+        and request.payload.get("response_format") == "url"
+    )
+
+
+def _image_mime(data: bytes) -> str:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
 
 
 def _backend_failure_response(exc: BackendFailure) -> Response:

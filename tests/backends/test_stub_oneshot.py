@@ -29,7 +29,7 @@ from spear_rt.backend import (
 )
 from spear_rt.errors import CanonicalFailure
 from spear_rt.ir import ErrorCode, Operation
-from spear_rt_backends import stub_media, stub_oneshot
+from spear_rt_backends import stub_media
 from spear_rt_backends.stub import KIND, StubTranscription
 
 INSTANCE = InstanceInfo(name="stub")
