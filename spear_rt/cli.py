@@ -19,7 +19,7 @@ from spear_rt.config import Config, load_config
 from spear_rt.errors import ConfigError, SpearError
 
 LOOPS = ("trio", "asyncio", "uvloop")
-DEFAULT_LOOP = "asyncio"  # see README "Event loops": chosen by measurement
+DEFAULT_LOOP = "uvloop"  # falls back to asyncio; see README "Event loops": chosen by measurement
 
 
 def run_on_loop(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
