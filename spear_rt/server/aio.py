@@ -45,6 +45,8 @@ class ConnectionProtocol(asyncio.Protocol):
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
         self.session: CallbackRunner | None = None
+        # Unread request bytes: past READ_HIGH_WATER the transport stops reading (TCP pushes
+        # back), so this holds at most READ_HIGH_WATER plus one read.
         self.buffer: deque[bytes] = deque()
         self.buffered = 0
         self.eof = False
@@ -189,7 +191,10 @@ class CallbackRunner:
         self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(
             upstream, "send_nowait", None
         )
-        self._backlog: deque[UpstreamCommand] = deque()  # commands waiting for the async pump
+        # Commands the upstream could not take at once. Reading the client pauses as soon as
+        # this is non-empty and resumes when the pump has sent them all, so it never holds
+        # more than the commands of one read (bounded by the frame size): nothing is dropped.
+        self._backlog: deque[UpstreamCommand] = deque()
         self._pump_wake = anyio.Event()
         self._timer_scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
@@ -378,6 +383,8 @@ async def serve_asyncio(
 ) -> None:
     """Listen with `ConnectionProtocol`; each connection's handler runs as a task in `tg`."""
     loop = asyncio.get_running_loop()
+    # Accepted connections waiting to become tasks: drained on the next loop turn, so it holds
+    # at most what one accept burst (the listen backlog) brings.
     pending: deque[ProtocolStream] = deque()
     arrived = asyncio.Event()
 
