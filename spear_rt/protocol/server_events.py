@@ -135,6 +135,18 @@ class Error(ServerEvent, tag="error"):
     spear: dict[str, Any] | None = None  # routing explanation, when there is one
 
 
+class SpearServerDraining(ServerEvent, tag="spear.server.draining"):
+    """The server is shutting down: turns in flight finish, then the session closes 1001."""
+
+    deadline_ms: int
+
+
+class SpearSessionExpiring(ServerEvent, tag="spear.session.expiring"):
+    """The session reaches max_session_seconds in `seconds_left` and will then close."""
+
+    seconds_left: float
+
+
 class SpearMetrics(ServerEvent, tag="spear.metrics"):
     """Per-session counters (spear extension; clients that don't know it ignore it)."""
 
@@ -157,6 +169,8 @@ AnyServerEvent = (
     | TranscriptionCompleted
     | TranscriptionFailed
     | Error
+    | SpearServerDraining
+    | SpearSessionExpiring
     | SpearMetrics
 )
 

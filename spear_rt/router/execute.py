@@ -258,8 +258,13 @@ def _exhausted(
     elif isinstance(last, BackendFailure) and last.status == 429:
         # The last instance said "slow down": the caller should back off, not retry at once.
         retry = last.retry_after_s if last.retry_after_s is not None else 1.0
-        error = CanonicalError(ErrorCode.RATE_LIMITED, f"{last}", retryable=True,
-                               operation=req.operation, retry_after_s=retry)
+        error = CanonicalError(
+            ErrorCode.RATE_LIMITED,
+            f"{last}",
+            retryable=True,
+            operation=req.operation,
+            retry_after_s=retry,
+        )
     else:
         code = ErrorCode.TIMEOUT if isinstance(last, TimeoutError) else ErrorCode.BACKEND_ERROR
         error = CanonicalError(

@@ -95,6 +95,7 @@ class Timeouts(msgspec.Struct, frozen=True):
     idle_timeout_s: float = 600.0
     max_session_seconds: float = 3600.0
     drain_deadline_s: float = 10.0
+    expiry_warning_s: float = 60.0  # `spear.session.expiring` this long before max age
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -139,6 +140,7 @@ class SessionMachine:
         self._started_at = 0.0
         self._last_activity = 0.0
         self._drain_deadline: float | None = None
+        self._expiry_warned = False
         # audio and turns
         self.input_audio_bytes = 0
         self._samples_in = 0
@@ -227,9 +229,10 @@ class SessionMachine:
         if self.state is not State.ACTIVE:
             return
         self.state = State.DRAINING
-        self._drain_deadline = now + (
-            deadline_s if deadline_s is not None else self._timeouts.drain_deadline_s
-        )
+        grace = deadline_s if deadline_s is not None else self._timeouts.drain_deadline_s
+        self._drain_deadline = now + grace
+        # Tell the client first: it can stop sending and reconnect elsewhere after its turns.
+        self._emit(se.SpearServerDraining(deadline_ms=round(grace * 1000)))
         if self._turn_id is not None and self._turn_samples:
             self._commit_turn()
         elif self._turn_id is not None:
@@ -244,6 +247,11 @@ class SessionMachine:
         """Check timers; closes the session when one has expired."""
         if self.state not in (State.ACTIVE, State.DRAINING):
             return
+        expires_at = self._started_at + self._timeouts.max_session_seconds
+        if not self._expiry_warned and now >= expires_at - self._timeouts.expiry_warning_s:
+            self._expiry_warned = True
+            if now < expires_at:
+                self._emit(se.SpearSessionExpiring(seconds_left=round(expires_at - now, 3)))
         if self._drain_deadline is not None and now >= self._drain_deadline:
             self._close(1001, "server draining: deadline reached")
         elif now - self._started_at >= self._timeouts.max_session_seconds:
@@ -262,6 +270,8 @@ class SessionMachine:
         deadline = min(
             self._started_at + t.max_session_seconds, self._last_activity + t.idle_timeout_s
         )
+        if not self._expiry_warned:
+            deadline = min(deadline, self._started_at + t.max_session_seconds - t.expiry_warning_s)
         if self._drain_deadline is not None:
             deadline = min(deadline, self._drain_deadline)
         return deadline

@@ -203,7 +203,12 @@ async def test_drain_finishes_the_open_turn_then_closes_1001(server: Server) -> 
         server.sessions.drain(5.0)
         events = await client.recv_all()
         code, _ = await client.wait_closed()
-    assert types(events) == [COMMITTED, "conversation.item.created", COMPLETED]
+    assert types(events) == [
+        "spear.server.draining",
+        COMMITTED,
+        "conversation.item.created",
+        COMPLETED,
+    ]
     assert code == 1001
 
 
@@ -586,7 +591,7 @@ async def test_drain_deadline_closes_1001_when_a_transcript_never_comes(
         server.sessions.drain(5.0)
         events = await client.recv_all()
         code, reason = await client.wait_closed()
-    assert types(events) == [COMMITTED, "conversation.item.created"]
+    assert types(events) == ["spear.server.draining", COMMITTED, "conversation.item.created"]
     assert (code, reason) == (1001, "server draining: deadline reached")
     assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
 

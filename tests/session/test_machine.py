@@ -581,7 +581,7 @@ def test_drain_commits_the_open_turn_refuses_audio_and_closes_1001_after_complet
     h.pump()
     events = h.events()
     assert h.machine.state is State.DRAINING
-    assert types(events) == [COMMITTED, "conversation.item.created"]
+    assert types(events) == ["spear.server.draining", COMMITTED, "conversation.item.created"]
     refused = h.append(speech(0.1), event_id="late")
     assert types(refused) == ["error"]
     assert refused[0]["error"]["code"] == "session_draining"
@@ -652,3 +652,30 @@ def test_client_gone_closes_the_session() -> None:
     h.machine.client_gone()
     assert h.machine.state is State.CLOSED
     assert h.send({"type": "input_audio_buffer.commit"}) == []
+
+
+def test_drain_announces_itself_with_its_deadline() -> None:
+    """The first drain event is spear.server.draining carrying the deadline in ms."""
+    h = Harness()
+    h.start()
+    h.machine.drain(h.now, 7.5)
+    events = h.events()
+    assert events[0]["type"] == "spear.server.draining" and events[0]["deadline_ms"] == 7500
+
+
+def test_a_warning_comes_before_max_session_seconds() -> None:
+    """expiry_warning_s before the end: one spear.session.expiring, then the close at the end."""
+    h = Harness(
+        timeouts=Timeouts(idle_timeout_s=10_000, max_session_seconds=300, expiry_warning_s=60)
+    )
+    h.start()
+    assert h.machine.next_deadline() == 240
+    h.machine.tick(240.0)
+    warning = h.events()
+    assert [e["type"] for e in warning] == ["spear.session.expiring"]
+    assert warning[0]["seconds_left"] == 60
+    assert h.machine.close is None and h.machine.next_deadline() == 300
+    h.machine.tick(250.0)
+    assert h.events() == []  # warned once
+    h.machine.tick(300.0)
+    assert h.machine.close is not None and h.machine.close.code == 1000
