@@ -18,10 +18,12 @@ Contract of a transcription upstream:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+import anyio
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
@@ -131,6 +133,61 @@ class TranscriptFailed(msgspec.Struct, frozen=True):
 
 
 UpstreamEvent = TranscriptDelta | TranscriptCompleted | TranscriptFailed
+
+
+class EventQueue:
+    """Events an in-process upstream has produced, waiting for its session.
+
+    Bounded by count: an upstream checks `full` before taking more work (its `send_nowait`
+    returns False) and its `send` waits in `wait_space` until the session has read an event
+    or the upstream itself calls `wake_senders`. Nothing is ever dropped.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._events: deque[UpstreamEvent] = deque()
+        self._ready = anyio.Event()
+        self._space = anyio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    @property
+    def full(self) -> bool:
+        """True while `limit` events are unread."""
+        return len(self._events) >= self.limit
+
+    def put(self, event: UpstreamEvent) -> None:
+        """Queue an event for the session."""
+        self._events.append(event)
+        self._ready.set()
+
+    async def get(self) -> UpstreamEvent:
+        """The next event; EndOfStream once closed and empty."""
+        while not self._events:
+            if self._closed:
+                raise anyio.EndOfStream
+            self._ready = anyio.Event()
+            await self._ready.wait()
+        event = self._events.popleft()
+        self._space.set()
+        return event
+
+    async def wait_space(self) -> None:
+        """Wait until an event is read (or `wake_senders`); callers re-check their own bound."""
+        self._space = anyio.Event()
+        await self._space.wait()
+
+    def wake_senders(self) -> None:
+        """Let waiting senders re-check (the upstream freed some other resource)."""
+        self._space.set()
+
+    def close(self) -> None:
+        """End the stream: `get` raises EndOfStream once the queue is empty."""
+        self._closed = True
+        self._ready.set()
+        self._space.set()
 
 
 class TranscriptionUpstream(Protocol):

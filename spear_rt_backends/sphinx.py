@@ -38,6 +38,7 @@ from spear_rt.backend import (
     BeginTurn,
     Clear,
     Commit,
+    EventQueue,
     InstanceDefaults,
     InstanceInfo,
     OneShotRequest,
@@ -99,12 +100,9 @@ class SphinxTranscription:
     def __init__(self, limiter: anyio.CapacityLimiter, pause_ms: int) -> None:
         self._limiter = limiter
         self._pause = VadConfig(threshold=0.5, prefix_padding_ms=0, silence_duration_ms=pause_ms)
-        self._events: deque[UpstreamEvent] = deque()
-        self._ready = anyio.Event()
+        self._events = EventQueue(EVENT_BUFFER)
         self._segments: deque[tuple[str, Pcm16 | None, bool]] = deque()  # (item, audio, ends turn)
         self._work = anyio.Event()
-        self._space = anyio.Event()
-        self._closed = False
         self._reset("")
 
     def _reset(self, item_id: str) -> None:
@@ -118,7 +116,7 @@ class SphinxTranscription:
 
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Buffer audio / cut segments at once; False while too much audio awaits decoding."""
-        if self._pending_samples() > MAX_PENDING_SAMPLES or len(self._events) >= EVENT_BUFFER:
+        if self._pending_samples() > MAX_PENDING_SAMPLES or self._events.full:
             return False
         match command:
             case BeginTurn(item_id=item_id):
@@ -138,8 +136,7 @@ class SphinxTranscription:
     async def send(self, command: UpstreamCommand) -> None:
         """Like `send_nowait`, waiting while the decoder is behind."""
         while not self.send_nowait(command):
-            self._space = anyio.Event()
-            await self._space.wait()
+            await self._events.wait_space()
 
     def _cut(self, *, ends_turn: bool) -> None:
         audio = np.concatenate(self._chunks) if self._chunks else None
@@ -149,16 +146,7 @@ class SphinxTranscription:
 
     async def receive(self) -> UpstreamEvent:
         """Next transcript event; EndOfStream once closed."""
-        while not self._events:
-            if self._closed:
-                raise anyio.EndOfStream
-            self._ready = anyio.Event()
-            await self._ready.wait()
-        return self._events.popleft()
-
-    def _emit(self, event: UpstreamEvent) -> None:
-        self._events.append(event)
-        self._ready.set()
+        return await self._events.get()
 
     async def decode_loop(self) -> None:
         """Decode segments in order; each segment's words become one delta."""
@@ -177,22 +165,20 @@ class SphinxTranscription:
             except Exception as exc:
                 self._segments.popleft()
                 words.pop(item_id, None)
-                self._emit(TranscriptFailed(item_id, f"pocketsphinx failed: {exc}"))
+                self._events.put(TranscriptFailed(item_id, f"pocketsphinx failed: {exc}"))
                 continue
             self._segments.popleft()
-            self._space.set()
+            self._events.wake_senders()  # the segment's audio no longer counts as pending
             said = words.setdefault(item_id, [])
             if text:
-                self._emit(TranscriptDelta(item_id, (" " if said else "") + text))
+                self._events.put(TranscriptDelta(item_id, (" " if said else "") + text))
                 said.extend(text.split())
             if ends_turn:
-                self._emit(TranscriptCompleted(item_id, " ".join(words.pop(item_id))))
+                self._events.put(TranscriptCompleted(item_id, " ".join(words.pop(item_id))))
 
     def close(self) -> None:
         """End the event stream."""
-        self._closed = True
-        self._ready.set()
-        self._space.set()
+        self._events.close()
 
 
 _limiters: dict[str, anyio.CapacityLimiter] = {}

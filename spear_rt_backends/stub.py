@@ -10,11 +10,9 @@ event loop (no thread hop) and costs one CRC per block.
 from __future__ import annotations
 
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 import numpy as np
 
 from spear_rt.backend import (
@@ -22,6 +20,7 @@ from spear_rt.backend import (
     BeginTurn,
     Clear,
     Commit,
+    EventQueue,
     InstanceDefaults,
     InstanceInfo,
     OneShotRequest,
@@ -57,14 +56,11 @@ class StubTranscription:
         self._words: list[str] = []
         self._item_id = ""
         # Events wait here for the session; past EVENT_BUFFER the stub applies backpressure.
-        self._events: deque[UpstreamEvent] = deque()
-        self._ready = anyio.Event()
-        self._space = anyio.Event()
-        self._closed = False
+        self._events = EventQueue(EVENT_BUFFER)
 
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Apply one command at once, or return False while the session lags on events."""
-        if len(self._events) >= EVENT_BUFFER:
+        if self._events.full:
             return False
         match command:
             case BeginTurn(item_id=item_id):
@@ -72,7 +68,7 @@ class StubTranscription:
             case AppendAudio(pcm=pcm):
                 self._append(pcm)
             case Commit(item_id=item_id):
-                self._emit(TranscriptCompleted(item_id, " ".join(self._words)))
+                self._events.put(TranscriptCompleted(item_id, " ".join(self._words)))
                 self._reset("")
             case Clear():
                 self._reset("")
@@ -81,23 +77,11 @@ class StubTranscription:
     async def send(self, command: UpstreamCommand) -> None:
         """Apply one command; waits only while EVENT_BUFFER events are unread."""
         while not self.send_nowait(command):
-            self._space = anyio.Event()
-            await self._space.wait()
+            await self._events.wait_space()
 
     async def receive(self) -> UpstreamEvent:
         """Next transcript event; EndOfStream once closed."""
-        while not self._events:
-            if self._closed:
-                raise anyio.EndOfStream
-            self._ready = anyio.Event()
-            await self._ready.wait()
-        event = self._events.popleft()
-        self._space.set()
-        return event
-
-    def _emit(self, event: UpstreamEvent) -> None:
-        self._events.append(event)
-        self._ready.set()
+        return await self._events.get()
 
     def _reset(self, item_id: str) -> None:
         self._item_id = item_id
@@ -110,16 +94,16 @@ class StubTranscription:
         while pending.size - start >= self._block:
             block = pending[start : start + self._block]
             word = LEXICON[zlib.crc32(block.tobytes()) % len(LEXICON)]
-            self._emit(TranscriptDelta(self._item_id, word if not self._words else " " + word))
+            self._events.put(
+                TranscriptDelta(self._item_id, word if not self._words else " " + word)
+            )
             self._words.append(word)
             start += self._block
         self._pending = pending[start:].copy() if start else pending.copy()
 
     async def aclose(self) -> None:
         """End the event stream; a waiting `receive` ends with EndOfStream."""
-        self._closed = True
-        self._ready.set()
-        self._space.set()
+        self._events.close()
 
 
 class StubKind:
