@@ -25,13 +25,14 @@ from typing import Any, cast
 
 import anyio
 import anyio.abc
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
 from spear_rt.errors import BackendFailure
 from spear_rt.protocol.client_events import decode_client_event
+from spear_rt.server.ws import MessageAssembler
 from spear_rt.session.machine import CloseAction, SessionMachine
 from spear_rt.session.runner import _BINARY, CLOSE_GRACE_S
 
@@ -198,8 +199,7 @@ class CallbackRunner:
         self._pump_wake = anyio.Event()
         self._timer_scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
-        self._fragments: list[bytes | bytearray | memoryview] = []
-        self._fragment_text = False
+        self._assembler = MessageAssembler()
         self._close_sent = False
         self._grace: asyncio.TimerHandle | None = None
 
@@ -249,23 +249,10 @@ class CallbackRunner:
         ws, machine = self.ws, self.machine
         now = anyio.current_time()
         for frame in ws.events_received():
-            if not isinstance(frame, Frame):
-                continue
-            opcode = frame.opcode
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-                if not frame.fin:
-                    self._fragments, self._fragment_text = [frame.data], opcode is Opcode.TEXT
-                    continue
-                message, text = frame.data, opcode is Opcode.TEXT
-            elif opcode is Opcode.CONT:
-                self._fragments.append(frame.data)
-                if not frame.fin:
-                    continue
-                message, text = b"".join(self._fragments), self._fragment_text
-                self._fragments = []
-            else:
-                continue  # ping/pong/close: websockets queued any answer
-            machine.client_event(decode_client_event(message) if text else _BINARY, now)
+            # ping/pong/close give no message: websockets queued any answer itself
+            if isinstance(frame, Frame) and (message := self._assembler.feed(frame)) is not None:
+                event = decode_client_event(message.data) if message.text else _BINARY
+                machine.client_event(event, now)
         self._push_upstream()
         self.flush()
 

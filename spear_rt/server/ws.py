@@ -17,6 +17,7 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 READ_SIZE = 65536
+CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
 
 
 class Message:
@@ -29,6 +30,29 @@ class Message:
         self.text = text
 
 
+class MessageAssembler:
+    """Joins fragmented data frames into messages (sans-I/O; shared by both drivers)."""
+
+    def __init__(self) -> None:
+        self._fragments: list[bytes | bytearray | memoryview] = []
+        self._text = False
+
+    def feed(self, frame: Frame) -> Message | None:
+        """The message `frame` completes, or None (a fragment, or a control frame)."""
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                return Message(frame.data, opcode is Opcode.TEXT)
+            self._fragments, self._text = [frame.data], opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                message = Message(b"".join(self._fragments), self._text)
+                self._fragments = []
+                return message
+        return None
+
+
 class WebSocketConnection:
     """The data phase of an accepted WebSocket."""
 
@@ -36,8 +60,7 @@ class WebSocketConnection:
         self.stream = stream
         self.protocol = protocol
         self._wake = anyio.Event()
-        self._fragments: list[bytes | bytearray | memoryview] = []
-        self._fragment_text = False
+        self._assembler = MessageAssembler()
         self.closed_by_peer = False
 
     async def receive(self) -> Sequence[Message] | None:
@@ -57,22 +80,11 @@ class WebSocketConnection:
         for event in proto.events_received():
             if not isinstance(event, Frame):
                 continue
-            opcode = event.opcode
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-                if event.fin:
-                    messages.append(Message(event.data, opcode is Opcode.TEXT))
-                else:
-                    self._fragments = [event.data]
-                    self._fragment_text = opcode is Opcode.TEXT
-            elif opcode is Opcode.CONT:
-                self._fragments.append(event.data)
-                if event.fin:
-                    messages.append(Message(b"".join(self._fragments), self._fragment_text))
-                    self._fragments = []
-            else:
+            if event.opcode in CONTROL_OPCODES:
                 control = True  # ping, pong or close: the protocol may have queued an answer
-                if opcode is Opcode.CLOSE:
-                    self.closed_by_peer = True
+                self.closed_by_peer |= event.opcode is Opcode.CLOSE
+            elif (message := self._assembler.feed(event)) is not None:
+                messages.append(message)
         if control or proto.close_expected():
             self.wake()
         if self.closed_by_peer and not messages:
