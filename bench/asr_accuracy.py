@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spear_rt.audio import frames, load_audio, resample  # noqa: E402
+from spear_rt.client.demo import transcript_words, word_error_rate  # noqa: E402
 from spear_rt.config import parse_config  # noqa: E402
 from spear_rt.server.app import Server  # noqa: E402
 from spear_rt_backends.sphinx import transcribe_pcm16  # noqa: E402
@@ -37,20 +38,9 @@ from spear_rt_backends.sphinx import transcribe_pcm16  # noqa: E402
 CONFIG = '[server]\nlisten = "127.0.0.1:0"\n[[backends]]\nname = "asr"\nkind = "pocketsphinx"\n'
 
 
-def normalize(text: str) -> list[str]:
-    """Lowercase words without punctuation (how references and hypotheses are compared)."""
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
 def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level Levenshtein distance / reference length."""
-    ref, hyp = normalize(reference), normalize(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row = row, [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (r != h))
-    return row[-1] / max(len(ref), 1)
+    """Word error rate, as the demo computes it."""
+    return word_error_rate(reference, hypothesis)[0]
 
 
 def items(shared: Path) -> list[tuple[str, Path, str]]:
@@ -131,7 +121,7 @@ async def run(shared: Path) -> list[dict[str, object]]:
                     "seconds": round(pcm.size / rate, 2),
                     "wer_direct": round(wer(reference, direct), 3),
                     "wer_gateway": round(wer(reference, via), 3),
-                    "same_words": normalize(direct) == normalize(via),
+                    "same_words": transcript_words(direct) == transcript_words(via),
                     "commit_to_completed_ms": round(latency * 1000, 1),
                     "direct": direct,
                     "gateway": via,

@@ -74,13 +74,14 @@ def _clips(files: list[str]) -> list[Clip]:
     return [Clip(Path(f), known.get(Path(f).name)) for f in files]
 
 
-def _words(text: str) -> list[str]:
+def transcript_words(text: str) -> list[str]:
+    """Lowercase words without punctuation: how transcripts and references are compared."""
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def word_error_rate(reference: str, hypothesis: str) -> tuple[float, int, int]:
     """(WER, word edits, reference words): word-level Levenshtein over the reference length."""
-    ref, hyp = _words(reference), _words(hypothesis)
+    ref, hyp = transcript_words(reference), transcript_words(hypothesis)
     row = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, row[0] = row[0], i
