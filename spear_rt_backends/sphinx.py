@@ -103,26 +103,30 @@ class SphinxTranscription:
         self._events = EventQueue(EVENT_BUFFER)
         self._segments: deque[tuple[str, Pcm16 | None, bool]] = deque()  # (item, audio, ends turn)
         self._work = anyio.Event()
+        # Undecoded samples (open turn + queued segments), kept as a running count: summing
+        # the buffers on every 20 ms frame made a long turn quadratic.
+        self._pending = 0
+        self._open_samples = 0  # the open turn's share of `_pending`
         self._reset("")
 
     def _reset(self, item_id: str) -> None:
         self._item_id = item_id
+        self._pending -= self._open_samples  # a dropped turn's audio is no longer pending
         self._chunks: list[Pcm16] = []
+        self._open_samples = 0
         self._vad = VoiceActivityDetector(self._pause, RATE_HZ)
-
-    def _pending_samples(self) -> int:
-        queued = sum(a.size for _, a, _ in self._segments if a is not None)
-        return queued + sum(c.size for c in self._chunks)
 
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Buffer audio / cut segments at once; False while too much audio awaits decoding."""
-        if self._pending_samples() > MAX_PENDING_SAMPLES or self._events.full:
+        if self._pending > MAX_PENDING_SAMPLES or self._events.full:
             return False
         match command:
             case BeginTurn(item_id=item_id):
                 self._reset(item_id)
             case AppendAudio(pcm=pcm):
                 self._chunks.append(pcm)
+                self._open_samples += pcm.size
+                self._pending += pcm.size
                 if any(isinstance(e, SpeechStopped) for e in self._vad.process(pcm)):
                     self._cut(ends_turn=False)
             case Commit(item_id=item_id):
@@ -141,12 +145,18 @@ class SphinxTranscription:
     def _cut(self, *, ends_turn: bool) -> None:
         audio = np.concatenate(self._chunks) if self._chunks else None
         self._chunks = []
+        self._open_samples = 0  # still pending, now as a queued segment
         self._segments.append((self._item_id, audio, ends_turn))
         self._work.set()
 
     async def receive(self) -> UpstreamEvent:
         """Next transcript event; EndOfStream once closed."""
         return await self._events.get()
+
+    def _segment_done(self, audio: Pcm16 | None) -> None:
+        self._segments.popleft()
+        self._pending -= audio.size if audio is not None else 0
+        self._events.wake_senders()  # the segment's audio no longer counts as pending
 
     async def decode_loop(self) -> None:
         """Decode segments in order; each segment's words become one delta."""
@@ -163,12 +173,11 @@ class SphinxTranscription:
                     else ""
                 )
             except Exception as exc:
-                self._segments.popleft()
+                self._segment_done(audio)
                 words.pop(item_id, None)
                 self._events.put(TranscriptFailed(item_id, f"pocketsphinx failed: {exc}"))
                 continue
-            self._segments.popleft()
-            self._events.wake_senders()  # the segment's audio no longer counts as pending
+            self._segment_done(audio)
             said = words.setdefault(item_id, [])
             if text:
                 self._events.put(TranscriptDelta(item_id, (" " if said else "") + text))

@@ -12,6 +12,7 @@ from spear_rt.audio import frames, load_audio, resample
 from spear_rt.backend import (
     AppendAudio,
     BeginTurn,
+    Clear,
     Commit,
     InstanceInfo,
     TranscriptCompleted,
@@ -121,3 +122,23 @@ async def test_a_websocket_session_routes_to_pocketsphinx(serve) -> None:  # typ
         events = await client.recv_until("conversation.item.input_audio_transcription.completed")
         await client.close()
     assert events[-1]["transcript"] == direct
+
+
+@pytest.mark.slow
+async def test_pending_audio_is_counted_back_to_zero() -> None:
+    """The backpressure count returns to 0 after a cleared turn and after a decoded one."""
+    pcm = fixture_16k("speech_open_window.wav")
+    with trio.fail_after(60):
+        async with KIND.open_transcription(INFO, TranscriptionSpec()) as upstream:
+            await upstream.send(BeginTurn("item_1"))
+            await upstream.send(AppendAudio(pcm))
+            assert upstream._pending == pcm.size
+            await upstream.send(Clear())
+            assert upstream._pending == 0
+            await upstream.send(BeginTurn("item_2"))
+            for frame in frames(pcm, 16000):
+                await upstream.send(AppendAudio(frame))
+            await upstream.send(Commit("item_2"))
+            while not isinstance(await upstream.receive(), TranscriptCompleted):
+                pass
+            assert upstream._pending == 0
