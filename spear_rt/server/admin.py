@@ -8,8 +8,6 @@ instance they were routed to.
 
 from __future__ import annotations
 
-import hmac
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +29,8 @@ from spear_rt.server.http import (
     Response,
     canonical_error_response,
     json_response,
+    keys_from_env,
+    match_key,
 )
 from spear_rt.session.machine import new_id
 
@@ -145,7 +145,7 @@ class AdminApi:
         return json_response(200, {"reloaded": True, **summary})
 
     def _authorize_admin(self, request: HttpRequest) -> None:
-        keys = [v for env in self.server.config.server.admin_keys_env if (v := os.environ.get(env))]
+        keys = keys_from_env(self.server.config.server.admin_keys_env)
         if not keys:
             if not request.peer_is_loopback:
                 raise HttpError(
@@ -154,8 +154,5 @@ class AdminApi:
                     "forbidden",
                 )
             return
-        offered = request.bearer()
-        if offered is None or not any(
-            hmac.compare_digest(k.encode(), offered.encode()) for k in keys
-        ):
+        if match_key(keys, request.bearer()) is None:
             raise HttpError(401, "missing or invalid admin key", "unauthorized")

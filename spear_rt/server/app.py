@@ -8,11 +8,8 @@ with 1011 and its HTTP request gets a 500 without internals.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -38,6 +35,8 @@ from spear_rt.server.http import (
     Response,
     error_response,
     json_response,
+    keys_from_env,
+    match_key,
 )
 from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.ws import WebSocketConnection
@@ -91,9 +90,7 @@ class Server:
         self.router = Router(self.registry, metrics=self.metrics)
         self.sessions = SessionManager(config, lambda: self.router)
         self._register_gauges()
-        self._client_keys = [
-            v for env in config.server.client_keys_env if (v := os.environ.get(env))
-        ]
+        self._client_keys = keys_from_env(config.server.client_keys_env)
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
         admin = AdminApi(self, self.reload)
@@ -333,7 +330,7 @@ class Server:
         """The client key's id for API endpoints (401 without a valid key when keys are set)."""
         if not self._client_keys:
             return None
-        key_id = self._key_id(request.bearer())
+        key_id = match_key(self._client_keys, request.bearer())
         if key_id is None:
             raise HttpError(
                 401,
@@ -341,14 +338,6 @@ class Server:
                 "invalid_api_key",
             )
         return key_id
-
-    def _key_id(self, offered: str | None) -> str | None:
-        if offered is None:
-            return None
-        for key in self._client_keys:
-            if hmac.compare_digest(key.encode(), offered.encode()):
-                return hashlib.sha256(key.encode()).hexdigest()[:12]
-        return None
 
     # --- endpoints ----------------------------------------------------------------------------
 
@@ -389,7 +378,7 @@ class Server:
         for proto in _offered_subprotocols(request):
             if proto.startswith(KEY_SUBPROTOCOL):
                 offered = proto[len(KEY_SUBPROTOCOL) :]
-        key_id = self._key_id(offered)
+        key_id = match_key(self._client_keys, offered)
         return key_id is not None, key_id
 
     async def _upgrade(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +31,21 @@ STATUS_BY_CODE = {
 }
 
 _json = msgspec.json.Encoder()
+
+
+def keys_from_env(env_names: list[str]) -> list[str]:
+    """The keys held by the named environment variables (unset or empty ones skipped)."""
+    return [value for name in env_names if (value := os.environ.get(name))]
+
+
+def match_key(keys: list[str], offered: str | None) -> str | None:
+    """A short hash naming the key `offered` matches (constant-time compare), or None."""
+    if offered is None:
+        return None
+    for key in keys:
+        if hmac.compare_digest(key.encode(), offered.encode()):
+            return hashlib.sha256(key.encode()).hexdigest()[:12]
+    return None
 
 
 class HttpError(Exception):
