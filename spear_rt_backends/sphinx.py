@@ -107,6 +107,7 @@ class SphinxTranscription:
         # the buffers on every 20 ms frame made a long turn quadratic.
         self._pending = 0
         self._open_samples = 0  # the open turn's share of `_pending`
+        self._cleared: set[str] = set()  # items dropped by Clear whose segments are still queued
         self._reset("")
 
     def _reset(self, item_id: str) -> None:
@@ -134,6 +135,8 @@ class SphinxTranscription:
                 self._cut(ends_turn=True)
                 self._reset("")
             case Clear():
+                if any(item == self._item_id for item, _, _ in self._segments):
+                    self._cleared.add(self._item_id)  # its cut segments must not be decoded
                 self._reset("")
         return True
 
@@ -166,6 +169,12 @@ class SphinxTranscription:
                 self._work = anyio.Event()
                 await self._work.wait()
             item_id, audio, ends_turn = self._segments[0]
+            if item_id in self._cleared:
+                self._segment_done(audio)
+                if not any(item == item_id for item, _, _ in self._segments):
+                    self._cleared.discard(item_id)
+                    words.pop(item_id, None)
+                continue
             try:
                 text = (
                     await transcribe_pcm16(audio, self._limiter)

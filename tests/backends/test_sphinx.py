@@ -143,3 +143,23 @@ async def test_pending_audio_is_counted_back_to_zero() -> None:
             while not isinstance(await upstream.receive(), TranscriptCompleted):
                 pass
             assert upstream._pending == 0
+
+
+@pytest.mark.slow
+async def test_clear_drops_segments_already_cut_from_the_turn() -> None:
+    """A turn cut at a pause, then cleared: none of its words arrive; the next turn is intact."""
+    two = fixture_16k("speech_two_utterances.wav")
+    with trio.fail_after(60):
+        async with KIND.open_transcription(INFO, TranscriptionSpec()) as upstream:
+            await upstream.send(BeginTurn("cleared"))
+            await upstream.send(AppendAudio(two))  # the inner pause cuts a segment at once
+            await upstream.send(Clear())
+            await upstream.send(BeginTurn("kept"))
+            await upstream.send(AppendAudio(fixture_16k("speech_open_window.wav")))
+            await upstream.send(Commit("kept"))
+            events = []
+            while not isinstance(event := await upstream.receive(), TranscriptCompleted):
+                events.append(event)
+            assert upstream._pending == 0
+    assert all(e.item_id == "kept" for e in [*events, event])
+    assert event.transcript
