@@ -132,7 +132,16 @@ class TranscriptFailed(msgspec.Struct, frozen=True):
     retryable: bool = False
 
 
-UpstreamEvent = TranscriptDelta | TranscriptCompleted | TranscriptFailed
+class UpstreamReconnected(msgspec.Struct, frozen=True):
+    """The session's upstream dropped and was reopened; unfinished turns were replayed."""
+
+    instance: str  # the instance now serving the session
+    attempts: int  # connection attempts it took
+    downtime_s: float  # from noticing the drop to the replay being sent
+    replayed_items: tuple[str, ...] = ()  # turns whose audio was sent again
+
+
+UpstreamEvent = TranscriptDelta | TranscriptCompleted | TranscriptFailed | UpstreamReconnected
 
 
 class EventQueue:

@@ -47,7 +47,7 @@ class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     upstream_connect_timeout_s: float = 10.0
     max_outbound_bytes: int = 1 << 20  # server -> client events awaiting the socket
     max_pending_audio_bytes: int = 1 << 20  # client audio awaiting the upstream
-    replay_buffer_bytes: int = 4 << 20
+    replay_buffer_bytes: int = 1 << 20  # per session: past events kept for a resuming client
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -73,6 +73,7 @@ class FdLink:
         self.rt = rt
         self.scope = anyio.CancelScope()
         self.closed_by_peer = False
+        self.dropped = False  # a guest's fd never drops: closing it ends the session
         self._host = host
         self._table = host.table
         self._wake = anyio.Event()
@@ -117,6 +118,10 @@ class FdLink:
     async def close(self, code: int, reason: str) -> None:
         """The session closes: the fd hangs up and the 'peer' answers at once."""
         self._table.session_closed(self.rt, code, reason)
+        self._end()
+
+    async def abort(self) -> None:
+        """Hang up at once (only reached if the session is taken over elsewhere)."""
         self._end()
 
     def _end(self) -> None:

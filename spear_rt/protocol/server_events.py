@@ -147,6 +147,27 @@ class SpearSessionExpiring(ServerEvent, tag="spear.session.expiring"):
     seconds_left: float
 
 
+class SpearSessionResumed(ServerEvent, tag="spear.session.resumed"):
+    """First event on a resumed connection (seq 0: not part of the session's event log).
+
+    Events with seq > `last_seq` follow. The server holds `input_audio_bytes` of input audio
+    and last applied the client event `last_event_id`: the client resends what came after.
+    """
+
+    session_id: str
+    last_seq: int
+    input_audio_bytes: int
+    last_event_id: str | None = None
+
+
+class SpearUpstreamReconnected(ServerEvent, tag="spear.upstream.reconnected"):
+    """The backend connection dropped and was reopened; unfinished turns were sent again."""
+
+    attempts: int
+    downtime_ms: int
+    replayed_item_ids: list[str]
+
+
 class SpearMetrics(ServerEvent, tag="spear.metrics"):
     """Per-session counters (spear extension; clients that don't know it ignore it)."""
 
@@ -171,6 +192,8 @@ AnyServerEvent = (
     | Error
     | SpearServerDraining
     | SpearSessionExpiring
+    | SpearSessionResumed
+    | SpearUpstreamReconnected
     | SpearMetrics
 )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import anyio
@@ -176,7 +176,11 @@ class ProtocolStream(anyio.abc.ByteStream):
 
 
 class CallbackRunner:
-    """Runs one session from the protocol's callbacks (see the module docstring)."""
+    """Runs one session from the protocol's callbacks (see the module docstring).
+
+    The session outlives a connection that drops without a close frame (DETACHED, see
+    `SessionMachine`); `attach` moves it onto the resuming connection.
+    """
 
     def __init__(
         self,
@@ -184,11 +188,14 @@ class CallbackRunner:
         connection: ConnectionProtocol,
         ws: ServerProtocol,
         upstream: TranscriptionUpstream,
+        *,
+        resume_grace_s: float = 0.0,
     ) -> None:
         self.machine = machine
-        self.connection = connection
+        self.connection: ConnectionProtocol | None = connection
         self.ws = ws
         self.upstream = upstream
+        self._resume_grace_s = resume_grace_s
         self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(
             upstream, "send_nowait", None
         )
@@ -199,44 +206,85 @@ class CallbackRunner:
         self._pump_wake = anyio.Event()
         self._timer_scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
+        self._link_done = anyio.Event()
         self._assembler = MessageAssembler()
         self._close_sent = False
         self._grace: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
-        """Own the connection until the session ends."""
+        """Own the session until it ends (its first connection may be replaced by resumes)."""
         connection = self.connection
-        connection.session = self
+        assert connection is not None
         self.machine.start(anyio.current_time())
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._upstream_reader)
                 tg.start_soon(self._timer)
                 tg.start_soon(self._pump)
-                early = connection.take_buffered()
-                if early:
-                    self.data_received(early)
-                else:
-                    self._apply_frames()  # frames that arrived with the handshake
-                if connection.lost:
-                    self.connection_lost()
-                self.flush()
+                self._take_over(connection, ())
                 await self._done.wait()
                 tg.cancel_scope.cancel()
         finally:
             if self._grace is not None:
                 self._grace.cancel()
-            connection.session = None
-            if connection.transport is not None and not connection.lost:
-                connection.transport.close()
+            self._release(abort=False)
+
+    async def attach(
+        self, connection: ConnectionProtocol, ws: ServerProtocol, last_seq: int
+    ) -> None:
+        """Resume on `connection`; returns when that link is over (`ResumeError`: refused)."""
+        machine = self.machine
+        if self.connection is not None:  # the old socket's death went unnoticed so far
+            machine.detach(anyio.current_time(), self._resume_grace_s)
+            self._release(abort=True)
+        replay = machine.resume(anyio.current_time(), last_seq)
+        self.ws = ws
+        self._assembler = MessageAssembler()
+        self._close_sent = False
+        self._rearm_timer()
+        self._take_over(connection, replay)
+        link_done = self._link_done
+        await link_done.wait()
 
     def drain(self, deadline_s: float) -> None:
         """Server shutdown: finish turns in flight, then close 1001."""
         self.machine.drain(anyio.current_time(), deadline_s)
-        if self._timer_scope is not None:
-            self._timer_scope.cancel()
+        self._rearm_timer()
         self._push_upstream()
         self.flush()
+
+    # --- links --------------------------------------------------------------------------------
+
+    def _take_over(self, connection: ConnectionProtocol, replay: Sequence[bytes]) -> None:
+        """Make `connection` the session's link: send `replay`, then what it already read."""
+        self.connection = connection
+        self._link_done = anyio.Event()
+        connection.session = self
+        if self._backlog and connection.transport is not None:
+            connection.transport.pause_reading()  # the pump resumes it
+        for data in replay:
+            self.ws.send_text(data)
+        early = connection.take_buffered()
+        if early:
+            self.data_received(early)
+        else:
+            self._apply_frames()  # frames that arrived with the handshake
+        if connection.lost:
+            self.connection_lost()
+        self.flush()
+
+    def _release(self, *, abort: bool) -> None:
+        """Let go of the current connection (closing it) and wake whoever waits on the link."""
+        connection, self.connection = self.connection, None
+        self._link_done.set()
+        if connection is None:
+            return
+        connection.session = None
+        if connection.transport is not None and not connection.lost:
+            if abort:
+                connection.transport.abort()
+            else:
+                connection.transport.close()
 
     # --- callbacks ----------------------------------------------------------------------------
 
@@ -262,9 +310,16 @@ class CallbackRunner:
         self.flush()
 
     def connection_lost(self) -> None:
-        """The TCP connection is gone."""
-        if self.machine.close is None:
-            self.machine.client_gone()
+        """The TCP connection is gone: a drop detaches the session, anything else ends it."""
+        machine = self.machine
+        ws = self.ws
+        dropped = ws.close_rcvd is None and ws.close_sent is None and machine.close is None
+        if dropped and machine.detach(anyio.current_time(), self._resume_grace_s):
+            self._release(abort=False)
+            self._rearm_timer()
+            return
+        if machine.close is None:
+            machine.client_gone()
         self._done.set()
 
     def flush(self) -> None:
@@ -272,6 +327,10 @@ class CallbackRunner:
         machine, ws, connection = self.machine, self.ws, self.connection
         if machine.outbound.overflowed and machine.close is None:
             machine.close = CloseAction(1008, "client is not reading events")
+        if connection is None:
+            if machine.close is not None:
+                self._done.set()  # detached: there is no connection to close
+            return
         if not connection.write_paused and ws.state is WsState.OPEN:
             for data in machine.outbound.take_all():
                 ws.send_text(data)
@@ -291,9 +350,14 @@ class CallbackRunner:
             transport.close()
 
     def _abort(self) -> None:
-        if self.connection.transport is not None:
-            self.connection.transport.abort()
+        connection = self.connection
+        if connection is not None and connection.transport is not None:
+            connection.transport.abort()
         self._done.set()
+
+    def _rearm_timer(self) -> None:
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
 
     # --- upstream -----------------------------------------------------------------------------
 
@@ -319,8 +383,9 @@ class CallbackRunner:
                 return
         self._backlog.extend(commands)
         commands.clear()
-        if self.connection.transport is not None and not self.connection.lost:
-            self.connection.transport.pause_reading()  # backpressure until the pump catches up
+        connection = self.connection
+        if connection is not None and connection.transport is not None and not connection.lost:
+            connection.transport.pause_reading()  # backpressure until the pump catches up
         self._pump_wake.set()
 
     async def _pump(self) -> None:
@@ -334,8 +399,9 @@ class CallbackRunner:
                 self._backlog.clear()
                 self.machine.upstream_failed(f"upstream failed: {exc}")
                 self.flush()
-            if self.connection.transport is not None and not self.connection.lost:
-                self.connection.transport.resume_reading()
+            connection = self.connection
+            if connection is not None and connection.transport is not None and not connection.lost:
+                connection.transport.resume_reading()
 
     async def _upstream_reader(self) -> None:
         try:

@@ -41,13 +41,23 @@ from spear_rt.server.http import (
 from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.ws import WebSocketConnection
 from spear_rt.session.machine import SessionMachine
-from spear_rt.session.manager import ConnectRequest, Runner, RunnerFactory, SessionManager, reject
+from spear_rt.session.manager import (
+    ConnectRequest,
+    ResumeRequest,
+    Runner,
+    RunnerFactory,
+    SessionManager,
+    reject,
+)
+from spear_rt.session.runner import SessionRunner
 
 log = logging.getLogger(__name__)
 
 REALTIME_PATH = "/v1/realtime"
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload"})  # admin has its own keys
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
+RESUME_SUBPROTOCOL = "spear-resume."
+RESUME_HEADER = b"spear-resume-token"
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
 
@@ -414,15 +424,33 @@ class Server:
         if isinstance(connect, CanonicalError):
             await reject(conn, connect, 1008)
             return
+        resume = _resume_request(url.query, request, key_id)
+        if isinstance(resume, CanonicalError):
+            await reject(conn, resume, 1008)
+            return
+        grace = self.config.realtime.resume_grace_seconds
         make_runner: RunnerFactory | None = None
         if isinstance(stream, ProtocolStream):  # the asyncio driver: run the session from callbacks
             connection = stream.protocol
 
             def make_runner(machine: SessionMachine, upstream: TranscriptionUpstream) -> Runner:
-                return CallbackRunner(machine, connection, protocol, upstream)
+                return CallbackRunner(machine, connection, protocol, upstream, resume_grace_s=grace)
+
+            async def attach(runner: Runner, last_seq: int) -> None:
+                assert isinstance(runner, CallbackRunner)
+                await runner.attach(connection, protocol, last_seq)
+
+        else:
+
+            async def attach(runner: Runner, last_seq: int) -> None:
+                assert isinstance(runner, SessionRunner)
+                await runner.attach(conn, last_seq)
 
         try:
-            await self.sessions.serve(conn, connect, make_runner)
+            if resume is not None:
+                await self.sessions.resume(conn, resume, attach)
+            else:
+                await self.sessions.serve(conn, connect, make_runner)
         except Exception:
             log.exception("realtime session crashed")
             await conn.close(1011, "internal error")
@@ -434,6 +462,34 @@ def _is_loopback(stream: anyio.abc.ByteStream) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except (anyio.TypedAttributeLookupError, ValueError, TypeError, IndexError):
         return True  # not a TCP socket (in-memory test stream)
+
+
+def _resume_request(
+    query: str, request: h11.Request, key_id: str | None
+) -> ResumeRequest | CanonicalError | None:
+    """The resume a reconnect asks for (`?session_id=&last_seq=` + token), if any."""
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    session_id = params.get("session_id")
+    if session_id is None:
+        return None
+    token = _header(request, RESUME_HEADER)
+    for proto in _offered_subprotocols(request):
+        if proto.startswith(RESUME_SUBPROTOCOL):
+            token = proto[len(RESUME_SUBPROTOCOL) :]
+    if not token:
+        return CanonicalError(
+            ErrorCode.INVALID_REQUEST,
+            "resuming needs the session's resume token: header Spear-Resume-Token or "
+            "subprotocol spear-resume.<token>",
+        )
+    last_seq = params.get("last_seq", "")
+    if not last_seq.isdigit():
+        return CanonicalError(
+            ErrorCode.INVALID_REQUEST,
+            f"last_seq must be the seq of the last event received (an integer >= 0), "
+            f"got {last_seq!r}",
+        )
+    return ResumeRequest(session_id, token, int(last_seq), key_id)
 
 
 def _connect_request(

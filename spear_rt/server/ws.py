@@ -62,6 +62,7 @@ class WebSocketConnection:
         self._wake = anyio.Event()
         self._assembler = MessageAssembler()
         self.closed_by_peer = False
+        self.dropped = False  # ended without a close frame from the peer
 
     async def receive(self) -> Sequence[Message] | None:
         """Read once; the complete messages it carried, or None when the connection ended."""
@@ -71,6 +72,8 @@ class WebSocketConnection:
         try:
             data = await self.stream.receive(READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # a drop only if no closing handshake had begun (we may have failed the connection)
+            self.dropped = proto.close_sent is None and proto.close_rcvd is None
             proto.receive_eof()
             self.closed_by_peer = True
             return None
@@ -118,6 +121,7 @@ class WebSocketConnection:
             try:
                 await self.stream.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.dropped |= not self.closed_by_peer and self.protocol.close_sent is None
                 self.closed_by_peer = True
                 return
         if chunks[-1] == b"":
@@ -129,6 +133,11 @@ class WebSocketConnection:
         if self.protocol.state is WsState.OPEN:
             self.protocol.send_close(code, reason[:120])
         await self.flush()
+
+    async def abort(self) -> None:
+        """Close the TCP connection now, without a closing handshake."""
+        self.closed_by_peer = True
+        await self._close_transport()
 
     async def _close_transport(self) -> None:
         try:

@@ -17,6 +17,12 @@ Rules:
 6. Idle for ``idle_timeout``, or older than ``max_session_seconds``: close 1000 with a reason.
 7. The upstream failing for good is fatal: ERROR (``last_error`` kept), ``error`` event, close 1011.
 8. CLOSED is terminal: every later input is ignored.
+9. Every emitted event gets the next ``seq`` and goes to the replay buffer. The client's socket
+   dropping without a close frame makes the session DETACHED for the resume grace: the
+   upstream carries on and its events go to the replay buffer only. `resume(last_seq)`
+   returns ``spear.session.resumed`` (seq 0) followed by every event with seq > last_seq, and
+   the session is back where it was. The grace running out, or the replay buffer evicting an
+   event the detached client never got, closes the session.
 
 Transitions:
 
@@ -27,6 +33,9 @@ Transitions:
     DRAINING  last pending item completed CLOSED    close 1001
     ACTIVE    idle / max age              CLOSED    close 1000
     ACTIVE    upstream failed             ERROR     emit error, close 1011
+    ACTIVE    socket dropped (detach)     DETACHED  -
+    DETACHED  resume                      ACTIVE    replay events after last_seq
+    DETACHED  grace over / replay evicted CLOSED    -
     any       client gone                 CLOSED    -
 
 Outputs are collected on the machine: `outbound` (stamped, encoded server events), `upstream`
@@ -56,6 +65,7 @@ from spear_rt.backend import (
     TranscriptFailed,
     UpstreamCommand,
     UpstreamEvent,
+    UpstreamReconnected,
 )
 from spear_rt.protocol import client_events as ce
 from spear_rt.protocol import server_events as se
@@ -69,6 +79,7 @@ from spear_rt.protocol.settings import (
 )
 from spear_rt.session.history import AudioHistory
 from spear_rt.session.outbound import OutboundQueue
+from spear_rt.session.replay import ReplayBuffer
 
 
 class State(enum.StrEnum):
@@ -87,6 +98,10 @@ class CloseAction(msgspec.Struct, frozen=True):
 
     code: int
     reason: str
+
+
+class ResumeError(Exception):
+    """A resume cannot be served (the session is not detached, or events were evicted)."""
 
 
 class Timeouts(msgspec.Struct, frozen=True):
@@ -121,6 +136,7 @@ class SessionMachine:
         resume_token: str | None = None,
         ids: Callable[[str], str] = new_id,
         spear_info: dict[str, object] | None = None,
+        replay: ReplayBuffer | None = None,
     ) -> None:
         self.session_id = session_id
         self.state = State.CREATED
@@ -132,7 +148,13 @@ class SessionMachine:
         self.last_error: str | None = None
         self._upstream_rate = upstream_rate_hz
         self._timeouts = timeouts
-        self._resume_token = resume_token
+        self.resume_token = resume_token
+        self.replay = replay  # None: resume is off
+        self.last_event_id: str | None = None  # of the last client event applied
+        self._attached = True
+        self._detached_at_seq = 0
+        self._detach_deadline: float | None = None
+        self._state_before_detach = State.ACTIVE
         self._ids = ids
         self._spear_info = spear_info or {}
         self._seq = 0
@@ -160,7 +182,7 @@ class SessionMachine:
         self._started_at = self._last_activity = now
         self.state = State.ACTIVE
         session = render_session(self.settings, self.dialect, self.session_id)
-        spear = {"resume_token": self._resume_token, **self._spear_info}
+        spear = {"resume_token": self.resume_token, **self._spear_info}
         if self._transcription_beta():
             self._emit(se.TranscriptionSessionCreated(session=session, spear=spear))
         else:
@@ -171,6 +193,7 @@ class SessionMachine:
         if self.state not in (State.ACTIVE, State.DRAINING):
             return
         self._last_activity = now
+        self.last_event_id = event.event_id
         match event:
             case ce.InputAudioBufferAppend():
                 self._on_append(event)
@@ -214,6 +237,14 @@ class SessionMachine:
                 }
                 self._emit(se.TranscriptionFailed(item_id=item_id, error=error))
                 self._item_finished(item_id)
+            case UpstreamReconnected():
+                self._emit(
+                    se.SpearUpstreamReconnected(
+                        attempts=event.attempts,
+                        downtime_ms=round(event.downtime_s * 1000),
+                        replayed_item_ids=list(event.replayed_items),
+                    )
+                )
 
     def upstream_failed(self, message: str) -> None:
         """The upstream is gone for good: fatal."""
@@ -226,6 +257,9 @@ class SessionMachine:
 
     def drain(self, now: float, deadline_s: float | None = None) -> None:
         """Stop taking audio, finish pending turns, then close with 1001."""
+        if self.state is State.DETACHED:
+            self._close(1001, "server draining")  # nobody to tell, and no resume on this server
+            return
         if self.state is not State.ACTIVE:
             return
         self.state = State.DRAINING
@@ -243,9 +277,59 @@ class SessionMachine:
         """The client connection ended."""
         self.state = State.CLOSED
 
+    def detach(self, now: float, grace_s: float) -> bool:
+        """The socket dropped without a close: wait `grace_s` for a resume (False: closed)."""
+        if self.state is State.DETACHED:
+            return True  # a resume took the link over and its old reader noticed only now
+        if (
+            self.state not in (State.ACTIVE, State.DRAINING)
+            or self.close is not None
+            or self.replay is None
+            or grace_s <= 0
+        ):
+            self.client_gone()
+            return False
+        self._state_before_detach = self.state
+        self.state = State.DETACHED
+        self._attached = False
+        self._detached_at_seq = self._seq
+        self._detach_deadline = now + grace_s
+        self.outbound.take_all()  # all of it is in the replay buffer
+        return True
+
+    def resume(self, now: float, last_seq: int) -> list[bytes]:
+        """Reattach a client that saw events up to `last_seq`: the bytes to send it first."""
+        if self.state is not State.DETACHED or self.replay is None:
+            raise ResumeError("the session is not waiting for a resume")
+        if not 0 <= last_seq <= self._seq:
+            raise ResumeError(f"last_seq {last_seq} is outside 0..{self._seq}")
+        missed = self.replay.since(last_seq)
+        if missed is None:
+            raise ResumeError(
+                f"events after seq {last_seq} are no longer held "
+                f"(the replay buffer keeps back to seq {self.replay.evicted_through + 1})"
+            )
+        self.state = self._state_before_detach
+        self._attached = True
+        self._detach_deadline = None
+        self._last_activity = now
+        resumed = se.SpearSessionResumed(
+            session_id=self.session_id,
+            last_seq=last_seq,
+            input_audio_bytes=self.input_audio_bytes,
+            last_event_id=self.last_event_id,
+            event_id=f"{self._event_prefix}resumed",
+        )
+        return [se.encode_server_event(resumed), *missed]
+
     def tick(self, now: float) -> None:
         """Check timers; closes the session when one has expired."""
-        if self.state not in (State.ACTIVE, State.DRAINING):
+        if self.state is State.DETACHED:
+            assert self._detach_deadline is not None
+            if now >= self._detach_deadline:
+                self._close(1000, "the client did not resume within resume_grace_seconds")
+                return
+        elif self.state not in (State.ACTIVE, State.DRAINING):
             return
         expires_at = self._started_at + self._timeouts.max_session_seconds
         if not self._expiry_warned and now >= expires_at - self._timeouts.expiry_warning_s:
@@ -274,6 +358,8 @@ class SessionMachine:
             deadline = min(deadline, self._started_at + t.max_session_seconds - t.expiry_warning_s)
         if self._drain_deadline is not None:
             deadline = min(deadline, self._drain_deadline)
+        if self._detach_deadline is not None:
+            deadline = min(deadline, self._detach_deadline)
         return deadline
 
     # --- client events ------------------------------------------------------------------------
@@ -459,7 +545,14 @@ class SessionMachine:
         self._seq += 1
         event.seq = self._seq
         event.event_id = self._event_prefix + str(self._seq)
-        self.outbound.push(event)
+        data = se.encode_server_event(event)
+        if self.replay is not None:
+            self.replay.append(self._seq, data)
+            if not self._attached and self.replay.evicted_through > self._detached_at_seq:
+                # the detached client can no longer get every event: a resume would lose some
+                self._close(1000, "the replay buffer overflowed while the client was away")
+        if self._attached:
+            self.outbound.push(event, data)
 
     def error(
         self,

@@ -5,14 +5,19 @@ for transcription, `realtime_voice` otherwise), holds a lease on its instance fo
 life (in-flight count), and runs in its own task group (`SessionRunner`). Caps are checked
 before routing; over a cap the client gets an `error` event and close 1013 with a retry hint,
 never an unbounded wait.
+
+Resume: a connection naming a live session, its resume token and the same client key is
+handed to that session's runner (`attach`); anything else closes 4004 without saying which
+check failed.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -35,8 +40,9 @@ from spear_rt.protocol import server_events as se
 from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
 from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
-from spear_rt.session.machine import SessionMachine, Timeouts, new_id
+from spear_rt.session.machine import ResumeError, SessionMachine, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
+from spear_rt.session.replay import ReplayBuffer
 from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,10 @@ class Runner(Protocol):
 
 
 RunnerFactory = Callable[[SessionMachine, TranscriptionUpstream], Runner]
+# Attach a resuming connection to a session's runner (raises ResumeError); the edge knows
+# which kind of runner its driver made, and what its connection is.
+Attach = Callable[[Runner, int], Awaitable[None]]
+RESUME_FAILED = 4004
 
 
 class ConnectRequest(msgspec.Struct, frozen=True):
@@ -69,6 +79,15 @@ class ConnectRequest(msgspec.Struct, frozen=True):
     client_key_id: str | None = None  # a hash of the key, never the key
 
 
+class ResumeRequest(msgspec.Struct, frozen=True):
+    """A reconnect naming a session (`?session_id=&last_seq=` plus the resume token)."""
+
+    session_id: str
+    token: str
+    last_seq: int
+    client_key_id: str | None = None
+
+
 class SessionManager:
     """Owns every live realtime session of a server."""
 
@@ -76,6 +95,8 @@ class SessionManager:
         self._config = config
         self._router = router
         self.sessions: dict[str, Runner] = {}
+        self._owners: dict[str, str | None] = {}  # session id -> client key id
+        self.resumes_total = 0
         self._per_key: dict[str, int] = {}
         self._admitted = 0  # sessions past admission, including those still opening upstream
         self.total_sessions = 0
@@ -207,6 +228,7 @@ class SessionManager:
         make_runner: RunnerFactory | None,
     ) -> None:
         realtime = self._config.realtime
+        resumable = realtime.resume_grace_seconds > 0
         machine = SessionMachine(
             session_id=new_id("sess"),
             upstream_rate_hz=upstream.input_rate_hz,
@@ -216,23 +238,51 @@ class SessionManager:
             dialect=req.dialect,
             outbound=OutboundQueue(realtime.max_outbound_bytes),
             timeouts=Timeouts(realtime.idle_timeout_s, realtime.max_session_seconds),
-            resume_token=secrets.token_urlsafe(24),
+            resume_token=secrets.token_urlsafe(24) if resumable else None,
             spear_info={"backend": instance.name, "kind": instance.config.kind},
+            replay=ReplayBuffer(realtime.replay_buffer_bytes) if resumable else None,
         )
         runner: Runner = (
             make_runner(machine, upstream)
             if make_runner
-            else SessionRunner(machine, conn, upstream)
+            else SessionRunner(
+                machine, conn, upstream, resume_grace_s=realtime.resume_grace_seconds
+            )
         )
         self.sessions[machine.session_id] = runner
+        self._owners[machine.session_id] = req.client_key_id
         self.total_sessions += 1
         try:
             await runner.run()
         finally:
             del self.sessions[machine.session_id]
+            del self._owners[machine.session_id]
             self._dropped_ended += machine.outbound.dropped
             if not self.sessions:
                 self._emptied.set()
+
+    async def resume(self, conn: ClientLink, req: ResumeRequest, attach: Attach) -> None:
+        """Continue a detached session on `conn`, or close it 4004."""
+        runner = self.sessions.get(req.session_id)
+        token = runner.machine.resume_token if runner is not None else None
+        if (
+            runner is None
+            or token is None
+            or not hmac.compare_digest(token.encode(), req.token.encode())
+            or self._owners.get(req.session_id) != req.client_key_id
+        ):
+            await reject_resume(
+                conn,
+                f"no resumable session {req.session_id!r} with this token: it ended, its "
+                "resume grace ran out, or the token is wrong",
+            )
+            return
+        try:
+            await attach(runner, req.last_seq)
+        except ResumeError as exc:
+            await reject_resume(conn, f"cannot resume {req.session_id!r}: {exc}")
+            return
+        self.resumes_total += 1
 
     def drain(self, deadline_s: float) -> None:
         """Refuse new sessions and ask every live one to finish its turns and close."""
@@ -245,11 +295,19 @@ def _backend_error(message: str, retryable: bool) -> CanonicalError:
     return CanonicalError(ErrorCode.BACKEND_ERROR, message, retryable=retryable)
 
 
-async def reject(conn: ClientLink, error: CanonicalError, close_code: int) -> None:
+async def reject_resume(conn: ClientLink, message: str) -> None:
+    """Refuse a resume: `error` event with code `resume_failed`, then close 4004."""
+    error = CanonicalError(ErrorCode.INVALID_REQUEST, message)
+    await reject(conn, error, RESUME_FAILED, code="resume_failed")
+
+
+async def reject(
+    conn: ClientLink, error: CanonicalError, close_code: int, *, code: str | None = None
+) -> None:
     """Tell a client why its session cannot run (an `error` event), then close."""
     body = se.ErrorBody(
         type="invalid_request_error" if error.code is ErrorCode.INVALID_REQUEST else "server_error",
-        code=str(error.code),
+        code=code or str(error.code),
         message=error.message,
     )
     event = se.Error(error=body, spear=msgspec.to_builtins(error), event_id="event_reject", seq=1)

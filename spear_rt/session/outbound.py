@@ -41,9 +41,10 @@ class OutboundQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def push(self, event: ServerEvent) -> bytes:
-        """Queue one stamped event; returns its encoding (for the replay buffer)."""
-        data = encode_server_event(event)
+    def push(self, event: ServerEvent, data: bytes | None = None) -> bytes:
+        """Queue one stamped event (`data`: its encoding, if done already); returns the bytes."""
+        if data is None:
+            data = encode_server_event(event)
         self._entries.append(_Entry(event, data))
         self.nbytes += len(data)
         if self.nbytes > self.max_bytes:

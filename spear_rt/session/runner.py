@@ -1,17 +1,24 @@
-"""The I/O around one session machine: its tasks, all in the session's own task group.
+"""The I/O around one session machine: its tasks, in the session's task group and its links'.
 
-* reader (the calling task): reads the client socket, feeds every message of a read to the
-  machine, then sends the resulting upstream commands. Sending waits when the upstream
+A session outlives its client connection ("link") when the socket drops without a close
+frame: it goes DETACHED and a resuming connection attaches a new link. Per session, in the
+session's task group (owned by the first connection's handler):
+
+* upstream reader: turns upstream events into client events;
+* timer: idle / max-age / drain / resume-grace deadlines from the event loop's clock.
+
+Per link, in a task group of the handler that owns that connection:
+
+* reader (the handler's task): reads the client socket, feeds every message of a read to
+  the machine, then sends the resulting upstream commands. Sending waits when the upstream
   is full, so the reader stops reading and TCP pushes back on the client: audio is never
   dropped.
-* writer: the only task that sends on the client socket; it drains the outbound queue in one
-  write per wake-up and performs the closing handshake.
-* upstream reader: turns upstream events into client events.
-* timer: idle / max-age / drain deadlines from the event loop's clock.
+* writer: the only task that sends on the link; it drains the outbound queue in one write
+  per wake-up and performs the closing handshake.
 
 Whoever changes the machine calls `_after()`, which wakes the writer. Once the machine asks
-to close, the connection gets `CLOSE_GRACE_S` to finish the handshake before the group is
-cancelled, so a client that stops reading cannot keep a session alive.
+to close, the connection gets `CLOSE_GRACE_S` to finish the handshake before the session
+is cancelled, so a client that stops reading cannot keep a session alive.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import anyio.abc
 from spear_rt.backend import TranscriptionUpstream
 from spear_rt.errors import BackendFailure
 from spear_rt.protocol.client_events import ProtocolError, decode_client_event
-from spear_rt.session.machine import CloseAction, SessionMachine
+from spear_rt.session.machine import CloseAction, SessionMachine, State
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,8 @@ class ClientMessage(Protocol):
 class ClientLink(Protocol):
     """What the runner needs of a client connection (the edge's WebSocketConnection)."""
 
-    closed_by_peer: bool
+    closed_by_peer: bool  # the connection is over for reading: close frame, EOF or error
+    dropped: bool  # ...and it ended without a closing handshake (a resume may follow)
 
     async def receive(self) -> Sequence[ClientMessage] | None:
         """The messages of one read, or None once the client is gone."""
@@ -81,46 +89,105 @@ class ClientLink(Protocol):
         """Start the closing handshake."""
         ...
 
+    async def abort(self) -> None:
+        """Drop the connection without a handshake (it was lost, or a resume replaced it)."""
+        ...
+
 
 class SessionRunner:
-    """Runs one machine against one client connection and one upstream."""
+    """Runs one machine against its client links and one upstream."""
 
     def __init__(
-        self, machine: SessionMachine, conn: ClientLink, upstream: TranscriptionUpstream
+        self,
+        machine: SessionMachine,
+        conn: ClientLink,
+        upstream: TranscriptionUpstream,
+        *,
+        resume_grace_s: float = 0.0,
     ) -> None:
         self.machine = machine
-        self.conn = conn
+        self.conn: ClientLink | None = conn
         self.upstream = upstream
+        self._first = conn
+        self._resume_grace_s = resume_grace_s
         self._upstream_lock = anyio.Lock()
-        self._peer_closed = anyio.Event()
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
+        self._link_scope: anyio.CancelScope | None = None
+        self._link_done = anyio.Event()
         self._timer_sleep: anyio.CancelScope | None = None  # cancel to recompute the deadline
 
     async def run(self) -> None:
-        """Run until the session closes or the client goes away."""
+        """Run until the session closes (it may outlive this first connection)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._writer)
             tg.start_soon(self._upstream_reader)
             tg.start_soon(self._timer)
             self.machine.start(anyio.current_time())
-            self._after()
-            await self._reader()
+            await self._serve_link(self._first, ())
+            await anyio.sleep_forever()  # detached or resumed elsewhere: `_cancel` ends it
+
+    async def attach(self, conn: ClientLink, last_seq: int) -> None:
+        """Resume the session on `conn`; returns when that link is over.
+
+        Raises `ResumeError` (nothing changed) when the session cannot be resumed. A link still
+        attached (the server had not noticed the old socket die) is dropped first.
+        """
+        machine = self.machine
+        if self.conn is not None and self._link_scope is not None:
+            machine.detach(anyio.current_time(), self._resume_grace_s)
+            self._link_scope.cancel()
+            await self._link_done.wait()
+        replay = machine.resume(anyio.current_time(), last_seq)
+        self._rearm_timer()
+        await self._serve_link(conn, replay)
 
     def drain(self, deadline_s: float) -> None:
         """Server shutdown: finish turns in flight, then close 1001 (from any task)."""
         self.machine.drain(anyio.current_time(), deadline_s)
-        if self._timer_sleep is not None:
-            self._timer_sleep.cancel()  # the drain deadline may come before the timer's wake-up
+        self._rearm_timer()  # the drain deadline may come before the timer's wake-up
         self._after()
         if self._tg is not None:
             self._tg.start_soon(self._send_upstream)
 
+    # --- links --------------------------------------------------------------------------------
+
+    async def _serve_link(self, conn: ClientLink, first: Sequence[bytes]) -> None:
+        self.conn = conn
+        self._link_done = anyio.Event()
+        try:
+            with anyio.CancelScope() as self._link_scope:
+                async with anyio.create_task_group() as link:
+                    for data in first:
+                        conn.queue_text(data)
+                    conn.wake()
+                    link.start_soon(self._writer, conn)
+                    self._after()
+                    await self._reader(conn)
+        finally:
+            self.conn = self._link_scope = None
+            self._link_done.set()
+            if self.machine.state is State.DETACHED:
+                with anyio.CancelScope(shield=True):
+                    await conn.abort()
+
+    def _detached(self, conn: ClientLink) -> bool:
+        """`conn` dropped: True if the session now waits for a resume (this link is over)."""
+        if conn is not self.conn:
+            return True  # a resume replaced it already
+        if self.machine.close is None and self.machine.detach(
+            anyio.current_time(), self._resume_grace_s
+        ):
+            self._rearm_timer()
+            if self._link_scope is not None:
+                self._link_scope.cancel()
+            return True
+        return False
+
     # --- tasks --------------------------------------------------------------------------------
 
-    async def _reader(self) -> None:
-        machine, conn = self.machine, self.conn
+    async def _reader(self, conn: ClientLink) -> None:
+        machine = self.machine
         while True:
             messages = await conn.receive()
             if messages is None:
@@ -131,7 +198,8 @@ class SessionRunner:
                 machine.client_event(event, now)
             await self._send_upstream()
             self._after()
-        self._peer_closed.set()
+        if conn.dropped and self._detached(conn):
+            return
         if machine.close is None:
             machine.client_gone()
         # The writer answers the peer's close frame, then ends the session; if it cannot
@@ -139,8 +207,8 @@ class SessionRunner:
         conn.wake()
         self._start_force_close()
 
-    async def _writer(self) -> None:
-        conn, machine = self.conn, self.machine
+    async def _writer(self, conn: ClientLink) -> None:
+        machine = self.machine
         close_sent = False
         while True:
             await conn.wait_wake()
@@ -152,6 +220,8 @@ class SessionRunner:
             else:
                 await conn.flush()
             if conn.closed_by_peer:
+                if conn.dropped and self._detached(conn):
+                    return
                 await conn.flush()  # the answer to the peer's close frame
                 self._cancel()
                 return
@@ -181,25 +251,38 @@ class SessionRunner:
     # --- helpers ------------------------------------------------------------------------------
 
     async def _send_upstream(self) -> None:
-        """Send the machine's queued upstream commands in order (one sender at a time)."""
+        """Send the machine's queued upstream commands in order (one sender at a time).
+
+        A command leaves the list only once sent (upstream sends are all-or-nothing), so a
+        link cancelled mid-send loses nothing.
+        """
         async with self._upstream_lock:
             commands = self.machine.upstream
             while commands:
-                command = commands.pop(0)
                 try:
-                    await self.upstream.send(command)
+                    await self.upstream.send(commands[0])
                 except BackendFailure as exc:
                     self.machine.upstream_failed(f"upstream failed: {exc}")
                     commands.clear()
+                    break
+                del commands[0]
 
     def _after(self) -> None:
-        machine = self.machine
+        machine, conn = self.machine, self.conn
         if machine.outbound.overflowed and machine.close is None:
             machine.close = CloseAction(1008, "client is not reading events")
+        if conn is None:
+            if machine.close is not None:
+                self._cancel()  # detached: there is no connection to close
+            return
         if len(machine.outbound) or machine.close is not None:
-            self.conn.wake()
+            conn.wake()
         if machine.close is not None:
             self._start_force_close()
+
+    def _rearm_timer(self) -> None:
+        if self._timer_sleep is not None:
+            self._timer_sleep.cancel()
 
     def _start_force_close(self) -> None:
         if not self._closing and self._tg is not None:
@@ -211,5 +294,8 @@ class SessionRunner:
         self._cancel()
 
     def _cancel(self) -> None:
+        """End the session: its task group and the current link's."""
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
+        if self._link_scope is not None:
+            self._link_scope.cancel()

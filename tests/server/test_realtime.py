@@ -145,10 +145,11 @@ async def test_server_vad_session_on_a_fixture(server: Server) -> None:
 
 @pytest.mark.parametrize("abrupt", [False, True])
 async def test_sessions_are_counted_and_removed_when_the_client_leaves(
-    server: Server, abrupt: bool
+    serve: ServerFactory, abrupt: bool
 ) -> None:
-    """Session count and lease: 1 while connected, 0 once the client has gone (close frame or
-    just a dropped TCP connection mid-turn)."""
+    """Session count and lease: 1 while connected, 0 once the client has gone (close frame or,
+    with resume off, just a dropped TCP connection mid-turn)."""
+    server = await serve(make_config(realtime="resume_grace_seconds = 0"))
     assert server.port is not None
     with trio.fail_after(10):
         client = await open_manual(server.port)
