@@ -45,6 +45,12 @@ class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_session_seconds: float = 3600.0
     resume_grace_seconds: float = 30.0
     upstream_connect_timeout_s: float = 10.0
+    # A remote upstream that drops is reopened (same instance, then via the router) and its
+    # unfinished turns replayed; 0 attempts: a drop ends the session.
+    upstream_reconnect_attempts: int = 5
+    upstream_reconnect_backoff_s: float = 0.1  # doubles per attempt, with jitter
+    upstream_reconnect_max_backoff_s: float = 2.0
+    upstream_replay_audio_bytes: int = 8 << 20  # audio of unfinished turns kept for a replay
     max_outbound_bytes: int = 1 << 20  # server -> client events awaiting the socket
     max_pending_audio_bytes: int = 1 << 20  # client audio awaiting the upstream
     replay_buffer_bytes: int = 1 << 20  # per session: past events kept for a resuming client

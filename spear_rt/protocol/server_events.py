@@ -163,6 +163,7 @@ class SpearSessionResumed(ServerEvent, tag="spear.session.resumed"):
 class SpearUpstreamReconnected(ServerEvent, tag="spear.upstream.reconnected"):
     """The backend connection dropped and was reopened; unfinished turns were sent again."""
 
+    backend: str  # the instance now serving the session
     attempts: int
     downtime_ms: int
     replayed_item_ids: list[str]

@@ -240,6 +240,7 @@ class SessionMachine:
             case UpstreamReconnected():
                 self._emit(
                     se.SpearUpstreamReconnected(
+                        backend=event.instance,
                         attempts=event.attempts,
                         downtime_ms=round(event.downtime_s * 1000),
                         replayed_item_ids=list(event.replayed_items),

@@ -17,7 +17,8 @@ import hmac
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import anyio
@@ -30,6 +31,7 @@ from spear_rt.ir import (
     CanonicalError,
     CanonicalRequestEnvelope,
     ErrorCode,
+    Hosting,
     Operation,
     RequestMeta,
     RequestRequirements,
@@ -42,6 +44,7 @@ from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
 from spear_rt.session.machine import ResumeError, SessionMachine, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
+from spear_rt.session.reconnect import Opener, ReconnectPolicy, reconnecting_upstream
 from spear_rt.session.replay import ReplayBuffer
 from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
 
@@ -94,6 +97,7 @@ class SessionManager:
     def __init__(self, config: Config, router: Callable[[], Router]) -> None:
         self._config = config
         self._router = router
+        self._reconnect = reconnect_policy(config)
         self.sessions: dict[str, Runner] = {}
         self._owners: dict[str, str | None] = {}  # session id -> client key id
         self.resumes_total = 0
@@ -112,6 +116,7 @@ class SessionManager:
 
     def reconfigure(self, config: Config) -> None:
         """Use `config` for sessions opened from now on."""
+        self._reconnect = reconnect_policy(config)
         self._config = config
 
     def dropped_events(self) -> int:
@@ -191,33 +196,60 @@ class SessionManager:
         assert instance.kind is not None  # the filter keeps only instances whose kind loaded
         realtime = self._config.realtime
         spec = TranscriptionSpec(model=req.model)
-        with lease(instance):
-            # The connect timeout is a scope around the whole session whose deadline is lifted
-            # once the upstream is open: an upstream context may hold a task group, and a
-            # scope must not end while a task group opened inside it is still running.
-            opened = False
-            try:
-                with anyio.CancelScope(
-                    deadline=anyio.current_time() + realtime.upstream_connect_timeout_s
-                ) as scope:
-                    async with instance.kind.open_transcription(instance.info, spec) as upstream:
-                        opened = True
-                        scope.deadline = math.inf
-                        await self._run_session(conn, req, instance, upstream, make_runner)
-            except BackendFailure as exc:
-                if opened:
-                    raise
-                await reject(conn, _backend_error(f"{instance.name}: {exc}", exc.retryable), 1011)
-                return
-            except CanonicalFailure as exc:
-                if opened:
-                    raise
-                await reject(conn, exc.error, 1008)
-                return
-            if scope.cancelled_caught and not opened:
-                await reject(
-                    conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011
-                )
+        # The connect timeout is a scope around the whole session whose deadline is lifted
+        # once the upstream is open: an upstream context may hold a task group, and a
+        # scope must not end while a task group opened inside it is still running.
+        opened = False
+        try:
+            with anyio.CancelScope(
+                deadline=anyio.current_time() + realtime.upstream_connect_timeout_s
+            ) as scope:
+                async with self._upstream(instance, req, spec) as upstream:
+                    opened = True
+                    scope.deadline = math.inf
+                    await self._run_session(conn, req, instance, upstream, make_runner)
+        except BackendFailure as exc:
+            if opened:
+                raise
+            await reject(conn, _backend_error(f"{instance.name}: {exc}", exc.retryable), 1011)
+            return
+        except CanonicalFailure as exc:
+            if opened:
+                raise
+            await reject(conn, exc.error, 1008)
+            return
+        if scope.cancelled_caught and not opened:
+            await reject(
+                conn, _backend_error(f"{instance.name}: upstream connect timed out", True), 1011
+            )
+
+    def _upstream(
+        self, instance: RegisteredInstance, req: ConnectRequest, spec: TranscriptionSpec
+    ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
+        """The session's upstream: reopened after drops when the instance is remote."""
+
+        @asynccontextmanager
+        async def open_upstream(
+            attempt: int,
+        ) -> AsyncIterator[tuple[TranscriptionUpstream, str]]:
+            # The first retry goes back to the same instance (most drops are transient),
+            # later ones ask the router, which knows about breakers and ejections.
+            target = instance if attempt <= 1 else self._reroute(req, instance)
+            assert target.kind is not None
+            with lease(target):
+                async with target.kind.open_transcription(target.info, spec) as upstream:
+                    yield upstream, target.name
+
+        if self._reconnect is not None and instance.hosting is Hosting.REMOTE:
+            return reconnecting_upstream(open_upstream, self._reconnect)
+        return _first_only(open_upstream)
+
+    def _reroute(self, req: ConnectRequest, previous: RegisteredInstance) -> RegisteredInstance:
+        try:
+            instance, _decision = self._router().route(self.envelope(req))
+        except CanonicalFailure:
+            return previous  # nothing else can serve it: try the same one again
+        return instance
 
     async def _run_session(
         self,
@@ -289,6 +321,27 @@ class SessionManager:
         self.draining = True
         for runner in list(self.sessions.values()):
             runner.drain(deadline_s)
+
+
+@asynccontextmanager
+async def _first_only(opener: Opener) -> AsyncIterator[TranscriptionUpstream]:
+    """Open once, without reconnecting."""
+    async with opener(0) as (upstream, _instance):
+        yield upstream
+
+
+def reconnect_policy(config: Config) -> ReconnectPolicy | None:
+    """The upstream reconnect policy `[realtime]` asks for (None: off)."""
+    realtime = config.realtime
+    if realtime.upstream_reconnect_attempts <= 0:
+        return None
+    return ReconnectPolicy(
+        max_attempts=realtime.upstream_reconnect_attempts,
+        initial_backoff_s=realtime.upstream_reconnect_backoff_s,
+        max_backoff_s=realtime.upstream_reconnect_max_backoff_s,
+        connect_timeout_s=realtime.upstream_connect_timeout_s,
+        max_replay_audio_bytes=realtime.upstream_replay_audio_bytes,
+    )
 
 
 def _backend_error(message: str, retryable: bool) -> CanonicalError:

@@ -22,11 +22,12 @@ gives none. So the fake's transcript of some audio equals `StubTranscription`'s.
 Faults, for the next connection (one `plan(...)` per connection, in order): `Refuse` the
 handshake (any status, OpenAI error body, `Retry-After`), `Stall(after=None)` at the
 handshake or `Stall(after=N)` after N client data frames (no reading, no answers until
-`release()`), `Drop(after=N)` (TCP closed without a close frame), `Garbage(after=N)` (a
-frame that is not JSON, or binary), `CloseWith(after=N, code)`, `Inject(after=N, event)`
-(any JSON event), and a `ping` payload sent after `*.created`. "After N" counts the client's
-data frames on that connection, after the fake has answered them. With `api_key` set,
-a missing or wrong `Authorization: Bearer` is refused with 401.
+`release()`), `Drop(after=N)` (TCP closed without a close frame; with `unanswered=True`
+before frame N is answered), `Garbage(after=N)` (a frame that is not JSON, or binary),
+`CloseWith(after=N, code)`, `Inject(after=N, event)` (any JSON event), and a `ping` payload
+sent after `*.created`. "After N" counts the client's data frames on that connection, after
+the fake has answered them. With `api_key` set, a missing or wrong `Authorization: Bearer`
+is refused with 401.
 
 Everything received is recorded per connection (`connections`): path, query, headers
 (lower-case names, Authorization included), decoded client events, audio bytes, pongs.
@@ -93,9 +94,10 @@ class Refuse(msgspec.Struct, frozen=True):
 
 
 class Drop(msgspec.Struct, frozen=True):
-    """Close TCP (no close frame) after `after` client frames."""
+    """Close TCP (no close frame) after `after` client frames (unanswered: before answering)."""
 
     after: int = 0
+    unanswered: bool = False
 
 
 class Garbage(msgspec.Struct, frozen=True):
@@ -439,6 +441,9 @@ class FakeRealtime:
         record: RecordedConnection, plan: Plan,
     ) -> None:  # fmt: skip
         """Send what the session produced, then run the plan's actions that are due."""
+        due = plan.actions[0] if plan.actions else None
+        if isinstance(due, Drop) and due.unanswered and due.after <= record.frames:
+            raise _Dropped  # the answers to the last frame are never sent
         if proto.state is State.OPEN:
             for data in session.out:
                 proto.send_text(data)
