@@ -139,9 +139,22 @@ class WsClient:
         subprotocols: list[str] | None = None,
     ) -> WsClient:
         """Open a WebSocket to the server; raises HandshakeRefused on a non-101 answer."""
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        return await cls.over(stream, port, path, headers=headers, subprotocols=subprotocols)
+
+    @classmethod
+    async def over(
+        cls,
+        stream: anyio.abc.SocketStream,
+        port: int,
+        path: str = "/v1/realtime?intent=transcription",
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        subprotocols: list[str] | None = None,
+    ) -> WsClient:
+        """The WebSocket handshake on a connected stream (see `connect`)."""
         uri = parse_uri(f"ws://127.0.0.1:{port}{path}")
         protocol = ClientProtocol(uri, subprotocols=subprotocols, max_size=None)  # type: ignore[arg-type]
-        stream = await anyio.connect_tcp("127.0.0.1", port)
         client = cls(stream, protocol)
         request = protocol.connect()
         for name, value in headers:

@@ -17,9 +17,18 @@ from typing import Any
 import anyio
 import pytest
 
+from spear_rt.config import Config
+from spear_rt.registry import BackendRegistry
 from spear_rt.server.app import Server
 from spear_rt.session.machine import State
-from tests.conftest import HandshakeRefused, WsClient, b64, make_config, noise_pcm
+from tests.conftest import (
+    STUB_BACKEND,
+    HandshakeRefused,
+    WsClient,
+    b64,
+    make_config,
+    noise_pcm,
+)
 from tests.server.test_realtime import BETA, COMPLETED, DELTA, MANUAL_BETA, TRANSCRIPTION
 
 DRIVERS = [("trio", "auto"), ("asyncio", "auto"), ("asyncio", "anyio")]
@@ -28,13 +37,19 @@ BLOCK = 4800  # 200 ms at 24 kHz: one stub word, so one delta per append
 
 
 def run_on(
-    backend: str, driver: str, scenario: Callable[[Server], Awaitable[Any]], realtime: str = ""
+    backend: str,
+    driver: str,
+    scenario: Callable[[Server], Awaitable[Any]],
+    realtime: str = "",
+    *,
+    backends: str = STUB_BACKEND,
+    registry: Callable[[Config], BackendRegistry] | None = None,
 ) -> Any:
     """Run `scenario(server)` on `backend` against a fresh server using `driver`."""
 
     async def main() -> Any:
-        config = make_config(server=f'driver = "{driver}"', realtime=realtime)
-        server = Server(config)
+        config = make_config(server=f'driver = "{driver}"', realtime=realtime, backends=backends)
+        server = Server(config, registry(config) if registry else None)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve)
             with anyio.fail_after(20):
