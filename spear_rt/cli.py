@@ -87,8 +87,9 @@ async def serve(
                 if signum == signal.SIGTERM:
                     print("spear-rt: SIGTERM: draining", file=sys.stderr)
                     server.stop_accepting()
-                    server.sessions.drain(config.realtime.resume_grace_seconds)
-                    with anyio.move_on_after(config.realtime.resume_grace_seconds + 5):
+                    deadline = server.config.realtime.drain_deadline_s
+                    server.sessions.drain(deadline)
+                    with anyio.move_on_after(deadline + 5):
                         await server.sessions.wait_empty()
                 tg.cancel_scope.cancel()
                 return

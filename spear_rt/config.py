@@ -44,6 +44,7 @@ class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout_s: float = 600.0
     max_session_seconds: float = 3600.0
     resume_grace_seconds: float = 30.0
+    drain_deadline_s: float = 10.0  # SIGTERM: turns in flight get this long to finish
     upstream_connect_timeout_s: float = 10.0
     # A remote upstream that drops is reopened (same instance, then via the router) and its
     # unfinished turns replayed; 0 attempts: a drop ends the session.

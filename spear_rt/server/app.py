@@ -217,15 +217,20 @@ class Server:
             return
         multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
-        async with multi, anyio.create_task_group() as connections:
+        async with anyio.create_task_group() as connections:
             connections.start_soon(self.oneshot.executor.mirror_worker)
             task_status.started(self.port)
-            # Accepting has its own scope so that a drain can stop it while sessions finish.
-            with self._accepting:
-                async with anyio.create_task_group() as acceptors:
-                    for listener in multi.listeners:
-                        assert isinstance(listener, anyio.abc.SocketListener)
-                        acceptors.start_soon(self._accept_loop, listener, connections)
+            # Accepting has its own scope so that a drain can stop it while sessions finish;
+            # the listening sockets close with it (the kernel would keep accepting otherwise).
+            try:
+                with self._accepting:
+                    async with anyio.create_task_group() as acceptors:
+                        for listener in multi.listeners:
+                            assert isinstance(listener, anyio.abc.SocketListener)
+                            acceptors.start_soon(self._accept_loop, listener, connections)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await multi.aclose()
 
     async def _accept_loop(
         self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup

@@ -269,7 +269,9 @@ class SessionManager:
             ),
             dialect=req.dialect,
             outbound=OutboundQueue(realtime.max_outbound_bytes),
-            timeouts=Timeouts(realtime.idle_timeout_s, realtime.max_session_seconds),
+            timeouts=Timeouts(
+                realtime.idle_timeout_s, realtime.max_session_seconds, realtime.drain_deadline_s
+            ),
             resume_token=secrets.token_urlsafe(24) if resumable else None,
             spear_info={"backend": instance.name, "kind": instance.config.kind},
             replay=ReplayBuffer(realtime.replay_buffer_bytes) if resumable else None,
