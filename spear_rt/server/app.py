@@ -176,6 +176,24 @@ class Server:
             lambda: {(): float(self.sessions.dropped_events())},
         )
         self.metrics.gauge(
+            "spear_sessions_detached",
+            "Sessions whose client dropped, waiting for it to resume",
+            (),
+            lambda: {(): float(self.sessions.detached())},
+        )
+        self.metrics.gauge(
+            "spear_session_resumes_total",
+            "Client resumes served",
+            (),
+            lambda: {(): float(self.sessions.resumes())},
+        )
+        self.metrics.gauge(
+            "spear_upstream_reconnects_total",
+            "Session upstreams reopened after a drop (live + ended sessions)",
+            (),
+            lambda: {(): float(self.sessions.upstream_reconnects())},
+        )
+        self.metrics.gauge(
             "spear_sessions_total",
             "Realtime sessions started",
             (),

@@ -151,6 +151,8 @@ class SessionMachine:
         self.resume_token = resume_token
         self.replay = replay  # None: resume is off
         self.last_event_id: str | None = None  # of the last client event applied
+        self.upstream_reconnects = 0
+        self.resumes = 0
         self._attached = True
         self._detached_at_seq = 0
         self._detach_deadline: float | None = None
@@ -238,6 +240,7 @@ class SessionMachine:
                 self._emit(se.TranscriptionFailed(item_id=item_id, error=error))
                 self._item_finished(item_id)
             case UpstreamReconnected():
+                self.upstream_reconnects += 1
                 self._emit(
                     se.SpearUpstreamReconnected(
                         backend=event.instance,
@@ -311,6 +314,7 @@ class SessionMachine:
                 f"(the replay buffer keeps back to seq {self.replay.evicted_through + 1})"
             )
         self.state = self._state_before_detach
+        self.resumes += 1
         self._attached = True
         self._detach_deadline = None
         self._last_activity = now
@@ -585,6 +589,8 @@ class SessionMachine:
             "coalesced_deltas": self.outbound.coalesced,
             "dropped_events": self.outbound.dropped,
             "pending_items": len(self._pending_items),
+            "upstream_reconnects": self.upstream_reconnects,
+            "replay_buffer_bytes": self.replay.nbytes if self.replay is not None else 0,
         }
 
 

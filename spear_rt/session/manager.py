@@ -42,7 +42,7 @@ from spear_rt.protocol import server_events as se
 from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
 from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
-from spear_rt.session.machine import ResumeError, SessionMachine, Timeouts, new_id
+from spear_rt.session.machine import ResumeError, SessionMachine, State, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.reconnect import Opener, ReconnectPolicy, reconnecting_upstream
 from spear_rt.session.replay import ReplayBuffer
@@ -100,12 +100,13 @@ class SessionManager:
         self._reconnect = reconnect_policy(config)
         self.sessions: dict[str, Runner] = {}
         self._owners: dict[str, str | None] = {}  # session id -> client key id
-        self.resumes_total = 0
         self._per_key: dict[str, int] = {}
         self._admitted = 0  # sessions past admission, including those still opening upstream
         self.total_sessions = 0
         self.draining = False
         self._dropped_ended = 0  # deltas dropped by sessions that have ended
+        self._reconnects_ended = 0  # upstream reconnects of sessions that have ended
+        self._resumes_ended = 0  # client resumes of sessions that have ended
         self._emptied = anyio.Event()
 
     async def wait_empty(self) -> None:
@@ -118,6 +119,19 @@ class SessionManager:
         """Use `config` for sessions opened from now on."""
         self._reconnect = reconnect_policy(config)
         self._config = config
+
+    def upstream_reconnects(self) -> int:
+        """Upstream reconnects over live and ended sessions."""
+        live = sum(r.machine.upstream_reconnects for r in self.sessions.values())
+        return self._reconnects_ended + live
+
+    def resumes(self) -> int:
+        """Client resumes served, over live and ended sessions."""
+        return self._resumes_ended + sum(r.machine.resumes for r in self.sessions.values())
+
+    def detached(self) -> int:
+        """Sessions waiting for their client to resume."""
+        return sum(1 for r in self.sessions.values() if r.machine.state is State.DETACHED)
 
     def dropped_events(self) -> int:
         """Deltas dropped for slow clients, over live and ended sessions."""
@@ -292,6 +306,8 @@ class SessionManager:
             del self.sessions[machine.session_id]
             del self._owners[machine.session_id]
             self._dropped_ended += machine.outbound.dropped
+            self._reconnects_ended += machine.upstream_reconnects
+            self._resumes_ended += machine.resumes
             if not self.sessions:
                 self._emptied.set()
 
@@ -316,7 +332,6 @@ class SessionManager:
         except ResumeError as exc:
             await reject_resume(conn, f"cannot resume {req.session_id!r}: {exc}")
             return
-        self.resumes_total += 1
 
     def drain(self, deadline_s: float) -> None:
         """Refuse new sessions and ask every live one to finish its turns and close."""

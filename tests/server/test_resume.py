@@ -219,11 +219,13 @@ def test_resume_reports_what_the_server_holds_and_replays_after_last_seq(
         committed = await client.recv()  # seq 5; item.created and completed go unread
         await drop(client, reset=False)
         await until(lambda: state_of(server, session_id) is State.DETACHED)
+        assert server.sessions.detached() == 1
         resumed_client = await reconnect(server.port or 0, session_id, token, committed["seq"])
         resumed = await resumed_client.recv()
         replayed = await resumed_client.recv_until(COMPLETED)
         await resumed_client.send(append(3))
         live = await resumed_client.recv()
+        assert (server.sessions.detached(), server.sessions.resumes()) == (0, 1)
         await resumed_client.close()
         return resumed, [e["type"] for e in replayed], [e["seq"] for e in [*replayed, live]]
 

@@ -68,6 +68,7 @@ def run(backend_name: str, drops: list[int]) -> tuple[list[dict[str, Any]], list
                     fake.plan(Drop(after=1 + sent), live_deltas=True)
                 fake.plan(live_deltas=True)
                 interrupted = await utterance(server, pcm)
+                assert server.sessions.upstream_reconnects() == len(drops)
             tg.cancel_scope.cancel()
         assert len(fake.connections) == 1 + len(drops) + 1
         return clean, interrupted
