@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--key", help="client key (default: $SPEAR_RT_CLIENT_KEY)")
     p.add_argument("--json", action="store_true", help="print every server event as JSON lines")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="end instead of resuming the session when the connection drops",
+    )
     p.set_defaults(func=_cmd_stream)
 
     p = sub.add_parser(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "ConnectionClosed",
     "RealtimeClient",
     "RealtimeError",
+    "ResumeError",
     "ServerError",
 ]
 
@@ -69,6 +70,16 @@ class ConnectionClosed(RealtimeError):
         super().__init__(
             f"server closed the connection: {code} ({name})" + (f": {reason}" if reason else "")
         )
+        self.code = code
+        self.reason = reason
+
+
+class ResumeError(ConnectionClosed):
+    """A dropped session could not be resumed; `code` is the server's close code (1006 if none)."""
+
+    def __init__(self, message: str, code: int = 1006, reason: str = "") -> None:
+        RealtimeError.__init__(self, f"cannot resume the session: {message}")
+        self.detail = message
         self.code = code
         self.reason = reason
 
@@ -116,11 +127,15 @@ class RealtimeClient:
         self._torn = False  # a write was interrupted: the byte stream is no longer framed
 
     @classmethod
-    @asynccontextmanager
-    async def connect(
-        cls, url: str, *, key: str | None = None, beta: bool = True
-    ) -> AsyncIterator[RealtimeClient]:
-        """Open `url` (ws:// or wss://), yield the client, close it on exit."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        key: str | None = None,
+        beta: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> RealtimeClient:
+        """Open `url` (ws:// or wss://) and shake hands; the caller owes an `aclose()`."""
         try:
             uri = parse_uri(url)
         except InvalidURI as exc:
@@ -140,25 +155,44 @@ class RealtimeClient:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # anyio wraps
             raise ConnectError(f"cannot connect to {url}: {cause.strerror or cause}") from None
         client = cls(stream, protocol)
-        async with stream:
-            try:
-                with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    await client._handshake(key, beta)
-            except TimeoutError:
-                raise ConnectError(
-                    f"cannot connect to {url}: no WebSocket handshake answer"
-                ) from None
-            except ConnectError as exc:
-                raise ConnectError(f"cannot connect to {url}: {exc}") from None
-            try:
-                yield client
-            finally:
+        opened = False
+        try:
+            with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await client._handshake(key, beta, headers or {})
+            opened = True
+        except TimeoutError:
+            raise ConnectError(f"cannot connect to {url}: no WebSocket handshake answer") from None
+        except ConnectError as exc:
+            raise ConnectError(f"cannot connect to {url}: {exc}") from None
+        finally:
+            if not opened:
                 with anyio.CancelScope(shield=True):
-                    await client.aclose()
+                    await stream.aclose()
+        return client
 
-    async def _handshake(self, key: str | None, beta: bool) -> None:
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        key: str | None = None,
+        beta: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[RealtimeClient]:
+        """Open `url` (ws:// or wss://), yield the client, close it on exit."""
+        client = await cls.open(url, key=key, beta=beta, headers=headers)
+        try:
+            yield client
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    async def _handshake(self, key: str | None, beta: bool, headers: Mapping[str, str]) -> None:
         protocol = self._protocol
         request = protocol.connect()
+        for name, value in headers.items():
+            request.headers[name] = value
         if beta:
             request.headers["OpenAI-Beta"] = "realtime=v1"
         if key:
@@ -184,9 +218,13 @@ class RealtimeClient:
 
     async def send(self, event: dict[str, Any]) -> None:
         """Send one client event (a JSON object with a `type`)."""
+        await self.send_raw(msgspec.json.encode(event))
+
+    async def send_raw(self, message: bytes) -> None:
+        """Send one client event already encoded as JSON (a text frame)."""
         if self._protocol.state is not State.OPEN:
             raise self._closed_error()
-        self._protocol.send_text(msgspec.json.encode(event))
+        self._protocol.send_text(message)
         if not await self._flush():
             raise self._closed_error()
 
@@ -281,3 +319,9 @@ class RealtimeClient:
                 protocol.events_received()
                 await self._flush()
         await self._stream.aclose()
+
+    async def abort(self) -> None:
+        """Drop the socket at once, without a closing handshake (a reader meets end of stream)."""
+        self._eof = True
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()

@@ -4,6 +4,9 @@
 collects every item's transcript. The sender and the receiver are two tasks; what the server
 has said so far lives in `_Progress`, fed every event, which the sender waits on.
 
+A socket that drops mid-session is resumed (`spear_rt.client.resuming`): the transcripts are
+those of an unbroken run, and no event reaches `on_event` twice.
+
 The command converts any file soundfile reads, once, at the edge, to 24 kHz pcm16 mono (what
 the realtime protocol's ``pcm16`` means). Deltas are written on one line as they arrive and the
 line ends at ``completed``; ``--json`` prints every server event as one JSON line instead. An
@@ -27,7 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spear_rt.audio import load_audio, resample
-from spear_rt.client.realtime import ConnectionClosed, RealtimeClient, ServerError
+from spear_rt.client.realtime import ConnectionClosed, ServerError
+from spear_rt.client.resuming import ResumePolicy, ResumingClient
 from spear_rt.errors import SpearError
 
 __all__ = [
@@ -140,7 +144,7 @@ def _session_update(vad: bool) -> dict[str, Any]:
     }
 
 
-async def _stream_frames(client: RealtimeClient, pcm: NDArray[np.int16], pace: Pace) -> None:
+async def _stream_frames(client: ResumingClient, pcm: NDArray[np.int16], pace: Pace) -> None:
     """Send `pcm` in 20 ms frames: on the clock (realtime) or as fast as the socket takes them."""
     size = RATE_HZ * FRAME_MS // 1000
     start = anyio.current_time()
@@ -151,7 +155,7 @@ async def _stream_frames(client: RealtimeClient, pcm: NDArray[np.int16], pace: P
 
 
 async def _receive_all(
-    client: RealtimeClient, progress: _Progress, on_event: EventCallback | None
+    client: ResumingClient, progress: _Progress, on_event: EventCallback | None
 ) -> None:
     while True:
         event = await client.receive()
@@ -161,7 +165,7 @@ async def _receive_all(
 
 
 async def _drive(
-    client: RealtimeClient, progress: _Progress, pcm: NDArray[np.int16], pace: Pace, vad: bool
+    client: ResumingClient, progress: _Progress, pcm: NDArray[np.int16], pace: Pace, vad: bool
 ) -> None:
     await client.send(_session_update(vad))
     await _stream_frames(client, pcm, pace)
@@ -190,15 +194,18 @@ async def transcribe(
     vad: bool = False,
     on_event: EventCallback | None = None,
     key: str | None = None,
+    resume: ResumePolicy | None = ResumePolicy(),  # noqa: B008 (frozen)
 ) -> list[Transcript]:
     """Stream 24 kHz pcm16 mono to a transcription session; every item's transcript, in order.
 
     Manual mode commits once at the end; VAD mode lets the server split turns, sends a second
     of trailing silence and commits a turn still open. An `error` event raises `ServerError`.
+    A socket that drops mid-session is resumed per `resume` (None: the drop is an error), and
+    `on_event` sees `spear.session.resumed` but no event twice.
     """
     progress = _Progress()
     with _one_error():
-        async with RealtimeClient.connect(url, key=key, beta=True) as client:
+        async with ResumingClient.connect(url, key=key, beta=True, policy=resume) as client:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_receive_all, client, progress, on_event)
                 try:
@@ -320,6 +327,10 @@ def _announce_backend(err: TextIO) -> EventCallback:
             }:
                 kind = event["spear"].get("kind", "?")
                 print(f"spear-rt: session served by backend {name} [{kind}]", file=err, flush=True)
+            case {"type": "spear.session.resumed", "last_seq": int(seq)}:
+                print(
+                    f"spear-rt: connection dropped; resumed after event {seq}", file=err, flush=True
+                )
 
     return on_event
 
@@ -342,10 +353,12 @@ async def stream_file(
     json_lines: bool,
     out: TextIO,
     err: TextIO,
+    resume: bool = True,
 ) -> list[Transcript]:
     """Stream 24 kHz pcm16 to `url`, printing live (text or JSON lines); the transcripts."""
     on_event = JsonPrinter(out) if json_lines else _chain(_announce_backend(err), LivePrinter(out))
-    return await transcribe(url, pcm, pace=pace, vad=vad, on_event=on_event, key=key)
+    policy = ResumePolicy() if resume else None
+    return await transcribe(url, pcm, pace=pace, vad=vad, on_event=on_event, key=key, resume=policy)
 
 
 def stream_file_cli(args: argparse.Namespace) -> int:
@@ -363,6 +376,7 @@ def stream_file_cli(args: argparse.Namespace) -> int:
             json_lines=args.json,
             out=sys.stdout,
             err=sys.stderr,
+            resume=not args.no_resume,
         )
         transcripts = anyio.run(run, backend="trio")
     except SpearError as exc:
