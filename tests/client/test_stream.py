@@ -28,6 +28,7 @@ TIMEOUT_S = 20
 
 def _args(file: str, url: str, **overrides: Any) -> argparse.Namespace:
     base = {"file": file, "url": url, "pace": "fast", "vad": False, "key": None, "json": False}
+    base["no_resume"] = False
     return argparse.Namespace(**{**base, **overrides})
 
 
