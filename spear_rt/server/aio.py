@@ -394,7 +394,11 @@ class CallbackRunner:
             self._pump_wake = anyio.Event()
             try:
                 while self._backlog:
-                    await self.upstream.send(self._backlog.popleft())
+                    # Sent before it leaves the backlog: while the send waits (a reconnecting
+                    # upstream), the backlog is not empty, so newer commands queue behind it
+                    # instead of taking the fast path ahead of it.
+                    await self.upstream.send(self._backlog[0])
+                    self._backlog.popleft()
             except BackendFailure as exc:
                 self._backlog.clear()
                 self.machine.upstream_failed(f"upstream failed: {exc}")
