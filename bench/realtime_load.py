@@ -32,6 +32,10 @@ Measured over the window (after ``--warmup``; late answers are awaited ``--drain
 * server CPU % and RSS (psutil, server process tree, RSS sampled every second), generator CPU %,
   per-core busy %.
 
+Fault mode (``--fault none,client:T,upstream:T,...``): drop client sockets and/or spear_rt's
+upstream connections while N sessions stream; reports events lost, resume time and RSS per
+session. It lives in faults.py, fault_client.py and fault_net.py next to this file.
+
 Not part of spear_rt: a bench. Binds and connects to 127.0.0.1 only; every step is bounded in
 time. See bench/README.md for commands and how to read the table.
 """
@@ -103,8 +107,8 @@ def client_frame(payload: bytes, opcode: int = 1, key: bytes | None = None) -> b
     return head + key + _mask(payload, key)
 
 
-def fixture_frames(pattern: str, key: bytes) -> tuple[list[bytes], list[str], float]:
-    """Pre-encoded, pre-masked append frames of the fixture clips, end to end (looped by caller)."""
+def fixture_pcm(pattern: str) -> tuple[list[bytes], list[str]]:
+    """The fixture clips end to end at 24 kHz, as raw pcm16 bytes of one 20 ms frame each."""
     import numpy as np
 
     from spear_rt.audio import load_audio, pcm16_to_bytes, resample
@@ -118,12 +122,20 @@ def fixture_frames(pattern: str, key: bytes) -> tuple[list[bytes], list[str], fl
         parts.append(resample(pcm, rate, RATE_HZ))
     pcm = np.concatenate(parts)
     pcm = pcm[: len(pcm) // FRAME_SAMPLES * FRAME_SAMPLES]
-    frames = []
-    for i in range(0, len(pcm), FRAME_SAMPLES):
-        audio = base64.b64encode(pcm16_to_bytes(pcm[i : i + FRAME_SAMPLES]))
-        payload = b'{"type":"input_audio_buffer.append","audio":"' + audio + b'"}'
-        frames.append(client_frame(payload, 1, key))
-    return frames, [os.path.basename(f) for f in files], len(pcm) / RATE_HZ
+    raw = [pcm16_to_bytes(pcm[i : i + FRAME_SAMPLES]) for i in range(0, len(pcm), FRAME_SAMPLES)]
+    return raw, [os.path.basename(f) for f in files]
+
+
+def append_frame(pcm: bytes, key: bytes) -> bytes:
+    """One masked `input_audio_buffer.append` frame of raw pcm16 bytes."""
+    payload = b'{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(pcm) + b'"}'
+    return client_frame(payload, 1, key)
+
+
+def fixture_frames(pattern: str, key: bytes) -> tuple[list[bytes], list[str], float]:
+    """Pre-encoded, pre-masked append frames of the fixture clips, end to end (looped by caller)."""
+    raw, files = fixture_pcm(pattern)
+    return [append_frame(pcm, key) for pcm in raw], files, len(raw) * FRAME_MS / 1000
 
 
 class Gen:
@@ -1253,7 +1265,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--drain", type=float, default=3.0, help="wait this long for late answers")
     ap.add_argument("--loop", default="uvloop", help="trio|asyncio|uvloop, or a comma list")
-    ap.add_argument("--backend", default="stub", choices=("stub", "pocketsphinx"))
+    ap.add_argument(
+        "--backend",
+        choices=("stub", "pocketsphinx", "remote"),
+        help="stub (default) | pocketsphinx; with --fault: remote (default: openai_realtime to "
+        "a fake upstream through a resetting proxy) | stub",
+    )
     ap.add_argument(
         "--url", help="attach to a running server instead (ws://127.0.0.1:PORT/v1/realtime?...)"
     )
@@ -1326,19 +1343,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol", choices=("spear", "anchor"), default="spear", help=argparse.SUPPRESS
     )
     ap.add_argument("--upstream-pid", type=int, default=0, help=argparse.SUPPRESS)
+    import faults  # the fault mode lives in its own module (bench/faults.py)
+
+    faults.add_arguments(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import faults
+
     if args.gen:
         if not args.url:
             raise SystemExit("--gen needs --url")
         args.sessions_n = int(args.sessions)
-        gen_main(args)
+        faults.gen_main(args) if args.fault else gen_main(args)
         return 0
     if args.replot:
         results = [r for r in json.loads(Path(args.replot).read_text()) if not r.get("discarded")]
+        if any("fault_spec" in r for r in results):
+            faults.replot(Path(args.replot), args.plot)
+            return 0
         print(table(results))
         kn = knees(results)
         if kn:
@@ -1348,8 +1373,15 @@ def main(argv: list[str] | None = None) -> int:
             if plot(results, out):
                 log(f"wrote {out}")
         return 0
+    if args.fault:
+        return faults.main(args)
+    if args.backend is None:
+        args.backend = "stub"
+    if args.backend == "remote":
+        raise SystemExit("--backend remote is for --fault runs (it needs the fake upstream)")
     return main_ladder(args)
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("realtime_load", sys.modules["__main__"])  # one module for faults.py
     sys.exit(main())
