@@ -6,6 +6,7 @@ callbacks) and `anyio` (anyio streams, task-based runner), and the two must agre
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from spear_rt.backend import (
     UpstreamEvent,
 )
 from spear_rt.ir import Operation, Transport
+from spear_rt.protocol.client_events import decode_client_event
 from spear_rt.registry import BackendRegistry
 from spear_rt.server.app import Server
 from spear_rt_backends.stub import StubTranscription
@@ -189,3 +191,67 @@ def test_slow_upstream_pushes_back_and_loses_no_audio(driver: str) -> None:
     )
     assert stalled_at < frames  # the client was pushed back
     assert samples == frames * samples_per_frame  # and nothing was dropped
+
+
+class ReopeningUpstream(GatedUpstream):
+    """Like a reconnecting upstream: closed, `send` waits for it; once open, the fast path
+    takes commands at once, possibly before a waiting `send` has resumed."""
+
+    def __init__(self, gate: anyio.Event, seen: list[int]) -> None:
+        super().__init__(gate, seen)
+        self.open = False
+
+    def send_nowait(self, command: UpstreamCommand) -> bool:
+        if not self.open:
+            return False
+        if isinstance(command, AppendAudio):
+            self.seen.append(command.pcm.size)
+        return self.inner.send_nowait(command)
+
+
+def test_a_command_waiting_in_the_pump_is_not_overtaken_by_the_fast_path() -> None:
+    """Audio that arrives while an earlier command's send is still waiting goes after it,
+    even if the upstream's fast path opens first (a resume meeting an upstream reconnect)."""
+    kind = GatedKind()
+    upstreams: list[ReopeningUpstream] = []
+
+    @asynccontextmanager
+    async def open_transcription(
+        instance: InstanceInfo, spec: TranscriptionSpec
+    ) -> AsyncIterator[ReopeningUpstream]:
+        upstreams.append(ReopeningUpstream(kind.gate, kind.seen))
+        yield upstreams[-1]
+
+    kind.open_transcription = open_transcription  # type: ignore[method-assign,assignment]
+
+    async def scenario(server: Server) -> list[int]:
+        assert server.port is not None
+        client = await open_manual(server.port)
+        (runner,) = server.sessions.sessions.values()
+        up = upstreams[0]
+        up.open = True
+        kind.gate.set()
+        await client.send({"type": "input_audio_buffer.append", "audio": b64(noise_pcm(2400))})
+        await client.send({"type": "spear.metrics.request"})
+        await client.recv_until("spear.metrics")  # taken by the fast path
+        up.open, up.gate = False, anyio.Event()  # the upstream drops
+        await client.send({"type": "input_audio_buffer.append", "audio": b64(noise_pcm(1200))})
+        while not up.gate.statistics().tasks_waiting:  # noqa: ASYNC110
+            await anyio.sleep(0.001)  # the pump waits in send() with that append
+        # One synchronous step, as when a callback runs before the pump task resumes:
+        up.open = True
+        up.gate.set()
+        event = {"type": "input_audio_buffer.append", "audio": b64(noise_pcm(480))}
+        runner.machine.client_event(decode_client_event(json.dumps(event).encode()), 0.0)
+        runner._push_upstream()  # type: ignore[attr-defined]
+        await client.send({"type": "input_audio_buffer.commit"})
+        await client.recv_until(COMPLETED)
+        await client.close()
+        return kind.seen
+
+    seen = on_asyncio(
+        "auto",
+        scenario,
+        registry=lambda config: BackendRegistry.build(config, loader=lambda name: kind, environ={}),  # type: ignore[arg-type, return-value]
+    )
+    assert seen == [2400, 1200, 480]
