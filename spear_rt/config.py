@@ -54,7 +54,10 @@ class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     upstream_replay_audio_bytes: int = 8 << 20  # audio of unfinished turns kept for a replay
     max_outbound_bytes: int = 1 << 20  # server -> client events awaiting the socket
     max_pending_audio_bytes: int = 1 << 20  # client audio awaiting the upstream
-    replay_buffer_bytes: int = 1 << 20  # per session: past events kept for a resuming client
+    # Per session: past events kept for a resuming client. Every session fills it over minutes
+    # (deltas add ~1 kB/s), so this is also its steady memory cost; a resume needing events
+    # evicted already is refused (4004), never served with a gap.
+    replay_buffer_bytes: int = 256 << 10
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
