@@ -7,7 +7,7 @@ Rules:
    with ``turn_detection: null`` a turn opens at the first appended audio and ends at the
    client's commit; with server VAD a turn opens at speech start (audio from
    ``audio_start_ms``, prefix padding included) and commits itself at speech stop.
-   Each turn's audio goes upstream resampled to the upstream's rate.
+   Each turn's audio goes upstream resampled to the upstream's rate (`session/turns.py`).
 3. A commit turns the current turn into an item: ``committed`` + item created go out at once;
    deltas and ``completed`` follow as the upstream produces them. Live deltas may precede the
    commit; they carry the item id announced in ``speech_started``.
@@ -51,14 +51,8 @@ from collections.abc import Callable
 import msgspec
 import numpy as np
 
-from spear_rt.audio import AudioFormatError, StreamResampler, VoiceActivityDetector, decode_audio
-from spear_rt.audio.vad import SpeechStarted as VadStarted
-from spear_rt.audio.vad import SpeechStopped as VadStopped
+from spear_rt.audio import AudioFormatError, decode_audio
 from spear_rt.backend import (
-    AppendAudio,
-    BeginTurn,
-    Clear,
-    Commit,
     Pcm16,
     TranscriptCompleted,
     TranscriptDelta,
@@ -77,9 +71,9 @@ from spear_rt.protocol.settings import (
     apply_update,
     render_session,
 )
-from spear_rt.session.history import AudioHistory
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.replay import ReplayBuffer
+from spear_rt.session.turns import SpeechBegan, SpeechEnded, TurnCommitted, Turns
 
 
 class State(enum.StrEnum):
@@ -146,7 +140,6 @@ class SessionMachine:
         self.upstream: list[UpstreamCommand] = []
         self.close: CloseAction | None = None
         self.last_error: str | None = None
-        self._upstream_rate = upstream_rate_hz
         self._timeouts = timeouts
         self.resume_token = resume_token
         self.replay = replay  # None: resume is off
@@ -165,17 +158,16 @@ class SessionMachine:
         self._last_activity = 0.0
         self._drain_deadline: float | None = None
         self._expiry_warned = False
-        # audio and turns
         self.input_audio_bytes = 0
-        self._samples_in = 0
-        self._turn_id: str | None = None
-        self._turn_samples = 0
-        self._resampler: StreamResampler | None = None
-        self._vad: VoiceActivityDetector | None = None
-        self._history: AudioHistory | None = None
         self._previous_item_id: str | None = None
         self._pending_items: set[str] = set()
-        self._reset_audio_path()
+        self._turns = Turns(
+            settings.input_format,
+            settings.turn_detection,
+            upstream_rate_hz,
+            lambda command: self.upstream.append(command),  # the runner may swap the list
+            ids,
+        )
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -271,10 +263,10 @@ class SessionMachine:
         self._drain_deadline = now + grace
         # Tell the client first: it can stop sending and reconnect elsewhere after its turns.
         self._emit(se.SpearServerDraining(deadline_ms=round(grace * 1000)))
-        if self._turn_id is not None and self._turn_samples:
-            self._commit_turn()
-        elif self._turn_id is not None:
-            self._discard_turn()
+        if self._turns.turn_id is not None and self._turns.turn_samples:
+            self._committed(self._turns.commit())
+        elif self._turns.turn_id is not None:
+            self._turns.discard()
         self._maybe_finish_drain()
 
     def client_gone(self) -> None:
@@ -385,68 +377,27 @@ class SessionMachine:
         if pcm.size == 0:
             return
         self.input_audio_bytes += len(event.audio)
-        if self._vad is None:
-            if self._turn_id is None:
-                self._open_turn(self._ids("item"))
-            self._send_audio(pcm)
-        else:
-            self._append_with_vad(pcm)
-        self._samples_in += pcm.size
-
-    def _append_with_vad(self, pcm: Pcm16) -> None:
-        assert self._vad is not None and self._history is not None
-        chunk_start = self._samples_in
-        chunk_end = chunk_start + pcm.size
-        self._history.append(pcm, chunk_start)
-        rate = self.settings.input_format.rate_hz
-        cursor = chunk_start
-        for vad_event in self._vad.process(pcm):
-            match vad_event:
-                case VadStarted(audio_start_ms=start_ms):
-                    if self._turn_id is not None:  # a manual commit raced the VAD: new turn
-                        self._send_audio(self._history.slice(cursor, chunk_end))
-                        self._commit_turn()
-                    item_id = self._ids("item")
-                    self._open_turn(item_id)
+        for turn_event in self._turns.append(pcm):
+            match turn_event:
+                case SpeechBegan(item_id=item_id, audio_start_ms=start_ms):
                     self._emit(se.SpeechStarted(audio_start_ms=start_ms, item_id=item_id))
-                    cursor = min(start_ms * rate // 1000, chunk_end)
-                case VadStopped(audio_end_ms=end_ms):
-                    if self._turn_id is None:
-                        continue  # its turn was committed or cleared by the client already
-                    item_id = self._turn_id
-                    silence = (
-                        self.settings.turn_detection.silence_duration_ms
-                        if self.settings.turn_detection
-                        else 0
-                    )
-                    stop = min((end_ms + silence) * rate // 1000, chunk_end)
+                case SpeechEnded(item_id=item_id, audio_end_ms=end_ms):
                     self._emit(se.SpeechStopped(audio_end_ms=end_ms, item_id=item_id))
-                    self._send_audio(self._history.slice(cursor, max(stop, cursor)))
-                    self._commit_turn()
-                    cursor = max(stop, cursor)
-        if self._turn_id is not None and cursor < chunk_end:
-            self._send_audio(self._history.slice(cursor, chunk_end))
+                case TurnCommitted(item_id=item_id):
+                    self._committed(item_id)
 
     def _on_commit(self, event_id: str | None) -> None:
-        if self._turn_id is None or self._turn_samples == 0:
+        if self._turns.turn_id is None or self._turns.turn_samples == 0:
             self.error(
                 "input_audio_buffer_commit_empty",
                 "cannot commit: the input audio buffer holds no audio",
                 event_id,
             )
             return
-        self._commit_turn()
-        if self._vad is not None:
-            # The client ended this turn itself: the detector starts over, so speech that
-            # goes on becomes a new turn (with its own speech_started) instead of a
-            # speech_stopped for an item that no longer exists.
-            self._vad.reset()
+        self._committed(self._turns.commit())
 
     def _on_clear(self) -> None:
-        if self._turn_id is not None:
-            self._discard_turn()
-        if self._vad is not None:
-            self._vad.reset()
+        self._turns.clear()
         self._emit(se.Cleared())
 
     def _on_update(self, event: ce.SessionUpdate | ce.TranscriptionSessionUpdate) -> None:
@@ -460,53 +411,18 @@ class SessionMachine:
         except SettingsError as exc:
             self.error("invalid_value", str(exc), event.event_id, exc.param)
             return
-        old = self.settings
         self.settings = settings
-        if (
-            settings.input_format != old.input_format
-            or settings.turn_detection != old.turn_detection
-        ):
-            if self._turn_id is not None and settings.input_format != old.input_format:
-                self._flush_resampler()
-                self._resampler = StreamResampler(
-                    settings.input_format.rate_hz, self._upstream_rate
-                )
-            self._reset_audio_path()
+        self._turns.reconfigure(settings.input_format, settings.turn_detection)
         session = render_session(settings, self.dialect, self.session_id)
         if self._transcription_beta():
             self._emit(se.TranscriptionSessionUpdated(session=session))
         else:
             self._emit(se.SessionUpdated(session=session))
 
-    # --- turns --------------------------------------------------------------------------------
+    # --- items ------------------------------------------------------------------------------
 
-    def _open_turn(self, item_id: str) -> None:
-        self._turn_id = item_id
-        self._turn_samples = 0
-        self._resampler = StreamResampler(self.settings.input_format.rate_hz, self._upstream_rate)
-        self.upstream.append(BeginTurn(item_id))
-
-    def _send_audio(self, pcm: Pcm16) -> None:
-        if pcm.size == 0 or self._resampler is None:
-            return
-        self._turn_samples += pcm.size
-        out = self._resampler.process(pcm)
-        if out.size:
-            self.upstream.append(AppendAudio(out))
-
-    def _flush_resampler(self) -> None:
-        if self._resampler is not None:
-            tail = self._resampler.flush()
-            if tail.size:
-                self.upstream.append(AppendAudio(tail))
-
-    def _commit_turn(self) -> None:
-        item_id = self._turn_id
-        assert item_id is not None
-        self._flush_resampler()
-        self.upstream.append(Commit(item_id))
-        self._turn_id = None
-        self._resampler = None
+    def _committed(self, item_id: str) -> None:
+        """Turn `item_id` went upstream as committed: announce the item, await its transcript."""
         self._pending_items.add(item_id)
         previous, self._previous_item_id = self._previous_item_id, item_id
         self._emit(se.Committed(item_id=item_id, previous_item_id=previous))
@@ -516,12 +432,6 @@ class SessionMachine:
         else:
             self._emit(se.ItemCreated(item=item, previous_item_id=previous))
 
-    def _discard_turn(self) -> None:
-        self.upstream.append(Clear())
-        self._turn_id = None
-        self._resampler = None
-        self._turn_samples = 0
-
     def _item_finished(self, item_id: str) -> None:
         self._pending_items.discard(item_id)
         self._maybe_finish_drain()
@@ -529,17 +439,6 @@ class SessionMachine:
     def _maybe_finish_drain(self) -> None:
         if self.state is State.DRAINING and not self._pending_items:
             self._close(1001, "server draining")
-
-    def _reset_audio_path(self) -> None:
-        turn = self.settings.turn_detection
-        rate = self.settings.input_format.rate_hz
-        if turn is None:
-            self._vad = None
-            self._history = None
-        else:
-            self._vad = VoiceActivityDetector(turn, rate)
-            # enough to reach back over the prefix padding plus the detector's own delay
-            self._history = AudioHistory(rate * (turn.prefix_padding_ms + 2000) // 1000)
 
     # --- outputs ------------------------------------------------------------------------------
 
