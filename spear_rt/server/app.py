@@ -1,9 +1,9 @@
 """The server: one port for HTTP/1.1 endpoints and WebSocket realtime sessions.
 
 Each TCP connection is one task in the server's task group. h11 reads requests (keep-alive);
-an ``Upgrade: websocket`` on ``/v1/realtime`` is handed to websockets' `ServerProtocol` on the
-same stream and becomes a session. A handler that crashes is logged; its WebSocket closes
-with 1011 and its HTTP request gets a 500 without internals.
+an ``Upgrade: websocket`` on ``/v1/realtime`` is handed to the realtime edge
+(`server/realtime.py`) on the same stream and becomes a session. A handler that crashes is
+logged; its WebSocket closes with 1011 and its HTTP request gets a 500 without internals.
 """
 
 from __future__ import annotations
@@ -11,23 +11,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 import h11
 import sniffio
-from websockets.server import ServerProtocol
 
-from spear_rt.backend import TranscriptionUpstream
 from spear_rt.config import Config, listen_address, load_config
-from spear_rt.ir import CanonicalError, ErrorCode
 from spear_rt.metrics import MetricsRegistry
-from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
-from spear_rt.server.aio import CallbackRunner, ProtocolStream, serve_asyncio
+from spear_rt.server.aio import serve_asyncio
 from spear_rt.server.http import (
     HttpConnection,
     HttpError,
@@ -37,50 +33,17 @@ from spear_rt.server.http import (
     json_response,
     keys_from_env,
     match_key,
+    request_header,
 )
 from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
-from spear_rt.server.ws import WebSocketConnection
-from spear_rt.session.machine import SessionMachine
-from spear_rt.session.manager import (
-    ConnectRequest,
-    ResumeRequest,
-    Runner,
-    RunnerFactory,
-    SessionManager,
-    reject,
-)
-from spear_rt.session.runner import SessionRunner
+from spear_rt.server.realtime import REALTIME_PATH, upgrade_to_session
+from spear_rt.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
 
-REALTIME_PATH = "/v1/realtime"
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload"})  # admin has its own keys
-KEY_SUBPROTOCOL = "openai-insecure-api-key."
-RESUME_SUBPROTOCOL = "spear-resume."
-RESUME_HEADER = b"spear-resume-token"
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
-
-
-def _header(request: h11.Request, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _offered_subprotocols(request: h11.Request) -> list[str]:
-    offered: list[str] = []
-    for key, value in request.headers:
-        if key == b"sec-websocket-protocol":
-            offered += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
-    return offered
-
-
-def _select_realtime(protocol: ServerProtocol, offered: object) -> str | None:
-    # Echo `realtime` when offered (browsers require an echo of something they offered);
-    # key-carrying subprotocols are never echoed back.
-    return "realtime" if isinstance(offered, (list, tuple)) and "realtime" in offered else None
 
 
 class Server:
@@ -292,8 +255,10 @@ class Server:
                     error_response(403, "no client keys are configured: loopback only", "forbidden")
                 )
                 return
-            if (_header(event, b"upgrade") or "").lower() == "websocket":
-                await self._upgrade(stream, http, event)
+            if (request_header(event, b"upgrade") or "").lower() == "websocket":
+                await upgrade_to_session(
+                    stream, http, event, self.config, self._client_keys, self.sessions
+                )
                 return
             await self._answer(http, event, loopback)
             if http.h11.our_state is h11.MUST_CLOSE:
@@ -398,86 +363,6 @@ class Server:
     async def _capabilities(self, request: HttpRequest) -> Response:
         return json_response(200, {"operations": self.registry.capabilities()})
 
-    # --- realtime -----------------------------------------------------------------------------
-
-    def _client_key_id(self, request: h11.Request) -> tuple[bool, str | None]:
-        """(authorized, key id) from the bearer header or the key subprotocol."""
-        if not self._client_keys:
-            return True, None
-        offered = None
-        auth = _header(request, b"authorization")
-        if auth is not None and auth.lower().startswith("bearer "):
-            offered = auth[7:].strip()
-        for proto in _offered_subprotocols(request):
-            if proto.startswith(KEY_SUBPROTOCOL):
-                offered = proto[len(KEY_SUBPROTOCOL) :]
-        key_id = match_key(self._client_keys, offered)
-        return key_id is not None, key_id
-
-    async def _upgrade(
-        self, stream: anyio.abc.ByteStream, http: HttpConnection, request: h11.Request
-    ) -> None:
-        url = urlsplit(request.target.decode("latin-1"))
-        if url.path != REALTIME_PATH:
-            await http.send(
-                error_response(404, f"no WebSocket endpoint at {url.path}", "not_found")
-            )
-            return
-        protocol = ServerProtocol(
-            select_subprotocol=_select_realtime,  # type: ignore[arg-type]
-            max_size=self.config.server.max_frame_bytes,
-        )
-        protocol.receive_data(http.upgrade_head(request))
-        ws_request = next((e for e in protocol.events_received()), None)
-        if ws_request is None:
-            return
-        response = protocol.accept(ws_request)  # type: ignore[arg-type]
-        protocol.send_response(response)
-        conn = WebSocketConnection(stream, protocol)
-        await conn.flush()
-        if response.status_code != 101:
-            return
-        authorized, key_id = self._client_key_id(request)
-        if not authorized:
-            await reject(
-                conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008
-            )
-            return
-        connect = _connect_request(url.query, request, key_id)
-        if isinstance(connect, CanonicalError):
-            await reject(conn, connect, 1008)
-            return
-        resume = _resume_request(url.query, request, key_id)
-        if isinstance(resume, CanonicalError):
-            await reject(conn, resume, 1008)
-            return
-        grace = self.config.realtime.resume_grace_seconds
-        make_runner: RunnerFactory | None = None
-        if isinstance(stream, ProtocolStream):  # the asyncio driver: run the session from callbacks
-            connection = stream.protocol
-
-            def make_runner(machine: SessionMachine, upstream: TranscriptionUpstream) -> Runner:
-                return CallbackRunner(machine, connection, protocol, upstream, resume_grace_s=grace)
-
-            async def attach(runner: Runner, last_seq: int) -> None:
-                assert isinstance(runner, CallbackRunner)
-                await runner.attach(connection, protocol, last_seq)
-
-        else:
-
-            async def attach(runner: Runner, last_seq: int) -> None:
-                assert isinstance(runner, SessionRunner)
-                await runner.attach(conn, last_seq)
-
-        try:
-            if resume is not None:
-                await self.sessions.resume(conn, resume, attach)
-            else:
-                await self.sessions.serve(conn, connect, make_runner)
-        except Exception:
-            log.exception("realtime session crashed")
-            await conn.close(1011, "internal error")
-
 
 def _is_loopback(stream: anyio.abc.ByteStream) -> bool:
     try:
@@ -485,52 +370,3 @@ def _is_loopback(stream: anyio.abc.ByteStream) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except (anyio.TypedAttributeLookupError, ValueError, TypeError, IndexError):
         return True  # not a TCP socket (in-memory test stream)
-
-
-def _resume_request(
-    query: str, request: h11.Request, key_id: str | None
-) -> ResumeRequest | CanonicalError | None:
-    """The resume a reconnect asks for (`?session_id=&last_seq=` + token), if any."""
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
-    session_id = params.get("session_id")
-    if session_id is None:
-        return None
-    token = _header(request, RESUME_HEADER)
-    for proto in _offered_subprotocols(request):
-        if proto.startswith(RESUME_SUBPROTOCOL):
-            token = proto[len(RESUME_SUBPROTOCOL) :]
-    if not token:
-        return CanonicalError(
-            ErrorCode.INVALID_REQUEST,
-            "resuming needs the session's resume token: header Spear-Resume-Token or "
-            "subprotocol spear-resume.<token>",
-        )
-    last_seq = params.get("last_seq", "")
-    if not last_seq.isdigit():
-        return CanonicalError(
-            ErrorCode.INVALID_REQUEST,
-            f"last_seq must be the seq of the last event received (an integer >= 0), "
-            f"got {last_seq!r}",
-        )
-    return ResumeRequest(session_id, token, int(last_seq), key_id)
-
-
-def _connect_request(
-    query: str, request: h11.Request, key_id: str | None
-) -> ConnectRequest | CanonicalError:
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
-    intent = params.get("intent")
-    if intent not in (None, "transcription", "conversation"):
-        return CanonicalError(
-            ErrorCode.INVALID_REQUEST, f"unknown intent {intent!r}; use 'transcription' or omit it"
-        )
-    beta = (_header(request, b"openai-beta") or "").startswith("realtime") or any(
-        p.startswith("openai-beta.realtime") for p in _offered_subprotocols(request)
-    )
-    return ConnectRequest(
-        kind=SessionKind.TRANSCRIPTION if intent == "transcription" else SessionKind.REALTIME,
-        dialect=Dialect.BETA if beta else Dialect.GA,
-        model=params.get("model"),
-        backend=params.get("backend"),
-        client_key_id=key_id,
-    )

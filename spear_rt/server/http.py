@@ -33,6 +33,14 @@ STATUS_BY_CODE = {
 _json = msgspec.json.Encoder()
 
 
+def request_header(request: h11.Request, name: bytes) -> str | None:
+    """The first value of header `name` (lower-case bytes), or None."""
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def keys_from_env(env_names: list[str]) -> list[str]:
     """The keys held by the named environment variables (unset or empty ones skipped)."""
     return [value for name in env_names if (value := os.environ.get(name))]
