@@ -72,6 +72,14 @@ Attach = Callable[[Runner, int], Awaitable[None]]
 RESUME_FAILED = 4004
 
 
+# Per-session counters the server reports summed over every session it has run.
+_SESSION_COUNTERS: dict[str, Callable[[SessionMachine], int]] = {
+    "dropped_events": lambda m: m.outbound.dropped,
+    "upstream_reconnects": lambda m: m.upstream_reconnects,
+    "resumes": lambda m: m.resumes,
+}
+
+
 class ConnectRequest(msgspec.Struct, frozen=True):
     """What the edge learned from the upgrade request."""
 
@@ -104,9 +112,7 @@ class SessionManager:
         self._admitted = 0  # sessions past admission, including those still opening upstream
         self.total_sessions = 0
         self.draining = False
-        self._dropped_ended = 0  # deltas dropped by sessions that have ended
-        self._reconnects_ended = 0  # upstream reconnects of sessions that have ended
-        self._resumes_ended = 0  # client resumes of sessions that have ended
+        self._ended = dict.fromkeys(_SESSION_COUNTERS, 0)  # the counters of ended sessions
         self._emptied = anyio.Event()
 
     async def wait_empty(self) -> None:
@@ -120,14 +126,18 @@ class SessionManager:
         self._reconnect = reconnect_policy(config)
         self._config = config
 
+    def _total(self, counter: str) -> int:
+        """A per-session counter summed over ended and live sessions."""
+        of = _SESSION_COUNTERS[counter]
+        return self._ended[counter] + sum(of(r.machine) for r in self.sessions.values())
+
     def upstream_reconnects(self) -> int:
         """Upstream reconnects over live and ended sessions."""
-        live = sum(r.machine.upstream_reconnects for r in self.sessions.values())
-        return self._reconnects_ended + live
+        return self._total("upstream_reconnects")
 
     def resumes(self) -> int:
         """Client resumes served, over live and ended sessions."""
-        return self._resumes_ended + sum(r.machine.resumes for r in self.sessions.values())
+        return self._total("resumes")
 
     def detached(self) -> int:
         """Sessions waiting for their client to resume."""
@@ -135,8 +145,7 @@ class SessionManager:
 
     def dropped_events(self) -> int:
         """Deltas dropped for slow clients, over live and ended sessions."""
-        live = sum(r.machine.outbound.dropped for r in self.sessions.values())
-        return self._dropped_ended + live
+        return self._total("dropped_events")
 
     def _admission_error(self, key_id: str | None) -> CanonicalError | None:
         server = self._config.server
@@ -305,9 +314,8 @@ class SessionManager:
         finally:
             del self.sessions[machine.session_id]
             del self._owners[machine.session_id]
-            self._dropped_ended += machine.outbound.dropped
-            self._reconnects_ended += machine.upstream_reconnects
-            self._resumes_ended += machine.resumes
+            for counter, of in _SESSION_COUNTERS.items():
+                self._ended[counter] += of(machine)
             if not self.sessions:
                 self._emptied.set()
 
