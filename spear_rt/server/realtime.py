@@ -104,11 +104,12 @@ async def upgrade_to_session(
             conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008
         )
         return
-    connect = _connect_request(url.query, request, key_id)
+    params = {k: v[-1] for k, v in parse_qs(url.query).items()}  # the last of a repeated name
+    connect = _connect_request(params, request, key_id)
     if isinstance(connect, CanonicalError):
         await reject(conn, connect, 1008)
         return
-    resume = _resume_request(url.query, request, key_id)
+    resume = _resume_request(params, request, key_id)
     if isinstance(resume, CanonicalError):
         await reject(conn, resume, 1008)
         return
@@ -141,10 +142,9 @@ async def upgrade_to_session(
 
 
 def _resume_request(
-    query: str, request: h11.Request, key_id: str | None
+    params: dict[str, str], request: h11.Request, key_id: str | None
 ) -> ResumeRequest | CanonicalError | None:
     """The resume a reconnect asks for (`?session_id=&last_seq=` + token), if any."""
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
     session_id = params.get("session_id")
     if session_id is None:
         return None
@@ -169,9 +169,8 @@ def _resume_request(
 
 
 def _connect_request(
-    query: str, request: h11.Request, key_id: str | None
+    params: dict[str, str], request: h11.Request, key_id: str | None
 ) -> ConnectRequest | CanonicalError:
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
     intent = params.get("intent")
     if intent not in (None, "transcription", "conversation"):
         return CanonicalError(
