@@ -36,6 +36,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     driver: Literal["auto", "anyio"] = "auto"  # auto: asyncio gets its callback driver
     per_key_rate_per_s: float | None = None  # one-shot requests per client key
     per_key_burst: int | None = None
+    # One-shot audio uploads: what one request may decode to, checked on the file's header
+    # before decoding (and again while decoding); default 20 min, and 20 min at 48 kHz.
+    max_audio_seconds: float = 1200.0
+    max_audio_samples: int = 57_600_000
 
 
 class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -253,6 +257,9 @@ def _check(config: Config) -> None:
     _parse_listen(config.server.listen)
     if config.server.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes", "must be at least 1024")
+    for field in ("max_audio_seconds", "max_audio_samples"):
+        if getattr(config.server, field) <= 0:
+            raise ConfigError(f"server.{field}", "must be positive")
     for field in ("max_bytes", "max_age_s", "max_fetch_bytes"):
         if getattr(config.media, field) <= 0:
             raise ConfigError(f"media.{field}", "must be positive")

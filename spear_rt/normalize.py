@@ -8,15 +8,12 @@ untouched, so a pass-through backend can forward the client's bytes as they came
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import msgspec
-import numpy as np
-import soundfile
 
 from spear_rt.audio import AudioFormatError
-from spear_rt.audio.codecs import float32_to_int16
+from spear_rt.audio.files import AudioLimitError, AudioLimits, decode_audio_bytes
 from spear_rt.backend import AudioInput, OneShotRequest
 from spear_rt.ir import (
     CanonicalRequestEnvelope,
@@ -196,24 +193,21 @@ def normalize_json(op: Operation, body: bytes, **envelope_args: Any) -> Normaliz
     return Normalized(envelope, OneShotRequest(op, payload, raw_body=body, stream=stream))
 
 
-def decode_upload(data: bytes, filename: str, content_type: str) -> AudioInput:
-    """Decode an uploaded audio file (any format soundfile reads) to mono int16."""
+def decode_upload(
+    data: bytes, filename: str, content_type: str, limits: AudioLimits | None = None
+) -> AudioInput:
+    """Decode an uploaded audio file (any format soundfile reads) to mono int16 within `limits`.
+
+    Refused from its header (rate, channels, length) before decoding; CPU-bound, so the
+    server calls it in a worker thread.
+    """
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidInput(
-            f"could not decode the audio file {filename!r}: {exc}", "file", "unsupported_audio"
-        ) from None
-    if samples.size == 0:
-        raise InvalidInput(
-            f"the audio file {filename!r} holds no samples", "file", "unsupported_audio"
-        )
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    try:
-        pcm = float32_to_int16(np.ascontiguousarray(mono))
-    except AudioFormatError as exc:  # pragma: no cover - float32_to_int16 clips, never raises
+        pcm, rate = decode_audio_bytes(data, filename, limits or AudioLimits())
+    except AudioLimitError as exc:
+        raise InvalidInput(str(exc), "file", exc.code) from None
+    except AudioFormatError as exc:
         raise InvalidInput(str(exc), "file", "unsupported_audio") from None
-    return AudioInput(data, filename, content_type, pcm, int(rate))
+    return AudioInput(data, filename, content_type, pcm, rate)
 
 
 AUDIO_SOURCES = ("file", "file_ref", "file_url")
@@ -248,10 +242,13 @@ def transcription_source(form: dict[str, Any]) -> tuple[str, str | None]:
     return name, value
 
 
-def normalize_transcription(form: dict[str, Any], **envelope_args: Any) -> Normalized:
+def normalize_transcription(
+    form: dict[str, Any], *, audio_limits: AudioLimits | None = None, **envelope_args: Any
+) -> Normalized:
     """Validate a transcription form (`file` + fields) into a canonical request.
 
-    A `file_ref` or `file_url` must have been resolved into a `file` part by the caller.
+    A `file_ref` or `file_url` must have been resolved into a `file` part by the caller. The
+    upload is decoded here (within `audio_limits`): call it in a worker thread.
     """
     upload = form.get("file")
     if upload is None or upload.filename is None:
@@ -264,7 +261,10 @@ def normalize_transcription(form: dict[str, Any], **envelope_args: Any) -> Norma
             "you must provide a `model` parameter", "model", "missing_required_parameter"
         )
     audio = decode_upload(
-        upload.data, upload.filename, upload.content_type or "application/octet-stream"
+        upload.data,
+        upload.filename,
+        upload.content_type or "application/octet-stream",
+        audio_limits,
     )
     features: set[Feature] = set()  # the operation itself implies audio input
     if "language" in fields:

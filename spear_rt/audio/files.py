@@ -4,23 +4,146 @@ Used by the one-shot transcription endpoint, the CLI and tests: whatever the con
 (WAV, FLAC, OGG/Vorbis/Opus, MP3 — all that the bundled libsndfile reads), the rest of
 spear_rt only ever sees `NDArray[np.int16]` plus its rate. Headerless files (`.raw`, `.pcm`)
 carry no rate, so the caller states it.
+
+Uploads (`decode_audio_bytes`) are bounded before a sample is decoded: a header is a promise
+of how much audio comes out (a 2 KB WAV "at 1 Hz" holds 17 minutes, a gigabyte once
+resampled to 24 kHz), so the header is read first and checked against `AudioLimits`; the
+decode then runs in blocks into one int16 array and stops at the limit whatever the header
+said. libsndfile and soxr release the GIL, so a caller runs this in a worker thread.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import soundfile
 from numpy.typing import NDArray
 
 from spear_rt.audio.codecs import AudioFormatError, float32_to_int16, pcm16_from_bytes
 
-__all__ = ["RAW_SUFFIXES", "frames", "load_audio"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_RATE_HZ",
+    "MIN_RATE_HZ",
+    "RAW_SUFFIXES",
+    "AudioLimitError",
+    "AudioLimits",
+    "decode_audio_bytes",
+    "frames",
+    "load_audio",
+]
 
 RAW_SUFFIXES = frozenset({".raw", ".pcm"})
+# The realtime path's bounds on a client's rate: below 8 kHz is not speech audio, above
+# 96 kHz is not a microphone; both are what a crafted header claims to amplify the decode.
+MIN_RATE_HZ = 8000
+MAX_RATE_HZ = 96000
+MAX_CHANNELS = 8
+_BLOCK_SAMPLES = 1 << 18  # interleaved samples per decoded block: 1 MiB of float32
+
+
+class AudioLimits(msgspec.Struct, frozen=True):
+    """How much audio one upload may decode to (`[server] max_audio_seconds` / `_samples`)."""
+
+    max_seconds: float = 1200.0
+    max_samples: int = 57_600_000  # 20 min at 48 kHz: 115 MB as int16 mono
+
+
+class AudioLimitError(AudioFormatError):
+    """An upload refused before decoding: `code` is "unsupported_audio" or "audio_too_long"."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _check_header(info: soundfile._SoundFileInfo, name: str, limits: AudioLimits) -> None:
+    """Refuse what the header says before a sample is decoded."""
+    rate, channels, frames_ = int(info.samplerate), int(info.channels), int(info.frames)
+    if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
+        raise AudioLimitError(
+            f"the audio file {name!r} is at {rate} Hz; accepted rates are "
+            f"{MIN_RATE_HZ} to {MAX_RATE_HZ} Hz",
+            "unsupported_audio",
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioLimitError(
+            f"the audio file {name!r} has {channels} channels; at most {MAX_CHANNELS}",
+            "unsupported_audio",
+        )
+    _check_length(frames_, rate, name, limits)
+
+
+def _check_length(samples: int, rate: int, name: str, limits: AudioLimits) -> None:
+    if samples > limits.max_seconds * rate:
+        raise AudioLimitError(
+            f"the audio file {name!r} is {samples / rate:.1f} s long; this server takes at "
+            f"most {limits.max_seconds:g} s per request (max_audio_seconds)",
+            "audio_too_long",
+        )
+    if samples > limits.max_samples:
+        raise AudioLimitError(
+            f"the audio file {name!r} holds {samples} samples at {rate} Hz; this server takes "
+            f"at most {limits.max_samples} per request (max_audio_samples)",
+            "audio_too_long",
+        )
+
+
+def decode_audio_bytes(
+    data: bytes, name: str, limits: AudioLimits
+) -> tuple[NDArray[np.int16], int]:
+    """Decode an uploaded file to int16 mono within `limits` (AudioLimitError before decoding).
+
+    Any other undecodable input raises AudioFormatError; CPU-bound: call it off the loop.
+    """
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioFormatError(
+            f"could not decode the audio file {name!r}: {_reason(exc)}"
+        ) from None
+    _check_header(info, name, limits)
+    rate, channels = int(info.samplerate), int(info.channels)
+    cap = min(int(limits.max_seconds * rate), limits.max_samples)
+    out = np.empty(max(0, min(int(info.frames), cap)), dtype=np.int16)
+    extra: list[NDArray[np.int16]] = []  # only when the header under-reported its length
+    filled = 0
+    block = max(1, _BLOCK_SAMPLES // channels)
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as sf:
+            while True:
+                chunk = sf.read(block, dtype="float32", always_2d=True)
+                if not len(chunk):
+                    break
+                mono = chunk[:, 0] if channels == 1 else chunk.mean(axis=1, dtype=np.float32)
+                pcm = float32_to_int16(mono)
+                _check_length(filled + pcm.size, rate, name, limits)  # the header lied
+                room = min(pcm.size, out.size - filled)
+                out[filled : filled + room] = pcm[:room]
+                if room < pcm.size:
+                    extra.append(pcm[room:])
+                filled += pcm.size
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioFormatError(
+            f"could not decode the audio file {name!r}: {_reason(exc)}"
+        ) from None
+    if filled == 0:
+        raise AudioFormatError(f"the audio file {name!r} holds no samples")
+    pcm = np.concatenate([out, *extra]) if extra else out[:filled]
+    return pcm, rate
+
+
+def _reason(exc: Exception) -> str:
+    """One line naming what libsndfile (or soundfile) could not do; never a repr."""
+    if isinstance(exc, soundfile.LibsndfileError):
+        return str(exc.error_string).strip() or "unreadable"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.replace("<", "").replace(">", "")[:200]
 
 
 def load_audio(

@@ -12,12 +12,14 @@ import base64
 import binascii
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
 import msgspec
 
+from spear_rt.audio.files import AudioLimits
 from spear_rt.backend import OneShotRequest, OneShotResponse
 from spear_rt.errors import BackendFailure, CanonicalFailure
 from spear_rt.ir import CanonicalError, ErrorCode, Operation, Usage
@@ -57,6 +59,7 @@ MEDIA = "/v1/media"
 MEDIA_PREFIX = "/v1/media/"  # GET /v1/media/<sha256>: matched by prefix in `Server._route`
 FETCH_TIMEOUT_S = 30.0
 DEFAULT_TIMEOUT_S = 120.0
+DECODE_THREADS = 2  # uploads decoded at once; the others wait their turn
 # The overhead header is a measurement, not logic: it reads a monotonic clock of its own,
 # since uvloop's loop clock moves in whole milliseconds (the header would read 0 or 1).
 _stopwatch = time.perf_counter
@@ -80,6 +83,13 @@ class OneShotApi:
             lambda: server.router, retry=policy.retry, hedge=policy.hedge, mirror=policy.mirror
         )
         self._media: MediaStore | None = None
+        self._decoders: anyio.CapacityLimiter | None = None
+
+    def _decode_limiter(self) -> anyio.CapacityLimiter:
+        """Bounds the uploads decoding at once (each holds up to max_audio_samples)."""
+        if self._decoders is None:
+            self._decoders = anyio.CapacityLimiter(DECODE_THREADS)
+        return self._decoders
 
     @property
     def media(self) -> MediaStore:
@@ -185,7 +195,12 @@ class OneShotApi:
             source, value = transcription_source(form)
             if value is not None:
                 form = {**form, "file": await self._resolve_audio(source, value)}
-            return normalize_transcription(form, **args)
+            # Decoding is CPU-bound (libsndfile and soxr release the GIL): a worker thread,
+            # at most DECODE_THREADS at once, within the server's audio limits.
+            server = self.server.config.server
+            limits = AudioLimits(server.max_audio_seconds, server.max_audio_samples)
+            decode = partial(normalize_transcription, form, audio_limits=limits, **args)
+            return await anyio.to_thread.run_sync(decode, limiter=self._decode_limiter())
         return normalize_json(JSON_ENDPOINTS[request.path], request.body, **args)
 
     async def _resolve_audio(self, source: str, value: str) -> Part:
