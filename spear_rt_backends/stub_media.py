@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import re
 import struct
 import zlib
@@ -16,12 +15,13 @@ from typing import Any
 import anyio
 import msgspec
 import numpy as np
-import soundfile
 from numpy.typing import NDArray
 
-from spear_rt.audio import float32_to_int16, resample
-from spear_rt.backend import InstanceInfo, OneShotRequest, OneShotResponse
+from spear_rt.audio import AudioFormatError, float32_to_int16, resample
+from spear_rt.audio.files import AudioLimits, decode_audio_bytes
+from spear_rt.backend import AudioInput, InstanceInfo, OneShotRequest, OneShotResponse
 from spear_rt.ir import Usage
+from spear_rt.transcripts import Segment, Transcript, Word, granularities, render, response_format
 from spear_rt_backends.espeak_tts import (
     DEFAULT_MAX_CHARS,
     encode_speech,
@@ -35,6 +35,12 @@ CREATED = 1700000000  # a fixed timestamp: answers are byte-for-byte reproducibl
 DEFAULT_DIMENSIONS = 1536
 MAX_DIMENSIONS = 8192
 MAX_EMBEDDING_INPUTS = 2048
+# Bounds on what one request may make the stub produce (its answers never outgrow the input
+# by more than these): floats per embeddings answer (~11 MB of JSON), seconds of speech.
+MAX_EMBEDDING_VALUES = 1 << 20
+MAX_SPEECH_SECONDS = 60.0
+MIN_SPEECH_SECONDS = 1.0
+SPEECH_SECONDS_PER_CHAR = 0.1  # ~2x a person's pace: the tones of the shortest words fit
 MAX_PROMPT_CHARS = 32000
 IMAGE_SIZES = {
     "auto": (1024, 1024),
@@ -46,7 +52,6 @@ IMAGE_SIZES = {
     "1792x1024": (1792, 1024),
     "1024x1792": (1024, 1792),
 }
-TRANSCRIPT_FORMATS = ("json", "text", "verbose_json")
 
 _json = msgspec.json.Encoder()
 
@@ -143,78 +148,38 @@ def transcribe(pcm: NDArray[np.int16], rate_hz: int, block_ms: int = 200) -> lis
 
 def _decode_upload(data: bytes, filename: str) -> tuple[NDArray[np.int16], int]:
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise invalid(f"could not decode the audio file {filename!r}: {exc}") from None
-    return float32_to_int16(samples.mean(axis=1, dtype=np.float32)), int(rate)
+        return decode_audio_bytes(data, filename, AudioLimits())
+    except AudioFormatError as exc:
+        raise invalid(str(exc)) from None
 
 
-def _granularities(payload: dict[str, Any]) -> set[str]:
-    value = payload.get("timestamp_granularities[]", payload.get("timestamp_granularities"))
-    if value is None:
-        return {"segment"}
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(v in ("word", "segment") for v in values):
-        raise invalid("`timestamp_granularities` must list 'word' and/or 'segment'")
-    return set(values)
-
-
-def speech_to_text(instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
-    """A transcription in `response_format` json, text or verbose_json."""
-    payload, audio = request.payload, request.audio
-    if audio is None:
-        raise invalid("you must provide `file`: the audio to transcribe (a multipart upload)")
-    response_format = payload.get("response_format") or "json"
-    if response_format not in TRANSCRIPT_FORMATS:
-        raise invalid(
-            f"`response_format` must be one of {', '.join(TRANSCRIPT_FORMATS)} here, "
-            f"got {response_format!r}"
-        )
-    language = payload.get("language")
-    if language is not None and not isinstance(language, str):
-        raise invalid("`language` must be a language code such as 'en'")
-    granularities = _granularities(payload)
+def _transcript(audio: AudioInput, block_ms: int, language: str | None) -> Transcript:
+    """The stub's transcript: one word per block, one segment over the whole file."""
     if audio.pcm is not None and audio.rate_hz > 0:
         pcm, rate_hz = audio.pcm, audio.rate_hz
     else:
         pcm, rate_hz = _decode_upload(audio.data, audio.filename)
-    block_ms = int_option(instance, "block_ms", 200)
     words = transcribe(pcm, rate_hz, block_ms)
+    step = block_ms / 1000
     text = " ".join(words)
     duration = pcm.size / rate_hz
-    usage = Usage(audio_seconds=duration)
-    if response_format == "text":
-        return OneShotResponse("text/plain; charset=utf-8", (text + "\n").encode(), usage=usage)
-    if response_format == "json":
-        return _ok({"text": text}, usage)
-    answer: dict[str, Any] = {
-        "task": "transcribe",
-        "language": language or "english",
-        "duration": duration,
-        "text": text,
-    }
-    step = block_ms / 1000
-    if "segment" in granularities:
-        answer["segments"] = [
-            {
-                "id": 0,
-                "seek": 0,
-                "start": 0.0,
-                "end": duration,
-                "text": text,
-                "tokens": [],
-                "temperature": 0.0,
-                "avg_logprob": 0.0,
-                "compression_ratio": 1.0,
-                "no_speech_prob": 0.0,
-            }
-        ]
-    if "word" in granularities:
-        answer["words"] = [
-            {"word": w, "start": round(i * step, 3), "end": round((i + 1) * step, 3)}
-            for i, w in enumerate(words)
-        ]
-    return _ok(answer, usage)
+    timed = tuple(Word(w, i * step, (i + 1) * step) for i, w in enumerate(words))
+    return Transcript(text, duration, (Segment(0.0, duration, text, timed),), language or "english")
+
+
+async def speech_to_text(instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
+    """A transcription in any `response_format` (see `spear_rt.transcripts`), off the loop."""
+    payload, audio = request.payload, request.audio
+    if audio is None:
+        raise invalid("you must provide `file`: the audio to transcribe (a multipart upload)")
+    response_format(payload)  # an unknown format fails before any work
+    granularities(payload)
+    language = payload.get("language")
+    if language is not None and not isinstance(language, str):
+        raise invalid("`language` must be a language code such as 'en'")
+    block_ms = int_option(instance, "block_ms", 200)
+    transcript = await anyio.to_thread.run_sync(_transcript, audio, block_ms, language)
+    return render(transcript, payload)
 
 
 # --- text to speech -----------------------------------------------------------------------------
@@ -222,13 +187,26 @@ def speech_to_text(instance: InstanceInfo, request: OneShotRequest) -> OneShotRe
 _TAG = re.compile(r"<[^>]*>")
 
 
+def speech_budget_s(text: str) -> float:
+    """The most audio the stub speaks for `text`: bounded by its length and by a hard cap."""
+    return min(MAX_SPEECH_SECONDS, max(MIN_SPEECH_SECONDS, len(text) * SPEECH_SECONDS_PER_CHAR))
+
+
 def tones(text: str, rate_hz: int, speed: float) -> NDArray[np.int16]:
-    """One tone per word: pitch from its CRC-32, length from its letters; 50 ms gaps."""
+    """One tone per word: pitch from its CRC-32, length from its letters; 50 ms gaps.
+
+    When the words would last longer than `speech_budget_s(text)`, every tone and gap is
+    shortened by the same factor so that they fit (the output is bounded by the input).
+    """
+    words = _TAG.sub(" ", text).split()
+    gap_s = 0.05 / speed
+    lengths_s = [(0.12 + 0.02 * min(len(word), 12)) / speed for word in words]
+    scale = min(1.0, speech_budget_s(text) / (sum(lengths_s) + gap_s * max(len(words), 1)))
     parts = []
-    gap = np.zeros(int(0.05 / speed * rate_hz), dtype=np.float32)
-    for word in _TAG.sub(" ", text).split():
+    gap = np.zeros(int(gap_s * scale * rate_hz), dtype=np.float32)
+    for word, length_s in zip(words, lengths_s, strict=True):
         freq = 200 + zlib.crc32(word.lower().encode()) % 600
-        count = int((0.12 + 0.02 * min(len(word), 12)) / speed * rate_hz)
+        count = int(length_s * scale * rate_hz)
         tone = 0.25 * np.sin(
             np.arange(count, dtype=np.float32) * np.float32(2 * np.pi * freq / rate_hz)
         )
@@ -246,11 +224,14 @@ async def text_to_speech(instance: InstanceInfo, payload: dict[str, Any]) -> One
         payload, max_chars=int_option(instance, "max_chars", DEFAULT_MAX_CHARS)
     )
     fmt = speech.format
-    pcm = tones(speech.text, fmt.rate_hz, speech.speed)
-    if fmt.container in (None, "WAV"):  # no codec: cheaper than a thread hop
-        body = encode_speech(pcm, fmt.rate_hz, fmt)
+
+    def speak() -> bytes:
+        return encode_speech(tones(speech.text, fmt.rate_hz, speech.speed), fmt.rate_hz, fmt)
+
+    if fmt.container in (None, "WAV") and len(speech.text) <= 64:  # cheaper than a thread hop
+        body = speak()
     else:
-        body = await anyio.to_thread.run_sync(encode_speech, pcm, fmt.rate_hz, fmt)
+        body = await anyio.to_thread.run_sync(speak)
     return OneShotResponse(
         content_type=fmt.content_type, body=body, usage=Usage(characters=len(payload["input"]))
     )

@@ -29,6 +29,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
@@ -41,6 +42,7 @@ from spear_rt_backends.stub_media import (  # shared helpers and the media opera
     DEFAULT_DIMENSIONS,
     MAX_DIMENSIONS,
     MAX_EMBEDDING_INPUTS,
+    MAX_EMBEDDING_VALUES,
     _int_field,
     _json,
     _model,
@@ -50,18 +52,35 @@ from spear_rt_backends.stub_media import (  # shared helpers and the media opera
     text_to_speech,
 )
 
+# A reply is at most this many words (then finish_reason "length"): one SSE chunk per word,
+# so a long message must not become a stream of millions of chunks.
+MAX_REPLY_WORDS = 4096
+
+
+def _many_values(payload: dict[str, Any]) -> bool:
+    """An embeddings request big enough to be worth a thread hop (JSON of many floats)."""
+    inputs, dims = payload.get("input"), payload.get("dimensions")
+    return (isinstance(inputs, list) and len(inputs) > 16) or (
+        isinstance(dims, int) and dims > 2048
+    )
+
 
 async def call(instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
-    """Serve one one-shot request with the stub's deterministic answers."""
+    """Serve one one-shot request with the stub's deterministic answers.
+
+    Work that grows with the request (images, many embeddings, audio) runs in a worker thread.
+    """
     match request.operation:
         case Operation.CHAT_COMPLETIONS:
             return chat_completion(request)
+        case Operation.EMBEDDINGS if _many_values(request.payload):
+            return await anyio.to_thread.run_sync(embeddings, instance, request.payload)
         case Operation.EMBEDDINGS:
             return embeddings(instance, request.payload)
         case Operation.IMAGE_GENERATION:
-            return image_generation(request.payload)
+            return await anyio.to_thread.run_sync(image_generation, request.payload)
         case Operation.SPEECH_TO_TEXT:
-            return speech_to_text(instance, request)
+            return await speech_to_text(instance, request)
         case Operation.TEXT_TO_SPEECH:
             return await text_to_speech(instance, request.payload)
         case _:
@@ -122,7 +141,8 @@ def chat_completion(request: OneShotRequest) -> OneShotResponse:
     limit = _int_field(payload, limit_key, 0, 1, 1 << 30)  # 0: no limit given
     words = ["stub:", *reversed(last_user.split())]
     finish = "stop"
-    if limit and len(words) > limit:
+    limit = min(limit or MAX_REPLY_WORDS, MAX_REPLY_WORDS)
+    if len(words) > limit:
         words, finish = words[:limit], "length"
     content = " ".join(words)
     usage = Usage(input_tokens=prompt_tokens, output_tokens=len(words))
@@ -269,6 +289,11 @@ def embeddings(instance: InstanceInfo, payload: dict[str, Any]) -> OneShotRespon
     keys = _embedding_keys(payload.get("input"))
     default = int_option(instance, "dimensions", DEFAULT_DIMENSIONS)
     dimensions = _int_field(payload, "dimensions", default, 1, MAX_DIMENSIONS)
+    if len(keys) * dimensions > MAX_EMBEDDING_VALUES:
+        raise invalid(
+            f"{len(keys)} inputs of {dimensions} dimensions is {len(keys) * dimensions} values; "
+            f"the stub answers at most {MAX_EMBEDDING_VALUES} per request (send fewer inputs)"
+        )
     encoding = payload.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise invalid(f"`encoding_format` must be 'float' or 'base64', got {encoding!r}")

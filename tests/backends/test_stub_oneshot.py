@@ -339,7 +339,7 @@ async def test_transcription_text_and_verbose_json_formats() -> None:
     ("payload", "audio", "needle"),
     [
         ({}, None, "you must provide `file`"),
-        ({"response_format": "srt"}, upload(noise(10), 24000), "`response_format` must be one of"),
+        ({"response_format": "xml"}, upload(noise(10), 24000), "`response_format` must be one of"),
         ({"timestamp_granularities[]": ["line"]}, upload(noise(10), 24000), "granularities"),
         ({}, AudioInput(b"not audio", "x.wav", "audio/wav"), "could not decode the audio file"),
     ],
