@@ -42,7 +42,7 @@ from spear_rt.server.http import (
     error_body,
     json_response,
 )
-from spear_rt.server.multipart import MultipartError, Part, parse_multipart
+from spear_rt.server.multipart import MultipartError, Part, parse_form
 from spear_rt.session.machine import new_id
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class OneShotApi:
         args = {"request_id": new_id("req"), "hints": hints, "client_key_id": request.client_key_id}
         if request.path == TRANSCRIPTIONS:
             try:
-                form = parse_multipart(request.body, request.header("content-type"))
+                form = await parse_form(request.body, request.header("content-type"))
             except MultipartError as exc:
                 raise InvalidInput(str(exc), None, "invalid_multipart") from None
             source, value = transcription_source(form)
