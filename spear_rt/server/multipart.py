@@ -46,7 +46,8 @@ def header_params(value: str) -> tuple[str, dict[str, str]]:
     size = len(value)
     find = _Finder(value)
     end = find(";", 0)
-    main, params, pos = value[:end].strip(), {}, end + 1
+    main, pos = value[:end].strip(), end + 1
+    params: dict[str, str] = {}
     while pos < size:
         eq, semi = find("=", pos), find(";", pos)
         if semi < eq or eq == size:  # a segment without `=`: only a blank one is allowed
