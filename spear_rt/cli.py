@@ -62,8 +62,9 @@ async def serve(
             state = "ready" if inst.unavailable is None else f"unavailable ({inst.unavailable})"
             print(f"spear-rt: backend {inst.name} [{inst.config.kind}] {state}", file=sys.stderr)
         host = config.server.listen.rpartition(":")[0]
+        scheme = "https" if server.ssl_context is not None else "http"
         print(
-            f"spear-rt: listening on http://{host}:{port} (config: {config.source})",
+            f"spear-rt: listening on {scheme}://{host}:{port} (config: {config.source})",
             file=sys.stderr,
         )
         if announce is not None:

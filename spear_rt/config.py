@@ -40,6 +40,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # before decoding (and again while decoding); default 20 min, and 20 min at 48 kHz.
     max_audio_seconds: float = 1200.0
     max_audio_samples: int = 57_600_000
+    # TLS on the same port (https:// and wss://): PEM files, read at start (server/tls.py);
+    # tls_key may be left out when tls_cert holds the key too.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -19,6 +19,7 @@ reading the client socket (TCP backpressure); a client that does not read pauses
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -437,8 +438,15 @@ async def serve_asyncio(
     handle: Callable[[ProtocolStream], Any],
     started: Callable[[int], None],
     accepting: anyio.CancelScope,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float = 10.0,
 ) -> None:
-    """Listen with `ConnectionProtocol`; each connection's handler runs as a task in `tg`."""
+    """Listen with `ConnectionProtocol`; each connection's handler runs as a task in `tg`.
+
+    With `ssl_context` the loop does TLS (asyncio's and uvloop's SSL transports drive the same
+    protocol callbacks, pause/resume reading and writing included).
+    """
     loop = asyncio.get_running_loop()
     # Accepted connections waiting to become tasks: drained on the next loop turn, so it holds
     # at most what one accept burst (the listen backlog) brings.
@@ -449,8 +457,11 @@ async def serve_asyncio(
         pending.append(stream)  # handed to a task below: tasks cannot start in a callback
         arrived.set()
 
+    tls: dict[str, Any] = (
+        {"ssl": ssl_context, "ssl_handshake_timeout": ssl_handshake_timeout} if ssl_context else {}
+    )
     server = await loop.create_server(
-        lambda: ConnectionProtocol(on_connect), host, port, backlog=4096
+        lambda: ConnectionProtocol(on_connect), host, port, backlog=4096, **tls
     )
     started(server.sockets[0].getsockname()[1])
     try:

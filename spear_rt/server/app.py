@@ -37,6 +37,7 @@ from spear_rt.server.http import (
 )
 from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
 from spear_rt.server.realtime import REALTIME_PATH, upgrade_to_session
+from spear_rt.server.tls import accept_tls, server_ssl_context
 from spear_rt.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Server:
         self.sessions = SessionManager(config, lambda: self.router)
         self._register_gauges()
         self._client_keys = keys_from_env(config.server.client_keys_env)
+        self.ssl_context = server_ssl_context(config.server)  # None: plain http/ws
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
         admin = AdminApi(self, self.reload)
@@ -193,7 +195,14 @@ class Server:
                     task_status.started(bound)
 
                 await serve_asyncio(
-                    host, port, connections, self._handle_connection, started, self._accepting
+                    host,
+                    port,
+                    connections,
+                    self._handle_connection,
+                    started,
+                    self._accepting,
+                    ssl_context=self.ssl_context,
+                    ssl_handshake_timeout=self.config.server.handshake_timeout_s,
                 )
             return
         multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -218,7 +227,16 @@ class Server:
     ) -> None:
         while True:
             stream = await listener.accept()
-            tg.start_soon(self._handle_connection, stream)
+            tg.start_soon(self._handle_accepted, stream)
+
+    async def _handle_accepted(self, stream: anyio.abc.ByteStream) -> None:
+        if self.ssl_context is not None:
+            timeout = self.config.server.handshake_timeout_s
+            tls = await accept_tls(stream, self.ssl_context, timeout)
+            if tls is None:
+                return
+            stream = tls
+        await self._handle_connection(stream)
 
     def stop_accepting(self) -> None:
         """Close the listener; live connections carry on."""

@@ -1,0 +1,323 @@
+"""TLS on the one port (`[server] tls_cert` / `tls_key`): https:// and wss:// on every driver.
+
+The clients are the real ones: the official `openai` package (GA `client.realtime.connect`, and
+beta `client.beta.realtime.connect`, which always builds wss://), httpx for one-shot requests,
+and the official Node SDK (`OpenAIRealtimeWS` from `openai/realtime/ws`, wss:// only), each
+trusting a self-signed certificate made for the test. The server runs on its own loop (trio,
+asyncio tasks, asyncio callbacks, uvloop callbacks) in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import httpx
+import pytest
+
+from spear_rt.config import Config
+from spear_rt.errors import ConfigError
+from spear_rt.server.app import Server
+from spear_rt.server.tls import server_ssl_context
+from tests.conftest import b64, make_config, noise_pcm
+from tests.selfsigned import make_cert
+
+openai = pytest.importorskip("openai")
+
+DELTA = "conversation.item.input_audio_transcription.delta"
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+TIMEOUT_S = 15
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+# id: (anyio backend, backend options, [server] driver)
+DRIVERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "trio": ("trio", {}, "auto"),
+    "asyncio-callbacks": ("asyncio", {}, "auto"),
+    "asyncio-tasks": ("asyncio", {}, "anyio"),
+    "uvloop-callbacks": ("asyncio", {"use_uvloop": True}, "auto"),
+}
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed cert.pem / key.pem for 127.0.0.1 and localhost."""
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def client_ssl(cert: tuple[Path, Path]) -> ssl.SSLContext:
+    """A client context that trusts the test certificate (and verifies the host name)."""
+    return ssl.create_default_context(cafile=str(cert[0]))
+
+
+def _serve(config: Config, driver: str, out: queue.Queue[Any]) -> None:
+    backend, options, _ = DRIVERS[driver]
+
+    async def main() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(Server(config).serve)
+                stop = anyio.Event()
+                out.put((port, stop, anyio.lowlevel.current_token()))
+                await stop.wait()
+                tg.cancel_scope.cancel()
+        except BaseException as exc:  # report a failed start instead of hanging the test
+            out.put(exc)
+            raise
+
+    anyio.run(main, backend=backend, backend_options=options)
+
+
+@pytest.fixture(params=list(DRIVERS))
+def tls_port(request: pytest.FixtureRequest, cert: tuple[Path, Path]) -> Iterator[int]:
+    """A TLS server with the stub backend on the driver of the param, in a thread; its port."""
+    driver: str = request.param
+    server = f'driver = "{DRIVERS[driver][2]}"\ntls_cert = "{cert[0]}"\ntls_key = "{cert[1]}"'
+    out: queue.Queue[Any] = queue.Queue()
+    thread = threading.Thread(target=_serve, args=(make_config(server=server), driver, out))
+    thread.start()
+    item = out.get(timeout=TIMEOUT_S)
+    if isinstance(item, BaseException):
+        thread.join(timeout=TIMEOUT_S)
+        raise item
+    port, stop, token = item
+    try:
+        yield port
+    finally:
+        anyio.from_thread.run_sync(stop.set, token=token)
+        thread.join(timeout=TIMEOUT_S)
+        assert not thread.is_alive()
+
+
+async def transcribe(conn: Any, session: dict[str, Any], samples: int) -> list[Any]:
+    """One manual turn of noise through an SDK connection; the events up to `completed`."""
+    created = await conn.recv()
+    assert created.type.endswith("session.created"), created
+    await conn.send({"type": created.type.replace("created", "update"), "session": session})
+    updated = await conn.recv()
+    assert updated.type.endswith("session.updated"), updated
+    await conn.input_audio_buffer.append(audio=b64(noise_pcm(samples)))
+    await conn.input_audio_buffer.commit()
+    events = []
+    async for event in conn:
+        assert event.type != "error", event
+        events.append(event)
+        if event.type == COMPLETED:
+            return events
+    raise AssertionError("the connection closed before the transcript was completed")
+
+
+def check_transcript(events: list[Any], words: int) -> None:
+    deltas = "".join(e.delta for e in events if e.type == DELTA)
+    assert events[-1].type == COMPLETED
+    assert deltas == events[-1].transcript and len(deltas.split()) == words
+
+
+def test_ga_sdk_realtime_over_wss(tls_port: int, client_ssl: ssl.SSLContext) -> None:
+    """GA `client.realtime.connect` on an https:// base_url goes to wss:// and transcribes."""
+
+    async def main() -> list[Any]:
+        client = openai.AsyncOpenAI(
+            api_key="sk-anything", base_url=f"https://127.0.0.1:{tls_port}/v1", max_retries=0
+        )
+        async with asyncio.timeout(TIMEOUT_S):
+            async with client.realtime.connect(
+                extra_query={"intent": "transcription"},
+                websocket_connection_options={"ssl": client_ssl},  # type: ignore[typeddict-unknown-key]
+            ) as conn:
+                manual = {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+                return await transcribe(conn, manual, 24000)
+
+    check_transcript(asyncio.run(main()), 5)  # 1 s of noise: five stub words
+
+
+def test_beta_sdk_realtime_over_wss_without_websocket_base_url(
+    tls_port: int, client_ssl: ssl.SSLContext
+) -> None:
+    """Beta `client.beta.realtime.connect` (always wss://, no websocket_base_url) transcribes."""
+
+    async def main() -> list[Any]:
+        client = openai.AsyncOpenAI(
+            api_key="sk-anything", base_url=f"https://localhost:{tls_port}/v1", max_retries=0
+        )
+        async with asyncio.timeout(TIMEOUT_S):
+            async with client.beta.realtime.connect(
+                model="gpt-4o-transcribe",
+                extra_query={"intent": "transcription"},
+                websocket_connection_options={"ssl": client_ssl},  # type: ignore[typeddict-unknown-key]
+            ) as conn:
+                return await transcribe(conn, {"turn_detection": None}, 12000)
+
+    check_transcript(asyncio.run(main()), 2)
+
+
+def test_https_one_shot_requests_with_keep_alive(tls_port: int, client_ssl: ssl.SSLContext) -> None:
+    """httpx over https://: a GET and a POST with a body on one kept-alive TLS connection."""
+    with httpx.Client(base_url=f"https://127.0.0.1:{tls_port}", verify=client_ssl) as http:
+        health = http.get("/healthz", timeout=TIMEOUT_S)
+        body = {"model": "stub", "input": "hello over tls " * 200}
+        answer = http.post("/v1/embeddings", json=body, timeout=TIMEOUT_S)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"][0]["embedding"]
+    assert answer.headers["x-spear-instance"] == "stub"
+
+
+def test_plain_text_and_bad_records_on_the_tls_port_are_dropped_quietly(
+    tls_port: int, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain HTTP, a client that distrusts the cert, and a forged record after the handshake:
+    each connection is closed (no answer, no traceback) and the server goes on serving."""
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=TIMEOUT_S) as plain:
+        plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b"200 OK" not in read_to_end(plain)
+    with pytest.raises(ssl.SSLCertVerificationError):  # the system store lacks our test CA
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=TIMEOUT_S) as sock:
+            ssl.create_default_context().wrap_socket(sock, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=TIMEOUT_S) as raw:
+        handshake(raw, client_ssl)
+        raw.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))  # application data no key made
+        read_to_end(raw)
+    with httpx.Client(verify=client_ssl) as http:
+        assert http.get(f"https://127.0.0.1:{tls_port}/healthz", timeout=TIMEOUT_S).is_success
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return b"".join(chunks)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def handshake(sock: socket.socket, context: ssl.SSLContext) -> None:
+    """A client TLS handshake over `sock` through memory BIOs (the socket stays raw)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "closed during the handshake"
+            incoming.write(data)
+    sock.sendall(outgoing.read())
+
+
+# --- the Node SDK -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node_sdk() -> Path:
+    """tests/node with the pinned openai + ws packages installed (`npm ci`, once)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not installed")
+    if not (NODE_DIR / "node_modules" / "openai" / "package.json").exists():
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"npm ci --prefix tests/node failed: {done.stderr[-2000:]}"
+    return NODE_DIR
+
+
+@pytest.mark.parametrize(
+    "tls_port", ["trio", "asyncio-callbacks", "uvloop-callbacks"], indirect=True
+)
+def test_node_sdk_realtime_over_wss(tls_port: int, cert: tuple[Path, Path], node_sdk: Path) -> None:
+    """`OpenAIRealtimeWS` (wss:// only) with NODE_EXTRA_CA_CERTS: a transcribed manual turn."""
+    done = subprocess.run(
+        ["node", str(node_sdk / "realtime_transcribe.mjs"), f"https://127.0.0.1:{tls_port}/v1"],
+        env={**os.environ, "NODE_EXTRA_CA_CERTS": str(cert[0])},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["url"] == f"wss://127.0.0.1:{tls_port}/v1/realtime?model=any"
+    assert result["deltas"] == result["transcript"] and len(result["transcript"].split()) == 5
+
+
+# --- bad settings -------------------------------------------------------------------------------
+
+
+def bad_settings(tmp: Path, cert: tuple[Path, Path]) -> dict[str, tuple[str, str | None, str]]:
+    """Each case: (tls_cert, tls_key, the start of the expected one-line error)."""
+    other_key = tmp / "other" / "key.pem"
+    other_key.parent.mkdir()
+    make_cert(other_key.parent)
+    encrypted = tmp / "encrypted.pem"
+    encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n")
+    return {
+        "missing cert": (str(tmp / "nope.pem"), str(cert[1]), "server.tls_cert: cannot read"),
+        "missing key": (str(cert[0]), str(tmp / "nope.pem"), "server.tls_key: cannot read"),
+        "key as cert": (str(cert[1]), str(cert[1]), "server.tls_cert: "),
+        "cert as key": (str(cert[0]), str(cert[0]), "server.tls_key: "),
+        "mismatch": (str(cert[0]), str(other_key), "server.tls_cert: the key does not match"),
+        "encrypted": (str(cert[0]), str(encrypted), "server.tls_key: "),
+        "cert without key": (str(cert[0]), None, "server.tls_cert: "),
+    }
+
+
+def test_bad_tls_files_are_one_line_config_errors(tmp_path: Path, cert: tuple[Path, Path]) -> None:
+    for name, (tls_cert, tls_key, expected) in bad_settings(tmp_path, cert).items():
+        config = make_config()
+        config.server.tls_cert, config.server.tls_key = tls_cert, tls_key
+        with pytest.raises(ConfigError) as caught:
+            server_ssl_context(config.server)
+        assert str(caught.value).startswith(expected), (name, str(caught.value))
+        assert "\n" not in str(caught.value)
+    config = make_config()
+    config.server.tls_key = str(cert[1])
+    with pytest.raises(ConfigError, match=r"^server\.tls_key: set tls_cert too"):
+        server_ssl_context(config.server)
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(cert[0].read_bytes() + cert[1].read_bytes())
+    config.server.tls_cert, config.server.tls_key = str(combined), None
+    assert server_ssl_context(config.server) is not None  # one file holding both
+
+
+def test_serve_with_a_bad_cert_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    toml = tmp_path / "tls.toml"
+    toml.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\ntls_cert = "missing.pem"\n'
+        '[[backends]]\nname = "stub"\nkind = "stub"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "spear_rt.cli", "serve", "--config", str(toml), "--loop", "trio"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    line = "spear-rt: config error: server.tls_cert: cannot read missing.pem: No such file"
+    assert done.stderr.strip().splitlines() == [f"{line} or directory"]
