@@ -12,6 +12,7 @@ import re
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -31,6 +32,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_sessions_per_key: int = 100
     max_frame_bytes: int = 1 << 20
     max_http_body_bytes: int = 25 << 20
+    # Request-body bytes held at once over all connections; past it, 503 + Retry-After
+    # (a declared Content-Length counts in full from the request head on).
+    max_http_body_bytes_in_flight: int = 64 << 20
+    # Where clients reach this server (e.g. "https://voice.example.com"): the base of the URLs
+    # it hands out (images as `url`). Unset: http(s)://<listen address>, wildcard -> loopback.
+    public_url: str | None = None
     handshake_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     driver: Literal["auto", "anyio"] = "auto"  # auto: asyncio gets its callback driver
@@ -232,6 +239,16 @@ def _validation_key(message: str) -> tuple[str, str]:
     return key, reason
 
 
+def _check_public_url(url: str | None) -> None:
+    if url is None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(
+            "server.public_url", "must be an http(s) URL such as 'https://voice.example.com'"
+        )
+
+
 def _check(config: Config) -> None:
     """Cross-field rules msgspec cannot express."""
     seen: set[str] = set()
@@ -261,6 +278,11 @@ def _check(config: Config) -> None:
     _parse_listen(config.server.listen)
     if config.server.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes", "must be at least 1024")
+    if config.server.max_http_body_bytes_in_flight < config.server.max_http_body_bytes:
+        raise ConfigError(
+            "server.max_http_body_bytes_in_flight", "must be at least max_http_body_bytes"
+        )
+    _check_public_url(config.server.public_url)
     for field in ("max_audio_seconds", "max_audio_samples"):
         if getattr(config.server, field) <= 0:
             raise ConfigError(f"server.{field}", "must be positive")

@@ -167,16 +167,57 @@ class Normalized(msgspec.Struct):
         )
 
 
-def normalize_json(op: Operation, body: bytes, **envelope_args: Any) -> Normalized:
-    """Decode and validate a JSON one-shot request."""
-    if not body:
-        raise InvalidInput("the request body is empty; send a JSON object", None, "invalid_json")
+MAX_JSON_DEPTH = 200  # arrays/objects inside each other; real requests stay far below
+
+
+def decode_json_body(body: bytes) -> Any:
+    """Decode a JSON request body; InvalidInput when it is not JSON or nests too deep.
+
+    msgspec stops at the interpreter's recursion limit (RecursionError, ~1000 levels less the
+    stack in use); anything it decoded is walked without recursion, unless the body holds too
+    few brackets to be deep at all (the common case: one `bytes.count` each).
+    """
+    too_deep = InvalidInput(
+        f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels",
+        None,
+        "invalid_json",
+    )
     try:
-        payload = msgspec.json.decode(body)
+        value = msgspec.json.decode(body)
+    except RecursionError:
+        raise too_deep from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(
             f"the request body is not valid JSON: {exc}", None, "invalid_json"
         ) from None
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit` in a decoded JSON value (no recursion;
+    a container holding no containers costs one C-level `map(type, ...)`)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        children = list(item.values()) if isinstance(item, dict) else item
+        kinds = set(map(type, children))
+        if list in kinds or dict in kinds:
+            if depth >= limit:
+                return True
+            stack.extend((c, depth + 1) for c in children if type(c) in _CONTAINERS)
+    return False
+
+
+_CONTAINERS = (list, dict)
+
+
+def normalize_json(op: Operation, body: bytes, **envelope_args: Any) -> Normalized:
+    """Decode and validate a JSON one-shot request."""
+    if not body:
+        raise InvalidInput("the request body is empty; send a JSON object", None, "invalid_json")
+    payload = decode_json_body(body)
     if not isinstance(payload, dict):
         raise InvalidInput("the request body must be a JSON object", None, "invalid_json")
     try:

@@ -89,6 +89,8 @@ def decode_json(decoder: msgspec.json.Decoder[Any], body: bytes, what: str) -> o
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise HttpError(400, f"{what}: {exc}", "invalid_value") from None
+    except RecursionError:
+        raise HttpError(400, f"{what}: the body nests too deep", "invalid_json") from None
     except msgspec.DecodeError as exc:
         raise HttpError(400, f"{what}: the body is not valid JSON: {exc}", "invalid_json") from None
 

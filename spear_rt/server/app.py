@@ -25,6 +25,8 @@ from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
 from spear_rt.server.aio import serve_asyncio
 from spear_rt.server.http import (
+    BodyBudget,
+    ClientGone,
     HttpConnection,
     HttpError,
     HttpRequest,
@@ -33,6 +35,7 @@ from spear_rt.server.http import (
     json_response,
     keys_from_env,
     match_key,
+    protocol_error_response,
     request_header,
 )
 from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
@@ -65,6 +68,7 @@ class Server:
         self.sessions = SessionManager(config, lambda: self.router)
         self._register_gauges()
         self._client_keys = keys_from_env(config.server.client_keys_env)
+        self.body_budget = BodyBudget(config.server.max_http_body_bytes_in_flight)
         self.ssl_context = server_ssl_context(config.server)  # None: plain http/ws
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
@@ -246,12 +250,14 @@ class Server:
         async with stream:
             try:
                 await self._serve_http(stream)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                log.info("client connection lost while answering it")
             except Exception:
                 log.exception("connection handler crashed")
 
     async def _serve_http(self, stream: anyio.abc.ByteStream) -> None:
         loopback = _is_loopback(stream)  # once per connection, not per request
-        http = HttpConnection(stream)
+        http = HttpConnection(stream, self.body_budget)
         timeout = self.config.server.handshake_timeout_s
         while True:
             event = None
@@ -260,11 +266,8 @@ class Server:
                     event = await http.next_event()
                 except h11.RemoteProtocolError as exc:
                     if http.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        await http.send(
-                            error_response(
-                                exc.error_status_hint, f"bad request: {exc}", "bad_request"
-                            )
-                        )
+                        await http.send(protocol_error_response(exc))
+                        await http.linger()
                     return
             if not isinstance(event, h11.Request):
                 return  # closed, idle or too slow: drop the connection
@@ -280,6 +283,7 @@ class Server:
                 return
             await self._answer(http, event, loopback)
             if http.h11.our_state is h11.MUST_CLOSE:
+                await http.linger()
                 return
             try:
                 http.h11.start_next_cycle()
@@ -305,12 +309,27 @@ class Server:
             answer = error_response(exc.status, exc.message, exc.code, exc.headers)
         except TimeoutError:
             answer = error_response(
-                408, "the request body did not arrive in time", "request_timeout"
+                408,
+                "the request body did not arrive in time",
+                "request_timeout",
+                [("Connection", "close")],
             )
+        except ClientGone:
+            log.info("client closed the connection mid-request on %s", path)
+            http.release_body()
+            return
         except Exception:
             log.exception("HTTP handler crashed on %s", path)
             answer = error_response(500, "internal error", "internal_error")
-        await write_answer(http, answer)
+        except BaseException:  # cancelled: the body's bytes go back to the budget
+            http.release_body()
+            raise
+        try:
+            await write_answer(http, answer)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            log.info("client closed the connection before its answer on %s", path)
+        finally:
+            http.release_body()
 
     def _route(self, method: bytes, path: str) -> Handler:
         handler = self._routes.get((method, path))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +17,18 @@ import msgspec
 
 from spear_rt.ir import CanonicalError, ErrorCode
 
+log = logging.getLogger(__name__)
+
 READ_SIZE = 65536
-MAX_HEAD_BYTES = 16384
+MAX_HEAD_BYTES = 16384  # a request head (request line + headers) over this is refused: 431
+# While a request head is awaited, h11 is fed at most HEAD_SLICE bytes at a time, so its
+# buffer limit (MAX_HEAD_BYTES - HEAD_SLICE) holds however the bytes arrive (h11 checks it
+# only when it needs more data: a 64 kB head in one read would pass).
+HEAD_SLICE = 1024
+LINGER_S = 2.0  # after refusing a body: read (and drop) what the client still sends, so
+LINGER_BYTES = 1 << 20  # closing does not reset the connection before it reads our answer
+_H11_DETAIL = re.compile(r":?\s*bytearray\(.*$", re.DOTALL)
+_PROTOCOL_CODES = {431: "request_header_too_large", 501: "not_implemented"}
 
 STATUS_BY_CODE = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -57,16 +69,82 @@ def match_key(keys: list[str], offered: str | None) -> str | None:
 
 
 class HttpError(Exception):
-    """Answer the current request with this status and an OpenAI-style error body."""
+    """Answer the current request with this status and an OpenAI-style error body
+    (`close`: then close the connection, as when the request body was not read)."""
 
     def __init__(
-        self, status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None
+        self,
+        status: int,
+        message: str,
+        code: str,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
-        self.headers = headers or []
+        self.headers = [*(headers or []), *([("Connection", "close")] if close else [])]
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was complete."""
+
+
+class BodyBudget:
+    """Request-body bytes held across all connections, bounded (sans-I/O counter).
+
+    Policy: a declared Content-Length is taken in full when the head arrives, a chunked body
+    as its chunks arrive; what does not fit is refused with 503 + Retry-After (never queued).
+    Bytes are given back once the request is answered.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Hold `size` more bytes; HttpError 503 (and close) when that would pass the limit."""
+        if self.held + size > self.limit:
+            raise HttpError(
+                503,
+                "the server is receiving too many request bodies at once; retry shortly",
+                "server_busy",
+                [("Retry-After", "1")],
+                close=True,
+            )
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        """Release bytes taken earlier."""
+        self.held -= size
+
+
+def protocol_error_response(exc: h11.RemoteProtocolError) -> Response:
+    """The answer to a request h11 (or our head checks) refused: 4xx, then close."""
+    status = exc.error_status_hint
+    detail = _H11_DETAIL.sub("", str(exc)) or "malformed request"  # never echo a repr
+    if status == 431:
+        detail = f"the request head is over {MAX_HEAD_BYTES} bytes"
+    code = _PROTOCOL_CODES.get(status, "bad_request")
+    return error_response(status, f"bad request: {detail}", code, [("Connection", "close")])
+
+
+def _check_head(request: h11.Request) -> None:
+    """Refuse heads h11 accepts but we must not: too large (however they arrived, e.g. pipelined
+    behind another request) or framed twice (Content-Length and Transfer-Encoding: smuggling)."""
+    size = len(request.method) + len(request.target) + 12
+    names = set()
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4
+        names.add(name)
+    if size > MAX_HEAD_BYTES:
+        raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise h11.RemoteProtocolError(
+            "both Content-Length and Transfer-Encoding; send one", error_status_hint=400
+        )
 
 
 class HttpRequest(msgspec.Struct):
@@ -141,45 +219,122 @@ def canonical_error_response(error: CanonicalError) -> Response:
 
 
 class HttpConnection:
-    """The HTTP side of one TCP connection."""
+    """The HTTP side of one TCP connection (request bodies held count against `budget`)."""
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, budget: BodyBudget | None = None) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - HEAD_SLICE)
         self.method = b""  # of the request being answered: a HEAD answer carries no body
+        self.request: h11.Request | None = None
+        self.budget = budget or BodyBudget(1 << 62)
+        self.held = 0  # body bytes of the current request taken from the budget
+        self.peer_closed = False
+        self._unfed = bytearray()  # read from the stream, not yet given to h11
 
     async def next_event(self) -> Any:
-        """The next h11 event, reading as needed; ConnectionClosed at EOF."""
+        """The next h11 event, reading as needed; ConnectionClosed at EOF. Raises
+        h11.RemoteProtocolError for what the client got wrong (its `error_status_hint`)."""
         conn = self.h11
         while True:
             event = conn.next_event()
             if isinstance(event, h11.Request):
-                self.method = event.method
+                self.method, self.request = event.method, event
+                _check_head(event)
             if event is not h11.NEED_DATA:
                 return event
+            await self._feed()
+
+    async def _feed(self) -> None:
+        """Give h11 more bytes: a slice while it awaits a head, all we have otherwise."""
+        conn = self.h11
+        if not self._unfed:
+            if self.peer_closed:
+                conn.receive_data(b"")
+                return
             try:
                 data = await self.stream.receive(READ_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                data = b""
-            conn.receive_data(data)
+                self.peer_closed = True
+                conn.receive_data(b"")
+                return
+            if conn.their_state is not h11.IDLE:
+                conn.receive_data(data)
+                return
+            self._unfed += data
+        take = HEAD_SLICE if conn.their_state is h11.IDLE else len(self._unfed)
+        conn.receive_data(bytes(self._unfed[:take]))
+        del self._unfed[:take]
 
     async def read_body(self, limit: int) -> bytes:
-        """The request body; raises HttpError 413 past `limit` bytes."""
+        """The request body: HttpError 413 past `limit` bytes (at once for a declared length),
+        503 past the server's body budget, 400 for broken framing; ClientGone if the client
+        hangs up. Sends `100 Continue` when the client waits for it."""
+        conn = self.h11
+        declared = request_header(self.request, b"content-length") if self.request else None
+        if declared is not None:  # h11 checked it is a number
+            if int(declared) > limit:
+                raise HttpError(
+                    413,
+                    f"request body over the limit of {limit} bytes",
+                    "body_too_large",
+                    close=True,
+                )
+            self._take(int(declared))
+        if conn.they_are_waiting_for_100_continue:
+            await self.stream.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         parts: list[bytes] = []
         size = 0
         while True:
-            event = await self.next_event()
+            try:
+                event = await self.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self.peer_closed:
+                    raise ClientGone from None
+                detail = _H11_DETAIL.sub("", str(exc))
+                raise HttpError(
+                    400, f"bad request body: {detail}", "bad_request", close=True
+                ) from None
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
                     raise HttpError(
-                        413, f"request body over the limit of {limit} bytes", "body_too_large"
+                        413,
+                        f"request body over the limit of {limit} bytes",
+                        "body_too_large",
+                        close=True,
                     )
+                if declared is None:
+                    self._take(len(event.data))
                 parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
             elif isinstance(event, h11.ConnectionClosed):
-                raise HttpError(400, "connection closed mid-body", "incomplete_body")
+                raise ClientGone
+
+    def _take(self, size: int) -> None:
+        self.budget.take(size)
+        self.held += size
+
+    def release_body(self) -> None:
+        """Give the current request's body bytes back to the budget (once it is answered)."""
+        self.budget.give_back(self.held)
+        self.held = 0
+
+    async def linger(self) -> None:
+        """Before closing on a request whose body we did not read: half-close, then drop what
+        the client still sends (bounded in time and bytes), so it can read our answer."""
+        if self.peer_closed or self.h11.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            return
+        with anyio.move_on_after(LINGER_S):
+            try:
+                await self.stream.send_eof()
+                dropped = 0
+                while dropped < LINGER_BYTES:
+                    dropped += len(await self.stream.receive(READ_SIZE))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            except NotImplementedError:  # TLS streams cannot half-close
+                pass
 
     async def send(
         self, response: Response, extra_headers: list[tuple[str, str]] | None = None
@@ -231,13 +386,16 @@ class HttpConnection:
             try:
                 data = await self.stream.receive(READ_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.peer_closed = True
                 scope.cancel()
                 return
-            self.h11.receive_data(data)  # a pipelined next request waits in h11's buffer
+            self._unfed += data  # a pipelined next request waits, bounded: past the limit
+            if len(self._unfed) > MAX_HEAD_BYTES:  # stop reading (TCP pushes back)
+                return
 
     def upgrade_head(self, request: h11.Request) -> bytes:
         """The raw request head (plus bytes already read past it) for a WebSocket handshake."""
         lines = [b"%s %s HTTP/1.1" % (request.method, request.target)]
         lines += [name + b": " + value for name, value in request.headers]
         trailing, _closed = self.h11.trailing_data
-        return b"\r\n".join(lines) + b"\r\n\r\n" + bytes(trailing)
+        return b"\r\n".join(lines) + b"\r\n\r\n" + bytes(trailing) + bytes(self._unfed)

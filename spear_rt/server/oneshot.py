@@ -42,7 +42,7 @@ from spear_rt.server.http import (
     error_body,
     json_response,
 )
-from spear_rt.server.multipart import MultipartError, Part, parse_form
+from spear_rt.server.multipart import OFF_LOOP_BYTES, MultipartError, Part, parse_form
 from spear_rt.session.machine import new_id
 
 if TYPE_CHECKING:
@@ -201,7 +201,11 @@ class OneShotApi:
             limits = AudioLimits(server.max_audio_seconds, server.max_audio_samples)
             decode = partial(normalize_transcription, form, audio_limits=limits, **args)
             return await anyio.to_thread.run_sync(decode, limiter=self._decode_limiter())
-        return normalize_json(JSON_ENDPOINTS[request.path], request.body, **args)
+        operation = JSON_ENDPOINTS[request.path]
+        if len(request.body) > OFF_LOOP_BYTES:  # decoding and the depth check are CPU-bound
+            decode_json = partial(normalize_json, operation, request.body, **args)
+            return await anyio.to_thread.run_sync(decode_json)
+        return normalize_json(operation, request.body, **args)
 
     async def _resolve_audio(self, source: str, value: str) -> Part:
         """A `file_ref` (from the media store) or `file_url` (an allowed host) as a file part."""
