@@ -42,6 +42,13 @@ from spear_rt.server.http import (
     error_body,
     json_response,
 )
+from spear_rt.server.media_http import (
+    public_base_url,
+    serve_headers,
+    served_mime,
+    sniff_mime,
+    upload_of,
+)
 from spear_rt.server.multipart import OFF_LOOP_BYTES, MultipartError, Part, parse_form
 from spear_rt.session.machine import new_id
 
@@ -109,12 +116,10 @@ class OneShotApi:
         return routes
 
     async def upload_media(self, request: HttpRequest) -> Response:
-        """Store the body (its Content-Type as the MIME type): 201 with its reference."""
-        if not request.body:
-            return json_response(400, error_body("the request body is empty", "invalid_value"))
-        mime = (request.header("content-type") or "").split(";")[0].strip()
+        """Store the body, or a multipart form's file part (`upload_of`): 201 with its reference."""
+        data, mime = await upload_of(request)
         try:
-            stored = await self.media.put(request.body, mime or "application/octet-stream")
+            stored = await self.media.put(data, mime)
         except CanonicalFailure as exc:
             return canonical_error_response(exc.error)
         return json_response(
@@ -123,14 +128,15 @@ class OneShotApi:
         )
 
     async def get_media(self, request: HttpRequest) -> Response:
-        """GET /v1/media/<sha256>: the stored bytes with their MIME type (404 when gone)."""
+        """GET /v1/media/<sha256>: the stored bytes, served as a type no browser runs
+        (`served_mime`, nosniff; 404 when gone)."""
         sha = request.path[len(MEDIA_PREFIX) :]
         try:
             stat = await self.media.stat(sha)
             data = await self.media.get(stat.sha256)
         except CanonicalFailure as exc:
             return json_response(404, error_body(exc.error.message, "media_not_found"))
-        return Response(200, data, stat.mime)
+        return Response(200, data, served_mime(stat.mime), serve_headers())
 
     async def models(self, request: HttpRequest) -> Response:
         """OpenAI's model list: each instance's model (or its name when it serves any)."""
@@ -163,7 +169,7 @@ class OneShotApi:
             self.server.router.admit(normalized.envelope)
             answer = await self._run(normalized, started)
             if wants_url and isinstance(answer, Response) and answer.status == 200:
-                answer = await self._images_as_urls(answer, request)
+                answer = await self._images_as_urls(answer)
         except InvalidInput as exc:
             return json_response(400, error_body(str(exc), exc.code, param=exc.param))
         except CanonicalFailure as exc:
@@ -245,14 +251,15 @@ class OneShotApi:
         name = urlsplit(value).path.rsplit("/", 1)[-1] or "upload"
         return Part("file", fetched.data, name, fetched.mime)
 
-    async def _images_as_urls(self, answer: Response, request: HttpRequest) -> Response:
-        """Store each `b64_json` image of an answer and replace it by a `url` to GET it."""
+    async def _images_as_urls(self, answer: Response) -> Response:
+        """Store each `b64_json` image of an answer and replace it by a `url` to GET it
+        (under `[server] public_url`, never the client's Host header)."""
         try:
             body = msgspec.json.decode(answer.body)
             items: list[dict[str, Any]] = body["data"]
         except (msgspec.DecodeError, KeyError, TypeError):
             return answer  # not the shape we know: pass it through untouched
-        host = request.header("host") or f"127.0.0.1:{self.server.port}"
+        base = public_base_url(self.server.config, self.server.port)
         for item in items:
             encoded = item.pop("b64_json", None) if isinstance(item, dict) else None
             if not isinstance(encoded, str):
@@ -261,8 +268,8 @@ class OneShotApi:
                 data = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
                 raise BackendFailure("the backend answered an image that is not base64") from None
-            stored = await self.media.put(data, _image_mime(data))
-            item["url"] = f"http://{host}{MEDIA_PREFIX}{stored.sha256}"
+            stored = await self.media.put(data, sniff_mime(data))
+            item["url"] = f"{base}{MEDIA_PREFIX}{stored.sha256}"
         return Response(
             answer.status, msgspec.json.encode(body), answer.content_type, answer.headers
         )
@@ -305,16 +312,6 @@ def _image_url_requested(normalized: Normalized) -> bool:
         request.operation is Operation.IMAGE_GENERATION
         and request.payload.get("response_format") == "url"
     )
-
-
-def _image_mime(data: bytes) -> str:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
 
 
 def _backend_failure_response(exc: BackendFailure) -> Response:
