@@ -200,6 +200,9 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits | None = None
     price: Price | None = None
     options: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+    # Serve only requests that name this instance: `spear-backend` / `spear-allow` naming it,
+    # or a model equal to its name or its model (the embedded default's stub is so marked).
+    only_when_named: bool = False
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -24,6 +24,7 @@ from spear_rt.ir import (
     RoutingHints,
     Transport,
 )
+from spear_rt.transcripts import TIMED_FORMATS
 
 
 class InvalidInput(ValueError):
@@ -79,6 +80,7 @@ HEADS: dict[Operation, type[msgspec.Struct]] = {
 }
 
 TRANSCRIPTION_FIELDS = ("model", "language", "prompt", "response_format", "temperature")
+GRANULARITIES = "timestamp_granularities[]"
 
 
 def _msgspec_error(exc: msgspec.ValidationError) -> InvalidInput:
@@ -296,7 +298,11 @@ def normalize_transcription(
         raise InvalidInput(
             "you must provide a `file` (multipart file field)", "file", "missing_required_parameter"
         )
-    fields = {k: form[k].data.decode("utf-8", "replace") for k in TRANSCRIPTION_FIELDS if k in form}
+    fields: dict[str, Any] = {
+        k: form[k].data.decode("utf-8", "replace") for k in TRANSCRIPTION_FIELDS if k in form
+    }
+    if GRANULARITIES in form:  # a list field; the form parser keeps a repeated name's last
+        fields[GRANULARITIES] = [form[GRANULARITIES].data.decode("utf-8", "replace")]
     if "model" not in fields:
         raise InvalidInput(
             "you must provide a `model` parameter", "model", "missing_required_parameter"
@@ -310,7 +316,8 @@ def normalize_transcription(
     features: set[Feature] = set()  # the operation itself implies audio input
     if "language" in fields:
         features.add(Feature.SUPPORTS_LANGUAGE)
-    if fields.get("response_format") == "verbose_json" or "timestamp_granularities[]" in form:
+    # verbose_json, srt and vtt all carry timings: only a backend that has them can answer
+    if fields.get("response_format") in TIMED_FORMATS or GRANULARITIES in form:
         features.add(Feature.SUPPORTS_TIMESTAMPS)
     envelope = envelope_for(
         Operation.SPEECH_TO_TEXT,

@@ -145,6 +145,7 @@ class RegisteredInstance:
             "credential_ref": self.config.credential_ref,
             "weight": self.config.weight,
             "priority": self.config.priority,
+            "only_when_named": self.config.only_when_named,
             "ops": sorted(self.ops),
             "features": sorted(self.features),
             "transports": sorted(self.transports),

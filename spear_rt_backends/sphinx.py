@@ -51,8 +51,8 @@ from spear_rt.backend import (
     UpstreamCommand,
     UpstreamEvent,
 )
-from spear_rt.errors import BackendFailure, CanonicalFailure
-from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport, Usage
+from spear_rt.errors import CanonicalFailure
+from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport
 
 RATE_HZ = 16000
 MAX_PENDING_SAMPLES = RATE_HZ * 60  # a turn's undecoded audio; past it, send() waits
@@ -211,11 +211,12 @@ async def _warm(instance: InstanceInfo, limiter: anyio.CapacityLimiter) -> None:
 
 
 def _limiter(instance: InstanceInfo) -> anyio.CapacityLimiter:
-    limiter = _limiters.get(instance.name)
+    # A limiter belongs to one event loop (a process that ran trio, then asyncio, must not
+    # share one between them: that was a 500 on the second loop).
+    key = f"{instance.name}@{id(anyio.lowlevel.current_token())}"
+    limiter = _limiters.get(key)
     if limiter is None:
-        limiter = _limiters[instance.name] = anyio.CapacityLimiter(
-            int(instance.options.get("workers", 2))
-        )
+        limiter = _limiters[key] = anyio.CapacityLimiter(int(instance.options.get("workers", 2)))
     return limiter
 
 
@@ -241,6 +242,7 @@ class SphinxKind:
                 Feature.SUPPORTS_AUDIO_INPUT,
                 Feature.SUPPORTS_BIDI_STREAM,
                 Feature.SUPPORTS_LANGUAGE,
+                Feature.SUPPORTS_TIMESTAMPS,  # one-shot: word timings from the engine
             }
         ),
         transports=frozenset({Transport.WEBSOCKET, Transport.HTTP}),
@@ -274,21 +276,11 @@ class SphinxKind:
                 tg.cancel_scope.cancel()
 
     async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
-        """One-shot transcription of an uploaded file."""
-        audio = request.audio
-        if request.operation is not Operation.SPEECH_TO_TEXT or audio is None or audio.pcm is None:
-            raise BackendFailure("pocketsphinx serves speech_to_text uploads only")
+        """One-shot transcription of an uploaded file, every `response_format` with timings."""
+        from spear_rt_backends import sphinx_oneshot  # imports this module: load it lazily
+
         _check_language(request.payload.get("language") or None)
-        from spear_rt.audio import resample
-
-        pcm = resample(audio.pcm, audio.rate_hz, RATE_HZ)
-        text = await transcribe_pcm16(pcm, _limiter(instance))
-        usage = Usage(audio_seconds=pcm.size / RATE_HZ)
-        if request.payload.get("response_format") == "text":
-            return OneShotResponse("text/plain; charset=utf-8", text.encode(), usage=usage)
-        import msgspec
-
-        return OneShotResponse(body=msgspec.json.encode({"text": text}), usage=usage)
+        return await sphinx_oneshot.call(instance, request, _limiter(instance))
 
 
 KIND = SphinxKind()

@@ -111,6 +111,7 @@ class StubKind:
 
     name = "stub"
     extra = None
+    stub = True  # one-shot answers carry `x-spear-stub: true`
     defaults = InstanceDefaults(
         ops=frozenset(Operation),
         features=frozenset(

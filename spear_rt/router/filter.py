@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from spear_rt.ir import CanonicalRequestEnvelope
+from spear_rt.ir import CanonicalRequestEnvelope, RoutingHints
 from spear_rt.registry import RegisteredInstance
 from spear_rt.router.health import BreakerState, OutlierDetector
 
@@ -23,6 +23,15 @@ CAPABILITY = "missing"
 CAPACITY = "at capacity"
 UNHEALTHY = "unhealthy"
 EXCLUDED = "failed earlier in this request"
+
+
+def _names(routing: RoutingHints, inst: RegisteredInstance) -> bool:
+    """Whether a request's routing hints name `inst` explicitly."""
+    return (
+        routing.backend == inst.name
+        or (routing.allowlist is not None and inst.name in routing.allowlist)
+        or (routing.model is not None and routing.model in (inst.name, inst.model))
+    )
 
 
 def static_rejection(inst: RegisteredInstance, req: CanonicalRequestEnvelope) -> str | None:
@@ -34,6 +43,11 @@ def static_rejection(inst: RegisteredInstance, req: CanonicalRequestEnvelope) ->
         return "not in the request's allowlist"
     if inst.name in routing.denylist:
         return "in the request's denylist"
+    if inst.config.only_when_named and not _names(routing, inst):
+        return (
+            f"serves only requests that name it (header spear-backend: {inst.name}, "
+            f"or model {inst.model or inst.name!r})"
+        )
     if inst.unavailable is not None:
         return f"unavailable: {inst.unavailable}"
     if routing.model is not None and inst.model is not None and inst.model != routing.model:

@@ -301,6 +301,8 @@ class OneShotApi:
             ("x-spear-attempts", str(done.attempts)),
             ("x-spear-overhead-ms", f"{overhead_ms:.3f}"),
         ]
+        if getattr(done.instance.kind, "stub", False):  # its answers are not a model's
+            headers.append(("x-spear-stub", "true"))
         if response.stream is not None:
             return StreamingAnswer(response, headers)
         return Response(response.status, response.body, response.content_type, headers)
