@@ -203,3 +203,24 @@ def test_uploads_decode_in_a_worker_thread_while_healthz_answers(
     assert health == 200
     assert answer.status_code == 200, answer.text
     assert threads and loop_thread not in threads
+
+
+@pytest.mark.parametrize(("backend", "driver"), DRIVERS, ids=IDS)
+def test_a_1_hz_file_by_reference_is_refused_the_same_way(backend: str, driver: str) -> None:
+    """`file_ref` (a stored upload) goes through the same bounded decode as `file`."""
+
+    async def scenario(server: Server) -> httpx.Response:
+        base = f"http://127.0.0.1:{server.port}"
+        async with httpx.AsyncClient(base_url=base, timeout=BOUND_S) as client:
+            stored = await client.post(
+                "/v1/media", content=ONE_HZ, headers={"content-type": "audio/wav"}
+            )
+            assert stored.status_code == 201, stored.text
+            return await client.post(
+                "/v1/audio/transcriptions",
+                files={"file_ref": (None, stored.json()["uri"])},
+                data={"model": "whisper-1"},
+            )
+
+    response = run_on(backend, driver, scenario)
+    assert "1 Hz" in error_of(response, "unsupported_audio")
