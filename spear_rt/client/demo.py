@@ -92,9 +92,19 @@ def word_error_rate(reference: str, hypothesis: str) -> tuple[float, int, int]:
 
 
 def describe_transcription_backend(server: Server) -> tuple[str, bool]:
-    """(one line naming the instance the router picks for transcription, whether it is the stub)."""
+    """(one line naming the instance the router picks for transcription, whether it is the stub).
+
+    With no engine to pick, a configured stub that serves only when named is named (the
+    demo then streams with ``backend=<its name>``) and the line says so.
+    """
     request = ConnectRequest(kind=SessionKind.TRANSCRIPTION, dialect=Dialect.BETA)
     chosen, decision = server.router.explain(server.sessions.envelope(request))
+    stubs = [i.name for i in server.registry.instances.values() if i.config.kind == "stub"]
+    if chosen is None and stubs:
+        named = ConnectRequest(
+            kind=SessionKind.TRANSCRIPTION, dialect=Dialect.BETA, backend=stubs[0]
+        )
+        chosen, _ = server.router.explain(server.sessions.envelope(named))
     if chosen is None:
         raise SpearError(
             f"no backend can serve transcription: {decision.rejected_reasons or 'none configured'}"
@@ -148,6 +158,8 @@ async def demo(
         out.write(f"spear-rt demo: server on 127.0.0.1:{port} ({config.source}); pace {pace}\n")
         out.write(f"transcription backend: {line}\n")
         url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
+        if is_stub:  # named: a stub may serve only requests that name it
+            url += "&backend=" + line.split(" ", 1)[0]
         scores = [
             await _run_clip(url, clip, pcm, pace, key, out)
             for clip, pcm in zip(clips, audio, strict=True)

@@ -12,6 +12,7 @@ import trio
 
 from spear_rt.audio import AudioFormatError
 from spear_rt.client.demo import demo, fixture_clips, word_error_rate
+from spear_rt.config import BackendConfig
 from tests.client import FIXTURES, stub_config
 
 TIMEOUT_S = 30
@@ -80,3 +81,17 @@ def test_demo_runs_on_asyncio_too() -> None:
 
     assert anyio.run(main, backend="asyncio") == 0
     assert "  reference: go forward ten meters\n" in out.getvalue()
+
+
+async def test_demo_without_a_speech_engine_names_the_stub_itself() -> None:
+    """The embedded default's stub serves only when named: with no engine installed the demo
+    names it (and says so) rather than failing or silently getting it."""
+    config = stub_config()
+    config.backends = [BackendConfig(name="stub", kind="stub", only_when_named=True)]
+    out = io.StringIO()
+    with trio.fail_after(TIMEOUT_S):
+        status = await demo(config, [str(FIXTURES / "speech_open_window.wav")], out=out)
+    text = out.getvalue()
+    assert status == 0
+    assert "transcription backend: stub (deterministic stub" in text
+    assert "  heard:     " in text and "stub backend" in text
