@@ -109,11 +109,24 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`[policy.retry]`: attempts per request and the retry budget."""
+    """`[policy.retry]`: attempts per request and the retry budget (Envoy's: in flight)."""
 
     max_attempts: int = 3
-    budget_ratio: float = 0.2
-    min_retries_per_s: float = 1.0
+    # Retries in flight may number max(min_retry_concurrency, budget_percent% of requests
+    # in flight). None: 20%, or budget_ratio * 100 when only the old key is set.
+    budget_percent: float | None = None
+    min_retry_concurrency: int = 3
+    # Before the in-flight budget: budget_ratio (a share) is still read; min_retries_per_s (a
+    # per-second floor) has no equivalent and is refused by _check_retry with its replacement.
+    budget_ratio: float | None = None
+    min_retries_per_s: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """The budget as a share of requests in flight (0.2 for 20%)."""
+        if self.budget_percent is not None:
+            return self.budget_percent / 100
+        return self.budget_ratio if self.budget_ratio is not None else 0.2
 
 
 class HedgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -286,12 +299,31 @@ def _check(config: Config) -> None:
             "server.max_http_body_bytes_in_flight", "must be at least max_http_body_bytes"
         )
     _check_public_url(config.server.public_url)
+    _check_retry(config.policy.retry)
     for field in ("max_audio_seconds", "max_audio_samples"):
         if getattr(config.server, field) <= 0:
             raise ConfigError(f"server.{field}", "must be positive")
     for field in ("max_bytes", "max_age_s", "max_fetch_bytes"):
         if getattr(config.media, field) <= 0:
             raise ConfigError(f"media.{field}", "must be positive")
+
+
+def _check_retry(retry: RetryConfig) -> None:
+    where = "policy.retry"
+    if retry.min_retries_per_s is not None:
+        raise ConfigError(
+            f"{where}.min_retries_per_s",
+            "replaced by min_retry_concurrency (retries in flight always allowed, default 3):"
+            " the retry budget counts retries in flight, not per second",
+        )
+    if retry.budget_ratio is not None and retry.budget_percent is not None:
+        raise ConfigError(
+            f"{where}.budget_ratio", "set budget_percent only (budget_ratio is its old name)"
+        )
+    if not 0 <= retry.ratio * 100 <= 100_000:
+        raise ConfigError(f"{where}.budget_percent", "must be between 0 and 100000")
+    if retry.min_retry_concurrency < 0 or retry.max_attempts < 1:
+        raise ConfigError(where, "min_retry_concurrency must be >= 0 and max_attempts >= 1")
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:

@@ -3,7 +3,8 @@
 * **Fallback** (every policy, idempotent operations only): an attempt that fails retryably
   (backend 429/5xx, timeout) excludes its instance and the request is routed again — which,
   with priority tiers, reaches the next tier — up to `max_attempts`, and only while the
-  retry budget allows (retries may add at most `budget_ratio` of the request rate, so a
+  retry budget allows (Envoy's: retries in flight may number max(min_retry_concurrency,
+  budget_percent of the requests in flight), so a sequential client always falls back and a
   failing fleet is not hammered twice as hard).
 * **Hedging** `hedged(k, delay_ms)` (operations named in config only): if the first attempt
   has not answered within `delay_ms`, a second starts on another instance, up to `k`; the
@@ -53,31 +54,34 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class RetryBudget:
-    """Retries allowed as a fraction of requests over a sliding second (Finagle-style)."""
+    """Envoy's retry budget: retries in flight, bounded by a share of requests in flight.
+
+    A retry may start while fewer than max(min_retry_concurrency, ratio x requests in flight)
+    retries are running, so one request at a time always gets its fallback, while a burst
+    against a failing fleet adds at most that share of concurrent load.
+    """
 
     def __init__(self, config: RetryConfig) -> None:
         self.config = config
-        self._requests: list[float] = []
-        self._retries: list[float] = []
+        self.active_requests = 0
+        self.active_retries = 0
 
-    def _trim(self, now: float) -> None:
-        for series in (self._requests, self._retries):
-            while series and series[0] <= now - 1.0:
-                series.pop(0)
+    def allowed(self) -> float:
+        """How many retries may be in flight now."""
+        return max(
+            float(self.config.min_retry_concurrency), self.config.ratio * self.active_requests
+        )
 
-    def on_request(self, now: float) -> None:
-        """Count a first attempt."""
-        self._trim(now)
-        self._requests.append(now)
-
-    def try_retry(self, now: float) -> bool:
-        """Spend one retry if the budget has room."""
-        self._trim(now)
-        allowed = self.config.min_retries_per_s + self.config.budget_ratio * len(self._requests)
-        if len(self._retries) >= allowed:
+    def try_retry(self) -> bool:
+        """Take a place for one retry if the budget has room (give it back with retry_done)."""
+        if self.active_retries >= self.allowed():
             return False
-        self._retries.append(now)
+        self.active_retries += 1
         return True
+
+    def retry_done(self) -> None:
+        """A retry ended (answered, failed or cancelled)."""
+        self.active_retries -= 1
 
 
 class Executor:
@@ -107,24 +111,26 @@ class Executor:
         self, req: CanonicalRequestEnvelope, call: Call[T], *, idempotent: bool
     ) -> Executed[T]:
         """Route and run `call`, falling back or hedging as configured."""
+        self._budget.active_requests += 1
+        try:
+            return await self._run(req, call, idempotent=idempotent)
+        finally:
+            self._budget.active_requests -= 1
+
+    async def _run(
+        self, req: CanonicalRequestEnvelope, call: Call[T], *, idempotent: bool
+    ) -> Executed[T]:
         router = self._router()
-        self._budget.on_request(anyio.current_time())
         # A hedge sends the same request twice: only for idempotent requests.
         hedging = idempotent and req.operation in self.hedge.operations and self.hedge.k > 1
         # Every attempt that failed excluded its instance, so len(excluded) counts them.
         excluded: set[str] = set()
         last: BaseException | None = None
+        retrying = False  # this attempt holds a place in the retry budget
         while True:
             tried = len(excluded)
             try:
-                if hedging:
-                    done = await self._hedged(router, req, call, excluded)
-                else:
-                    instance, _ = router.route(req, exclude=excluded)
-                    excluded.add(instance.name)  # should it fail, the retry goes elsewhere
-                    done = Executed(
-                        await router.attempt(instance, call, req.operation), instance, 1
-                    )
+                done = await self._attempt(router, req, call, excluded, hedging)
                 done.attempts += tried
             except CanonicalFailure as exc:
                 if len(excluded) == tried:  # the router refused: no attempt was made
@@ -141,12 +147,29 @@ class Executor:
             else:
                 self._maybe_mirror(req, call)
                 return done
+            finally:
+                if retrying:
+                    self._budget.retry_done()
+                    retrying = False
             attempts = len(excluded)
-            if attempts >= self.retry.max_attempts or not self._budget.try_retry(
-                anyio.current_time()
-            ):
+            if attempts >= self.retry.max_attempts or not self._budget.try_retry():
                 raise _exhausted(req, last, attempts)
+            retrying = True
             router.count_fallback(req.operation)
+
+    async def _attempt(
+        self,
+        router: Router,
+        req: CanonicalRequestEnvelope,
+        call: Call[T],
+        excluded: set[str],
+        hedging: bool,
+    ) -> Executed[T]:
+        if hedging:
+            return await self._hedged(router, req, call, excluded)
+        instance, _ = router.route(req, exclude=excluded)
+        excluded.add(instance.name)  # should it fail, the retry goes elsewhere
+        return Executed(await router.attempt(instance, call, req.operation), instance, 1)
 
     async def _hedged(
         self, router: Router, req: CanonicalRequestEnvelope, call: Call[T], excluded: set[str]

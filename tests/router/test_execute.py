@@ -126,7 +126,7 @@ async def test_fallback_walks_the_tiers_until_max_attempts(
     says how many attempts were made and stays retryable."""
     backends = Backends(a=unavailable(), b=unavailable(), c=unavailable())
     ex, rt = executor(
-        tiered("a", "b", "c", "d"), retry=RetryConfig(max_attempts=3, min_retries_per_s=10)
+        tiered("a", "b", "c", "d"), retry=RetryConfig(max_attempts=3, min_retry_concurrency=10)
     )
     with pytest.raises(CanonicalFailure) as info:
         await ex.run(request(), backends, idempotent=True)
@@ -142,7 +142,7 @@ async def test_running_out_of_instances_ends_the_fallback(
 ) -> None:
     """Two instances, both failing, max_attempts 5: each tried once, then the last failure."""
     backends = Backends(a=unavailable(), b=TimeoutError("too slow"))
-    ex, _ = executor(tiered("a", "b"), retry=RetryConfig(max_attempts=5, min_retries_per_s=10))
+    ex, _ = executor(tiered("a", "b"), retry=RetryConfig(max_attempts=5, min_retry_concurrency=10))
     with pytest.raises(CanonicalFailure) as info:
         await ex.run(request(), backends, idempotent=True)
     assert backends.calls == ["a", "b"]
@@ -175,33 +175,43 @@ async def test_non_retryable_failures_never_fall_back(
 
 
 async def test_the_retry_budget_stops_retries(autojump_clock: trio.testing.MockClock) -> None:
-    """One retry per second and no ratio: the first request gets its retry, the next one in
-    the same second none; a second later a retry is allowed again."""
-    backends = Backends(a=unavailable())
+    """One retry in flight and no percent: while the first request's fallback is running, a
+    second request gets no retry; once it has answered, a retry is allowed again."""
+    backends = Backends(a=unavailable(), b="block")
     ex, rt = executor(
-        tiered("a", "b"), retry=RetryConfig(max_attempts=5, budget_ratio=0.0, min_retries_per_s=1.0)
+        tiered("a", "b"),
+        retry=RetryConfig(max_attempts=5, budget_percent=0.0, min_retry_concurrency=1),
     )
+    results: list[str] = []
+
+    async def first() -> None:
+        results.append((await ex.run(request(), backends, idempotent=True)).instance.name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert backends.calls == ["a", "b"]  # the first request's retry is in flight
+        with pytest.raises(CanonicalFailure) as refused:
+            await ex.run(request(), backends, idempotent=True)
+        assert refused.value.error.message == "upstream 503 (after 1 attempt)"
+        backends.release.set()
+    assert results == ["b"]
     assert (await ex.run(request(), backends, idempotent=True)).instance.name == "b"
-    with pytest.raises(CanonicalFailure) as refused:
-        await ex.run(request(), backends, idempotent=True)
-    assert refused.value.error.message == "upstream 503 (after 1 attempt)"
-    assert backends.calls == ["a", "b", "a"]
-    await trio.sleep(1.0)  # virtual time: the budget's one-second window moves on
-    assert (await ex.run(request(), backends, idempotent=True)).instance.name == "b"
+    assert backends.calls == ["a", "b", "a", "a", "b"]
     assert rt.metrics.fallbacks.get("chat_completions") == 2
 
 
-def test_the_retry_budget_allows_a_ratio_of_requests() -> None:
-    """budget_ratio 0.5, no floor: 4 requests in a second allow 2 retries, not 3."""
-    budget = RetryBudget(RetryConfig(budget_ratio=0.5, min_retries_per_s=0.0))
-    assert not budget.try_retry(0.0)
-    for _ in range(4):
-        budget.on_request(0.0)
-    assert [budget.try_retry(0.5) for _ in range(3)] == [True, True, False]
-    assert budget.try_retry(1.0) is False  # the requests left the window with the retries
-    budget.on_request(1.5)
-    budget.on_request(1.5)
-    assert budget.try_retry(1.6)
+def test_the_retry_budget_allows_a_percent_of_requests_in_flight() -> None:
+    """budget_percent 50, no floor: 4 requests in flight allow 2 retries at once, not 3."""
+    budget = RetryBudget(RetryConfig(budget_percent=50.0, min_retry_concurrency=0))
+    assert not budget.try_retry()
+    budget.active_requests = 4
+    assert [budget.try_retry() for _ in range(3)] == [True, True, False]
+    budget.active_requests = 2  # two requests ended: their share of the budget went with them
+    budget.retry_done()
+    assert not budget.try_retry()
+    budget.retry_done()
+    assert budget.try_retry()
 
 
 async def test_a_router_refusal_before_any_attempt_is_not_retried(
@@ -313,7 +323,7 @@ async def test_a_hedge_where_every_attempt_fails_counts_its_attempts(
     """Both hedged attempts fail: the request fails after 2 attempts (not 0), no third call."""
     backends = Backends(a=unavailable(), b=(0.01, unavailable()))
     ex, _ = executor(
-        tiered("a", "b"), hedge=HEDGE, retry=RetryConfig(max_attempts=5, min_retries_per_s=10)
+        tiered("a", "b"), hedge=HEDGE, retry=RetryConfig(max_attempts=5, min_retry_concurrency=10)
     )
     with pytest.raises(CanonicalFailure) as info:
         await ex.run(request(), backends, idempotent=True)
