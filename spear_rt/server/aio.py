@@ -76,8 +76,13 @@ class ConnectionProtocol(asyncio.Protocol):
         self.eof = True
         if self.session is not None:
             self.session.eof_received()
+            self._wake_reader()
+            return None  # let the transport close
         self._wake_reader()
-        return None  # let the transport close
+        # HTTP: a client may half-close after its request and still read the answer (as on
+        # the anyio drivers); the connection's handler closes the transport when it is done.
+        # (SSL transports cannot stay half-open; asyncio would only warn.)
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = self.eof = True
@@ -273,6 +278,8 @@ class CallbackRunner:
         if connection.lost:
             self.connection_lost()
         self.flush()
+        if connection.eof and not connection.lost and connection.transport is not None:
+            connection.transport.close()  # half-closed before the switch: as at EOF in a session
 
     def _release(self, *, abort: bool) -> None:
         """Let go of the current connection (closing it) and wake whoever waits on the link."""

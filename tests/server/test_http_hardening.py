@@ -21,11 +21,13 @@ import pytest
 
 from spear_rt.server import multipart
 from spear_rt.server.app import Server
-from tests.conftest import make_config
+from tests.conftest import FIXTURES, make_config
 from tests.server.test_resume import DRIVERS, IDS, until
 
 BOUND_S = 20
+WAV = (FIXTURES / "speech_turn_left.wav").read_bytes()
 CHAT = b'{"model": "stub", "messages": [{"role": "user", "content": "hi"}]}'
+EMBED = b'{"model": "stub", "input": "hello"}'
 
 
 def run_on(
@@ -405,3 +407,32 @@ def test_header_parameters_are_read_in_one_pass(value: str) -> None:
         multipart.header_params(value)
     except multipart.MultipartError as exc:
         assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize(("backend", "driver"), DRIVERS, ids=IDS)
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+    backend: str, driver: str
+) -> None:
+    """`shutdown(SHUT_WR)` after a complete request (nc -N, some scripts): still answered,
+    also when the answer takes a while (an upload decoded in a worker thread)."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        + WAV
+        + b'\r\n--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
+    )
+    raw = head(
+        "POST",
+        "/v1/audio/transcriptions",
+        "Content-Type: multipart/form-data; boundary=b",
+        f"Content-Length: {len(body)}",
+    )
+
+    async def scenario(server: Server) -> bytes:
+        async with await anyio.connect_tcp("127.0.0.1", server.port or 0) as stream:
+            for part in pieces(raw + body, 4093):
+                await stream.send(part)
+            await stream.send_eof()
+            return await read_to_close(stream)
+
+    ((status, _, payload),) = responses(run_on(backend, driver, scenario))
+    assert status == 200 and "text" in json.loads(payload)
