@@ -131,6 +131,12 @@ def protocol_error_response(exc: h11.RemoteProtocolError) -> Response:
     return error_response(status, f"bad request: {detail}", code, [("Connection", "close")])
 
 
+def _too_large(limit: int) -> HttpError:
+    return HttpError(
+        413, f"request body over the limit of {limit} bytes", "body_too_large", close=True
+    )
+
+
 def _check_head(request: h11.Request) -> None:
     """Refuse heads h11 accepts but we must not: too large (however they arrived, e.g. pipelined
     behind another request) or framed twice (Content-Length and Transfer-Encoding: smuggling)."""
@@ -273,15 +279,11 @@ class HttpConnection:
         declared = request_header(self.request, b"content-length") if self.request else None
         if declared is not None:  # h11 checked it is a number
             if int(declared) > limit:
-                raise HttpError(
-                    413,
-                    f"request body over the limit of {limit} bytes",
-                    "body_too_large",
-                    close=True,
-                )
+                raise _too_large(limit)
             self._take(int(declared))
         if conn.they_are_waiting_for_100_continue:
-            await self.stream.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            go_on = h11.InformationalResponse(status_code=100, headers=[])
+            await self.stream.send(conn.send(go_on))
         parts: list[bytes] = []
         size = 0
         while True:
@@ -297,12 +299,7 @@ class HttpConnection:
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
-                    raise HttpError(
-                        413,
-                        f"request body over the limit of {limit} bytes",
-                        "body_too_large",
-                        close=True,
-                    )
+                    raise _too_large(limit)
                 if declared is None:
                     self._take(len(event.data))
                 parts.append(bytes(event.data))
@@ -327,13 +324,14 @@ class HttpConnection:
             return
         with anyio.move_on_after(LINGER_S):
             try:
-                await self.stream.send_eof()
+                try:
+                    await self.stream.send_eof()
+                except NotImplementedError:  # TLS streams cannot half-close
+                    pass
                 dropped = 0
                 while dropped < LINGER_BYTES:
                     dropped += len(await self.stream.receive(READ_SIZE))
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-            except NotImplementedError:  # TLS streams cannot half-close
                 pass
 
     async def send(
