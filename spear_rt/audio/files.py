@@ -62,15 +62,19 @@ class AudioLimitError(AudioFormatError):
         self.code = code
 
 
-def _check_header(info: soundfile._SoundFileInfo, name: str, limits: AudioLimits) -> None:
-    """Refuse what the header says before a sample is decoded."""
-    rate, channels, frames_ = int(info.samplerate), int(info.channels), int(info.frames)
+def _check_rate(rate: int, name: str) -> None:
     if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
         raise AudioLimitError(
             f"the audio file {name!r} is at {rate} Hz; accepted rates are "
             f"{MIN_RATE_HZ} to {MAX_RATE_HZ} Hz",
             "unsupported_audio",
         )
+
+
+def _check_header(info: soundfile._SoundFileInfo, name: str, limits: AudioLimits) -> None:
+    """Refuse what the header says before a sample is decoded."""
+    rate, channels, frames_ = int(info.samplerate), int(info.channels), int(info.frames)
+    _check_rate(rate, name)
     if not 1 <= channels <= MAX_CHANNELS:
         raise AudioLimitError(
             f"the audio file {name!r} has {channels} channels; at most {MAX_CHANNELS}",
@@ -149,7 +153,10 @@ def _reason(exc: Exception) -> str:
 def load_audio(
     path: str | os.PathLike[str], *, raw_rate_hz: int = 16000
 ) -> tuple[NDArray[np.int16], int]:
-    """Read an audio file as int16 mono; `.raw`/`.pcm` are headerless s16le at `raw_rate_hz`."""
+    """Read an audio file as int16 mono; `.raw`/`.pcm` are headerless s16le at `raw_rate_hz`.
+
+    A header claiming a rate outside 8-96 kHz is refused before reading (callers resample).
+    """
     path = Path(path)
     if not path.is_file():
         # libsndfile only says "System error." for a missing file; say what it is.
@@ -158,6 +165,7 @@ def load_audio(
     if path.suffix.lower() in RAW_SUFFIXES:
         return _load_raw(path), raw_rate_hz
     try:
+        _check_rate(int(soundfile.info(path).samplerate), str(path))
         # float32 rather than int16: libsndfile's own float->short conversion does not clip
         # and wraps around on hot float files; our conversion clips. int16 sources
         # round-trip exactly through float32, so nothing is lost for them.

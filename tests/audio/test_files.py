@@ -129,3 +129,14 @@ def test_frames_honours_frame_ms_and_rate() -> None:
 def test_frames_rejects_frames_shorter_than_a_sample() -> None:
     with pytest.raises(ValueError, match="less than one sample"):
         list(frames(np.zeros(10, np.int16), 8000, frame_ms=0))
+
+
+def test_a_file_claiming_a_rate_outside_8_to_96_khz_is_refused_before_reading(
+    tmp_path: Path,
+) -> None:
+    """The CLI, the client and WASM hosts resample what load_audio returns: a "1 Hz" header
+    would become gigabytes, so it is refused like an upload is."""
+    path = tmp_path / "one_hz.wav"
+    soundfile.write(path, np.zeros(1000, dtype=np.int16), 1, subtype="PCM_16")
+    with pytest.raises(AudioFormatError, match=r"one_hz\.wav.*1 Hz.*8000 to 96000"):
+        load_audio(path)
