@@ -8,8 +8,9 @@ writes its diagnostics to stderr (its stdout is discarded, to keep ours JSON onl
 ``--audio FILE`` hands the guest the file's audio (pcm16 24 kHz mono) through the
 ``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`).
 
-Exit status: 0 when ``_start`` returned, 1 when the guest trapped, ran out of fuel or failed
-to link, 2 for errors a user can fix (missing file, bad config, wasmtime not installed).
+Exit status: 0 when ``_start`` returned, 1 when the guest trapped, ran out of fuel or time
+(``--max-run-seconds``) or failed to link, 2 for errors a user can fix (missing file, bad
+config, wasmtime not installed).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from spear_rt.errors import SpearError
 
@@ -34,6 +36,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", help="TOML config file (default: the embedded default)")
     p.add_argument("--fuel", type=int, default=None, help="wasm instruction budget (default 1e10)")
     p.add_argument("--memory-mb", type=int, default=64, help="guest linear memory limit in MiB")
+    p.add_argument(
+        "--max-run-seconds",
+        type=float,
+        default=600.0,
+        help="wall-clock limit of the guest's run (default 600; 0: none)",
+    )
     p.add_argument("--loop", choices=("trio", "asyncio", "uvloop"), default="asyncio")
     p.set_defaults(func=run_wasm_cli)
 
@@ -60,9 +68,12 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
     except SpearError as exc:
         print(f"spear-rt: run-wasm: {exc}", file=sys.stderr)
         return 2
-    limits = GuestLimits(memory_bytes=args.memory_mb << 20)
+    limits = GuestLimits(
+        memory_bytes=args.memory_mb << 20,
+        max_run_seconds=args.max_run_seconds if args.max_run_seconds > 0 else None,
+    )
     if args.fuel is not None:
-        limits = GuestLimits(fuel=args.fuel, memory_bytes=limits.memory_bytes)
+        limits = msgspec.structs.replace(limits, fuel=args.fuel)
     out = sys.stdout
     events = 0
 

@@ -2,7 +2,9 @@
 
 Rules:
 
-1. An epoll instance watches up to `MAX_WATCHES` fds, each with a mask of EPOLLIN/EPOLLOUT;
+1. An epoll instance watches up to `MAX_WATCHES` fds, and one guest's epfds together up to
+   ``policy.max_watches`` (past either: ``-ENOMEM``); an epfd counts against the guest's
+   ``policy.max_fds`` like an rt fd (``-EMFILE``). Each watch has a mask of EPOLLIN/EPOLLOUT;
    EPOLLERR and EPOLLHUP are always reported. ``ADD`` of a watched fd merges the masks (an fd
    is watched once); ``MOD``/``DEL`` of an unwatched fd is ``-ENOENT``.
 2. Readiness is level-triggered: a wait reports every watched fd whose current events meet
@@ -29,6 +31,7 @@ from spear_rt.hostcalls.abi import (
     EFAULT,
     EINTR,
     EINVAL,
+    EMFILE,
     ENOENT,
     ENOMEM,
     ENOSPC,
@@ -93,9 +96,10 @@ class FakeClock:
 class Epoll:
     """One epoll instance: its watches and the condition its waiters block on."""
 
-    def __init__(self, epfd: int, lock: threading.Lock) -> None:
+    def __init__(self, epfd: int, table: FdTable) -> None:
         self.epfd = epfd
-        self.cond = threading.Condition(lock)
+        self.table = table  # its watch_count counts this instance's watches too
+        self.cond = threading.Condition(table.lock)
         self.watches: dict[int, tuple[RtFd, int]] = {}
         self.closed_fds: set[int] = set()  # closed while watched: one EPOLLHUP each, then gone
         self.closed = False
@@ -109,6 +113,7 @@ class Epoll:
     def fd_closed(self, fd: int) -> None:
         """A watched fd was closed."""
         if self.watches.pop(fd, None) is not None:
+            self.table.watch_count -= 1
             self.closed_fds.add(fd)
             self.cond.notify_all()
 
@@ -141,7 +146,9 @@ class EpollSet:
     def spear_epoll_create(self) -> int:
         """A new epfd."""
         with self.table.lock:
-            ep = Epoll(self.table.alloc(), self.table.lock)
+            if self.table.full():
+                return -EMFILE
+            ep = Epoll(self.table.alloc(), self.table)
             self.epolls[ep.epfd] = ep
             self.table.watchers.add(ep)
             return ep.epfd
@@ -161,8 +168,12 @@ class EpollSet:
                 return -EINVAL
             watch = ep.watches.get(fd)
             if op == EpollOp.ADD:
-                if watch is None and len(ep.watches) >= MAX_WATCHES:
-                    return -ENOMEM
+                if watch is None:
+                    if len(ep.watches) >= MAX_WATCHES:
+                        return -ENOMEM
+                    if self.table.watch_count >= self.table.policy.max_watches:
+                        return -ENOMEM
+                    self.table.watch_count += 1
                 ep.watches[fd] = (rt, events | (watch[1] if watch else 0))
                 rt.watchers.add(ep)
             elif watch is None:
@@ -171,6 +182,7 @@ class EpollSet:
                 ep.watches[fd] = (rt, events)
             else:
                 del ep.watches[fd]
+                self.table.watch_count -= 1
                 rt.watchers.discard(ep)
             ep.wake()
             return 0
@@ -222,6 +234,7 @@ class EpollSet:
             if ep is None:
                 return -EBADF
             ep.closed = True
+            self.table.watch_count -= len(ep.watches)
             for rt, _mask in ep.watches.values():
                 rt.watchers.discard(ep)
             ep.watches.clear()

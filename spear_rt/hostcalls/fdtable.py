@@ -16,7 +16,9 @@ Rules:
    with the fd's drop policy: deltas are dropped and counted; completed, error and lifecycle
    events never are. If those alone pass 4x the bound the guest is not reading: the fd turns
    ERROR and its session ends, so nothing grows without bound.
-5. A read with an empty queue: ``-ENOTCONN`` before ``CONNECT``, ``0`` (end of file) once the
+5. A guest holds at most ``policy.max_fds`` descriptors (rt fds and epfds together):
+   one more is ``-EMFILE`` until it closes some.
+6. A read with an empty queue: ``-ENOTCONN`` before ``CONNECT``, ``0`` (end of file) once the
    session has ended, else ``-EAGAIN``.
 
 Transitions:
@@ -45,6 +47,7 @@ from spear_rt.hostcalls.abi import (
     EFAULT,
     EINVAL,
     EIO,
+    EMFILE,
     ENOSPC,
     ENOSYS,
     ENOTCONN,
@@ -104,7 +107,12 @@ class FdTable:
         self.down = False
         self.watchers: set[Watcher] = set()  # every live epoll instance, woken at shutdown
         self.on_read: Callable[[int, bytes], None] | None = None  # a tracer (run-wasm prints)
+        self.watch_count = 0  # epoll watches over all of this guest's epfds
         self._next = 1
+
+    def full(self) -> bool:
+        """Whether the guest holds `policy.max_fds` descriptors, rt fds and epfds (lock held)."""
+        return len(self.fds) + len(self.watchers) >= self.policy.max_fds
 
     def alloc(self) -> int:
         """A fresh descriptor number (call with the lock held)."""
@@ -118,6 +126,8 @@ class FdTable:
         with self.lock:
             if self.down:
                 return -EIO
+            if self.full():
+                return -EMFILE
             fd = RtFd(self.alloc(), self.policy)
             self.fds[fd.fd] = fd
             return fd.fd

@@ -68,6 +68,8 @@ class HostPolicy(msgspec.Struct, frozen=True):
 
     max_send_queue_bytes: int = DEFAULT_QUEUE_BYTES
     max_recv_queue_bytes: int = DEFAULT_QUEUE_BYTES
+    max_fds: int = 1024  # open descriptors (rt fds + epfds) per guest; one more -> -EMFILE
+    max_watches: int = 16384  # epoll watches per guest, over all its epfds; more -> -ENOMEM
 
 
 DEFAULT_POLICY = HostPolicy()

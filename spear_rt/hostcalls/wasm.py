@@ -10,7 +10,9 @@ error is logged and returned as ``-EIO`` rather than trapping the guest.
 Host functions are synchronous, so each guest runs in a worker thread while its sessions run
 in the event loop (`spear_rt.hostcalls.guest`). Guests run
 with fuel (a spinning guest traps with out-of-fuel), epoch interruption (cancelling the host
-interrupts a running guest) and a memory limit (``Store.set_limits``).
+interrupts a running guest; so does a timer at ``max_run_seconds``, which also wakes a guest
+blocked in ``spear_epoll_wait``: "guest exceeded its time limit of N s") and a memory limit
+(``Store.set_limits``).
 
 Host-provided audio (an extra import, outside the spec's ``"spear"`` functions)::
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,10 +62,13 @@ class GuestError(SpearError):
 
 
 class GuestLimits(msgspec.Struct, frozen=True):
-    """Per-guest budgets: wasm instructions (fuel) and linear memory bytes."""
+    """Per-guest budgets: wasm instructions (fuel), linear memory bytes and wall-clock time."""
 
     fuel: int = 10_000_000_000
     memory_bytes: int = 64 << 20
+    # Seconds from the guest's first call; a loop over host calls burns almost no fuel, so
+    # only this stops it. None: no limit.
+    max_run_seconds: float | None = 600.0
 
 
 DEFAULT_LIMITS = GuestLimits()
@@ -161,6 +168,8 @@ class WasmGuest:
         self._store: wasmtime.Store | None = None
         self._instance: wasmtime.Instance | None = None
         self._memory = WasmMemory()
+        self._deadline: float | None = None  # monotonic; set by the first call
+        self._timed_out = False
 
     def instantiate(self) -> None:
         """Compile, link and instantiate (worker thread); raises GuestError."""
@@ -181,7 +190,22 @@ class WasmGuest:
         self._store = store
 
     def call(self, export: str, *args: int) -> Any:
-        """Call an exported function (worker thread); raises GuestError on a trap."""
+        """Call an exported function (worker thread); raises GuestError on a trap or timeout."""
+        timer = self._arm_timer()
+        try:
+            result = self._call(export, *args)
+        except GuestError:
+            if self._timed_out:  # the interrupt (or the woken wait's fallout) was the timer's
+                raise self._timeout_error() from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if self._timed_out:  # returned after the timer fired (say, from a woken wait)
+            raise self._timeout_error()
+        return result
+
+    def _call(self, export: str, *args: int) -> Any:
         if self._instance is None:
             self.instantiate()
         assert self._instance is not None and self._store is not None
@@ -196,6 +220,30 @@ class WasmGuest:
             return None
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             raise _guest_error(exc) from None
+
+    def _arm_timer(self) -> threading.Timer | None:
+        """A timer that stops the guest at its deadline (counted from its first call)."""
+        limit = self.limits.max_run_seconds
+        if limit is None:
+            return None
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + limit
+        if self._timed_out:
+            return None
+        timer = threading.Timer(max(self._deadline - now, 0.0), self._time_out)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _time_out(self) -> None:
+        """The deadline passed (timer thread): wake blocked host calls, interrupt the wasm."""
+        self._timed_out = True
+        self.table.shutdown()
+        self._engine.increment_epoch()
+
+    def _timeout_error(self) -> GuestError:
+        return GuestError(f"guest exceeded its time limit of {self.limits.max_run_seconds:g} s")
 
     def close(self) -> None:
         """Free the store now (with WASI, leaving it to interpreter exit can abort the process)."""
