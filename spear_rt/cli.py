@@ -11,12 +11,15 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from spear_rt.config import Config, load_config
 from spear_rt.errors import ConfigError, SpearError
+
+if TYPE_CHECKING:
+    from spear_rt.server.app import Server
 
 LOOPS = ("trio", "asyncio", "uvloop")
 DEFAULT_LOOP = "uvloop"  # falls back to asyncio; see README "Event loops": chosen by measurement
@@ -51,11 +54,17 @@ def _load(args: argparse.Namespace) -> Config:
 
 async def serve(
     config: Config, *, config_path: str | None = None, announce: Callable[[int], None] | None = None
-) -> None:
-    """Run the server until SIGINT/SIGTERM (SIGTERM drains first); SIGHUP reloads the config."""
+) -> int:
+    """Run the server until a signal; returns the exit code.
+
+    SIGTERM or a first SIGINT drains (`Server.drain`) and exits 0 once every session and
+    request is done (or `drain_deadline_s` + 5 s passed); a second SIGINT/SIGTERM exits at
+    once (130 / 143). SIGHUP reloads the config.
+    """
     from spear_rt.server.app import Server
 
     server = Server(config, config_path=config_path)
+    exit_code = 0
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.serve)
         for inst in server.registry.instances.values():
@@ -69,37 +78,54 @@ async def serve(
         )
         if announce is not None:
             announce(port)
+
+        async def drain_then_stop(name: str) -> None:
+            deadline = server.config.realtime.drain_deadline_s
+            await server.drain(deadline)
+            print(
+                f"spear-rt: {name}: draining, listener closed (up to {deadline:g}s; "
+                "send SIGINT again to exit at once)",
+                file=sys.stderr,
+            )
+            with anyio.move_on_after(deadline + 5):
+                await server.wait_drained()
+            tg.cancel_scope.cancel()
+
+        draining = False
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    try:
-                        summary = server.reload()
-                    except ConfigError as exc:
-                        print(
-                            f"spear-rt: reload refused, keeping the old config: {exc}",
-                            file=sys.stderr,
-                        )
-                    else:
-                        print(
-                            f"spear-rt: reloaded {summary['config']}: {summary['backends']}",
-                            file=sys.stderr,
-                        )
-                    continue
-                if signum == signal.SIGTERM:
-                    print("spear-rt: SIGTERM: draining", file=sys.stderr)
-                    server.stop_accepting()
-                    deadline = server.config.realtime.drain_deadline_s
-                    server.sessions.drain(deadline)
-                    with anyio.move_on_after(deadline + 5):
-                        await server.sessions.wait_empty()
-                tg.cancel_scope.cancel()
-                return
+                    _reload(server)
+                elif draining:
+                    print("spear-rt: second signal: exiting now", file=sys.stderr)
+                    exit_code = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM
+                    tg.cancel_scope.cancel()
+                else:
+                    draining = True
+                    tg.start_soon(drain_then_stop, signal.Signals(signum).name)
+    return exit_code
+
+
+def _reload(server: Server) -> None:
+    """SIGHUP: reload the config file, or keep the old one and say why."""
+    try:
+        summary = server.reload()
+    except ConfigError as exc:
+        print(f"spear-rt: reload refused, keeping the old config: {exc}", file=sys.stderr)
+    else:
+        print(f"spear-rt: reloaded {summary['config']}: {summary['backends']}", file=sys.stderr)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
-    run_on_loop(args.loop, lambda: serve(config, config_path=args.config))
-    return 0
+    code = 0
+
+    async def main() -> None:
+        nonlocal code
+        code = await serve(config, config_path=args.config)
+
+    run_on_loop(args.loop, main)
+    return code
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
@@ -173,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        except BaseExceptionGroup as group:
+            raise _only_error(group) from None
     except ConfigError as exc:
         print(f"spear-rt: config error: {exc}", file=sys.stderr)
         return 2
@@ -182,6 +211,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _only_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a task group wrapped (a failed start), else the group itself."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], SpearError) else group
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""SIGTERM on a real `spear-rt serve` process: the drain sequence, end to end.
+"""SIGTERM (or a first SIGINT) on a real `spear-rt serve` process: the drain, end to end.
 
 The listener closes at once (new connections are refused), live sessions get
 `spear.server.draining {deadline_ms}`, an open turn is committed and its transcript
@@ -44,8 +44,12 @@ async def read_port(process: trio.Process) -> int:
     return int(match.group(1))
 
 
-@pytest.mark.parametrize("loop", ["trio", "asyncio"])
-async def test_sigterm_drains_live_sessions_then_exits(tmp_path: Path, loop: str) -> None:
+@pytest.mark.parametrize("loop", ["trio", "asyncio", "uvloop"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_sigterm_drains_live_sessions_then_exits(
+    tmp_path: Path, loop: str, signum: int
+) -> None:
+    """SIGTERM, and a first SIGINT (Ctrl-C) alike: the session is drained, closed 1001."""
     config = tmp_path / "spear.toml"
     config.write_text(CONFIG)
     command = [sys.executable, "-m", "spear_rt.cli", "serve", "--config", str(config)]
@@ -63,7 +67,7 @@ async def test_sigterm_drains_live_sessions_then_exits(tmp_path: Path, loop: str
             await client.send({"type": "input_audio_buffer.append", "audio": b64(noise_pcm(9600))})
             await client.send({"type": "spear.metrics.request"})
             await client.recv_until("spear.metrics")  # the append was applied: a turn is open
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             events = await client.recv_all()
             code, reason = await client.wait_closed()
             with pytest.raises(OSError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ import h11
 import sniffio
 
 from spear_rt.config import Config, listen_address, load_config
+from spear_rt.errors import SpearError
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router import Router
@@ -45,9 +47,23 @@ from spear_rt.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
 
+DRAINING_RESPONSE = error_response(
+    503,
+    "the server is draining (shutting down): retry on a new connection",
+    "server_draining",
+    [("Retry-After", "5"), ("Connection", "close")],
+)
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload"})  # admin has its own keys
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
+
+
+class ListenError(SpearError):
+    """The listening socket could not be opened (port in use, no permission...)."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
 
 
 class Server:
@@ -72,6 +88,12 @@ class Server:
         self.ssl_context = server_ssl_context(config.server)  # None: plain http/ws
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
+        # Drain (SIGTERM / first SIGINT): the listener closes, requests in flight are answered,
+        # requests arriving on kept-alive connections get 503 (see `drain`).
+        self.draining = False
+        self._listener_closed = anyio.Event()
+        self._http_active = 0  # requests being read or answered
+        self._http_idle = anyio.Event()
         admin = AdminApi(self, self.reload)
         self.oneshot = OneShotApi(self)
         self._routes: dict[tuple[bytes, str], Handler] = {
@@ -198,18 +220,25 @@ class Server:
                     self.port = bound
                     task_status.started(bound)
 
-                await serve_asyncio(
-                    host,
-                    port,
-                    connections,
-                    self._handle_connection,
-                    started,
-                    self._accepting,
-                    ssl_context=self.ssl_context,
-                    ssl_handshake_timeout=self.config.server.handshake_timeout_s,
-                )
+                try:
+                    await serve_asyncio(
+                        host,
+                        port,
+                        connections,
+                        self._handle_connection,
+                        started,
+                        self._accepting,
+                        ssl_context=self.ssl_context,
+                        ssl_handshake_timeout=self.config.server.handshake_timeout_s,
+                    )
+                except OSError as exc:
+                    raise ListenError(host, port, exc) from None
+                self._listener_closed.set()  # serve_asyncio closed it when accepting stopped
             return
-        multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        try:
+            multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        except OSError as exc:
+            raise ListenError(host, port, exc) from None
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as connections:
             connections.start_soon(self.oneshot.executor.mirror_worker)
@@ -225,6 +254,7 @@ class Server:
             finally:
                 with anyio.CancelScope(shield=True):
                     await multi.aclose()
+                self._listener_closed.set()
 
     async def _accept_loop(
         self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
@@ -245,6 +275,25 @@ class Server:
     def stop_accepting(self) -> None:
         """Close the listener; live connections carry on."""
         self._accepting.cancel()
+
+    async def drain(self, deadline_s: float) -> None:
+        """Start draining: returns once the listener is closed (new connections are refused).
+
+        From now on a request arriving on a kept-alive connection gets 503 and the connection
+        closes; requests in flight are answered (then their connection closes); live
+        sessions are asked to finish their turns and close 1001 (`SessionManager.drain`).
+        """
+        self.draining = True
+        self.stop_accepting()
+        await self._listener_closed.wait()
+        self.sessions.drain(deadline_s)
+
+    async def wait_drained(self) -> None:
+        """Return once no session is live and no HTTP request is in flight."""
+        await self.sessions.wait_empty()
+        while self._http_active:
+            self._http_idle = anyio.Event()
+            await self._http_idle.wait()
 
     async def _handle_connection(self, stream: anyio.abc.ByteStream) -> None:
         async with stream:
@@ -276,13 +325,23 @@ class Server:
                     error_response(403, "no client keys are configured: loopback only", "forbidden")
                 )
                 return
+            if self.draining:
+                await http.send(DRAINING_RESPONSE)
+                await http.linger()
+                return
             if (request_header(event, b"upgrade") or "").lower() == "websocket":
                 await upgrade_to_session(
                     stream, http, event, self.config, self._client_keys, self.sessions
                 )
                 return
-            await self._answer(http, event, loopback)
-            if http.h11.our_state is h11.MUST_CLOSE:
+            self._http_active += 1
+            try:
+                await self._answer(http, event, loopback)
+            finally:
+                self._http_active -= 1
+                if not self._http_active:
+                    self._http_idle.set()
+            if http.h11.our_state is h11.MUST_CLOSE or self.draining:
                 await http.linger()
                 return
             try:
