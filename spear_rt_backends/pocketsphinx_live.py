@@ -286,12 +286,13 @@ class PocketsphinxKind:
         if request.operation is not Operation.SPEECH_TO_TEXT or audio is None or audio.pcm is None:
             raise BackendFailure("pocketsphinx serves speech_to_text uploads only")
         check_language(request.payload.get("language"))
-        pcm = resample(audio.pcm, audio.rate_hz, RATE_HZ)
+        upload, rate_hz = audio.pcm, audio.rate_hz
         pool = self.pool(instance)
-        text = await anyio.to_thread.run_sync(
-            lambda: transcribe_pcm16(pcm, pool=pool), limiter=self.limiter(instance)
+        text = await anyio.to_thread.run_sync(  # resampled there too: not on the loop
+            lambda: transcribe_pcm16(resample(upload, rate_hz, RATE_HZ), pool=pool),
+            limiter=self.limiter(instance),
         )
-        usage = Usage(audio_seconds=pcm.size / RATE_HZ)
+        usage = Usage(audio_seconds=upload.size / rate_hz)
         if request.payload.get("response_format") == "text":
             return OneShotResponse("text/plain; charset=utf-8", text.encode(), usage=usage)
         return OneShotResponse(body=msgspec.json.encode({"text": text}), usage=usage)

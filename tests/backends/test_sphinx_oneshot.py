@@ -1,12 +1,21 @@
-"""pocketsphinx one-shot segmentation: cuts in pauses, a bound on segment length."""
+"""pocketsphinx one-shot: cuts in pauses, a bound on segment length, resampling off the loop."""
 
 from __future__ import annotations
 
 import itertools
+import threading
+from typing import Any
 
+import msgspec
 import numpy as np
+import pytest
+import trio
 
-from spear_rt.audio import load_audio
+from spear_rt.audio import load_audio, resample
+from spear_rt.backend import AudioInput, InstanceInfo, OneShotRequest
+from spear_rt.ir import Operation
+from spear_rt.registry import load_kind
+from spear_rt_backends import pocketsphinx_live, sphinx_oneshot
 from spear_rt_backends.sphinx_oneshot import MAX_SEGMENT_S, RATE_HZ, cut_points
 from tests.conftest import FIXTURES
 
@@ -32,3 +41,27 @@ def test_long_speech_without_pauses_is_cut_at_most_every_max_segment() -> None:
     assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
     assert all(end - start <= MAX_SEGMENT_S * RATE_HZ for start, end in ranges)
     assert len(ranges) == 4
+
+
+@pytest.mark.parametrize("kind", ["pocketsphinx", "pocketsphinx_live"])
+async def test_one_shot_resampling_runs_in_a_worker_thread(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload at 48 kHz is resampled to 16 kHz off the event loop, on both kinds."""
+    module = sphinx_oneshot if kind == "pocketsphinx" else pocketsphinx_live
+    threads: list[int] = []
+    original = module.resample
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return original(*args)
+
+    monkeypatch.setattr(module, "resample", spy)
+    pcm, _ = load_audio(FIXTURES / "speech_turn_left.wav")
+    pcm48 = resample(pcm, 16000, 48000)
+    audio = AudioInput(b"", "t.wav", "audio/wav", pcm=pcm48, rate_hz=48000)
+    request = OneShotRequest(Operation.SPEECH_TO_TEXT, {"model": "m"}, audio=audio)
+    with trio.fail_after(60):
+        answer = await load_kind(kind).call(InstanceInfo(name=f"{kind}-resample"), request)
+    assert msgspec.json.decode(answer.body)["text"]
+    assert threads and threading.get_ident() not in threads
