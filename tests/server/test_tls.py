@@ -10,6 +10,7 @@ asyncio tasks, asyncio callbacks, uvloop callbacks) in a background thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,17 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 import httpx
 import pytest
+from anyio.streams.tls import TLSStream
 
 from spear_rt.config import Config
 from spear_rt.errors import ConfigError
 from spear_rt.server.app import Server
 from spear_rt.server.tls import server_ssl_context
-from tests.conftest import b64, make_config, noise_pcm
+from tests.conftest import WsClient, b64, make_config, noise_pcm
 from tests.selfsigned import make_cert
+from tests.server.test_realtime import BETA, MANUAL_BETA, TRANSCRIPTION
+from tests.server.test_slow_client import MAX_OUTBOUND, WORDY_DELTA, wordy_registry
 
 openai = pytest.importorskip("openai")
 
@@ -321,3 +326,88 @@ def test_serve_with_a_bad_cert_prints_one_line_and_exits_2(tmp_path: Path) -> No
     assert done.returncode == 2
     line = "spear-rt: config error: server.tls_cert: cannot read missing.pem: No such file"
     assert done.stderr.strip().splitlines() == [f"{line} or directory"]
+
+
+# --- flow control through TLS -------------------------------------------------------------------
+
+
+class ClientTLS(anyio.abc.ByteStream):
+    """A client TLS stream for `WsClient` (whose half-close becomes a close under TLS)."""
+
+    def __init__(self, tls: TLSStream) -> None:
+        self.tls = tls
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.tls.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self.tls.send(item)
+
+    async def send_eof(self) -> None:
+        await self.tls.aclose()
+
+    async def aclose(self) -> None:
+        await self.tls.aclose()
+
+
+async def tls_ws(port: int, context: ssl.SSLContext, *, rcvbuf: int | None = None) -> WsClient:
+    """A beta transcription session over wss:// (optionally with a tiny receive window)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        sock.connect(("127.0.0.1", port))
+    await anyio.wait_writable(sock)  # type: ignore[attr-defined]
+    raw = await anyio.abc.SocketStream.from_socket(sock)
+    tls = await TLSStream.wrap(raw, hostname="127.0.0.1", ssl_context=context)
+    client = await WsClient.over(ClientTLS(tls), port, TRANSCRIPTION, headers=BETA)  # type: ignore[arg-type]
+    await client.recv()
+    await client.send(MANUAL_BETA)
+    await client.recv()
+    return client
+
+
+@pytest.mark.parametrize("driver", list(DRIVERS))
+def test_a_tls_client_that_stops_reading_is_bounded(
+    driver: str, cert: tuple[Path, Path], client_ssl: ssl.SSLContext
+) -> None:
+    """Through the SSL transports too, a client that does not read meets the outbound bound
+    (the callback drivers see pause_writing from asyncio's and uvloop's SSL protocol), and a
+    client beside it gets every event of its turn."""
+    backend, options, server_driver = DRIVERS[driver]
+    server_toml = f'driver = "{server_driver}"\ntls_cert = "{cert[0]}"\ntls_key = "{cert[1]}"'
+
+    async def main() -> dict[str, Any]:
+        config = make_config(
+            server=server_toml,
+            realtime=f"max_outbound_bytes = {MAX_OUTBOUND}",
+            backends='[[backends]]\nname = "wordy"\nkind = "wordy"\n',
+        )
+        server = Server(config, wordy_registry(config))
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server.serve)
+            with anyio.fail_after(30):
+                slow = await tls_ws(port, client_ssl, rcvbuf=4096)
+                (machine,) = (r.machine for r in server.sessions.sessions.values())
+                peak, audio = 0, b64(noise_pcm(480))
+                for _ in range(300):
+                    await slow.send({"type": "input_audio_buffer.append", "audio": audio})
+                    await anyio.lowlevel.checkpoint()
+                    peak = max(peak, machine.outbound.nbytes)
+                    if machine.close is not None:
+                        break
+                other = await tls_ws(port, client_ssl)
+                for i in range(5):
+                    pcm = noise_pcm(4800, seed=100 + i)
+                    await other.send({"type": "input_audio_buffer.append", "audio": b64(pcm)})
+                await other.send({"type": "input_audio_buffer.commit"})
+                events = await other.recv_until(COMPLETED)
+            tg.cancel_scope.cancel()
+        return {"peak": peak, "dropped": machine.outbound.dropped, "events": events}
+
+    result = anyio.run(main, backend=backend, backend_options=options)
+    assert result["dropped"] > 0  # the client did stop reading, through TLS
+    assert result["peak"] <= 4 * MAX_OUTBOUND + 17_000  # hard limit + one event
+    deltas = [e["delta"] for e in result["events"] if e["type"] == DELTA]
+    assert deltas == [WORDY_DELTA] * 5 and result["events"][-1]["transcript"] == "done"
