@@ -38,6 +38,14 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Where clients reach this server (e.g. "https://voice.example.com"): the base of the URLs
     # it hands out (images as `url`). Unset: http(s)://<listen address>, wildcard -> loopback.
     public_url: str | None = None
+    # Browser-facing safety (server/browser.py): pages of these origins (exact
+    # "scheme://host[:port]", or "*" for any) may call this server besides its own pages;
+    # in open mode (no client keys) requests must name a loopback Host or one of allowed_hosts.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # /metrics without an admin key to any peer (default: the admin key when admin keys are
+    # configured, else loopback peers only).
+    metrics_open: bool = False
     handshake_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     driver: Literal["auto", "anyio"] = "auto"  # auto: asyncio gets its callback driver
@@ -265,6 +273,17 @@ def _check_public_url(url: str | None) -> None:
         )
 
 
+def _check_origins(origins: list[str]) -> None:
+    for i, origin in enumerate(origins):
+        parts = urlsplit(origin)
+        exact = parts.scheme in ("http", "https") and parts.netloc and origin.count("/") == 2
+        if origin != "*" and not exact:
+            raise ConfigError(
+                f"server.allowed_origins[{i}]",
+                f"{origin!r} is not an origin: use 'https://app.example.com' (no path), or '*'",
+            )
+
+
 def _check(config: Config) -> None:
     """Cross-field rules msgspec cannot express."""
     seen: set[str] = set()
@@ -299,6 +318,7 @@ def _check(config: Config) -> None:
             "server.max_http_body_bytes_in_flight", "must be at least max_http_body_bytes"
         )
     _check_public_url(config.server.public_url)
+    _check_origins(config.server.allowed_origins)
     _check_retry(config.policy.retry)
     for field in ("max_audio_seconds", "max_audio_samples"):
         if getattr(config.server, field) <= 0:

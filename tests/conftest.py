@@ -158,6 +158,8 @@ class WsClient:
         client = cls(stream, protocol)
         request = protocol.connect()
         for name, value in headers:
+            if name.lower() == "host":  # replaces the one ClientProtocol wrote
+                del request.headers["Host"]
             request.headers[name] = value
         protocol.send_request(request)
         await client._flush()

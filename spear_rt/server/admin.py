@@ -1,9 +1,10 @@
 """Operator endpoints: route explanations, Prometheus metrics, config reload.
 
-`POST /admin/reload` needs an admin key (`server.admin_keys_env`) or, when none is
-configured, a loopback peer. A reload rebuilds the registry from the config file atomically:
-a bad file is refused with its reason and the old config stays; live sessions keep the
-instance they were routed to.
+`/admin/*` always needs an admin key (`server.admin_keys_env`): with none configured it is
+refused (403; SIGHUP still reloads). `/metrics` needs an admin key when admin keys are
+configured, else a loopback peer; `server.metrics_open` serves it to anyone. A reload
+rebuilds the registry from the config file atomically: a bad file is refused with its
+reason and the old config stays; live sessions keep the instance they were routed to.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class AdminApi:
 
     async def metrics(self, request: HttpRequest) -> Response:
         """Prometheus text exposition."""
+        self._authorize_metrics(request)
         text = self.server.metrics.render().encode()
         return Response(200, text, content_type=PROMETHEUS_TEXT)
 
@@ -149,12 +151,25 @@ class AdminApi:
     def _authorize_admin(self, request: HttpRequest) -> None:
         keys = keys_from_env(self.server.config.server.admin_keys_env)
         if not keys:
-            if not request.peer_is_loopback:
-                raise HttpError(
-                    403,
-                    "no admin keys are configured: admin endpoints are loopback only",
-                    "forbidden",
-                )
-            return
+            raise HttpError(
+                403,
+                "admin endpoints need an admin key and none is configured: set "
+                "[server] admin_keys_env (or reload with SIGHUP)",
+                "forbidden",
+            )
         if match_key(keys, request.bearer()) is None:
             raise HttpError(401, "missing or invalid admin key", "unauthorized")
+
+    def _authorize_metrics(self, request: HttpRequest) -> None:
+        config = self.server.config.server
+        if config.metrics_open:
+            return
+        if keys_from_env(config.admin_keys_env):
+            self._authorize_admin(request)
+        elif not request.peer_is_loopback:
+            raise HttpError(
+                403,
+                "/metrics is loopback only without admin keys: set [server] admin_keys_env "
+                "(scrape with the key) or metrics_open = true",
+                "forbidden",
+            )

@@ -26,6 +26,7 @@ from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
 from spear_rt.server.aio import serve_asyncio
+from spear_rt.server.browser import BrowserGuard, require_json
 from spear_rt.server.http import (
     BodyBudget,
     ClientGone,
@@ -40,7 +41,13 @@ from spear_rt.server.http import (
     protocol_error_response,
     request_header,
 )
-from spear_rt.server.oneshot import MEDIA_PREFIX, OneShotApi, StreamingAnswer, write_answer
+from spear_rt.server.oneshot import (
+    JSON_ENDPOINTS,
+    MEDIA_PREFIX,
+    OneShotApi,
+    StreamingAnswer,
+    write_answer,
+)
 from spear_rt.server.realtime import REALTIME_PATH, upgrade_to_session
 from spear_rt.server.tls import accept_tls, server_ssl_context
 from spear_rt.session.manager import SessionManager
@@ -53,6 +60,8 @@ DRAINING_RESPONSE = error_response(
     "server_draining",
     [("Retry-After", "5"), ("Connection", "close")],
 )
+CLOSE = [("Connection", "close")]
+JSON_BODY_PATHS = frozenset({*JSON_ENDPOINTS, "/v1/route/explain"})  # POST only: 415 otherwise
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload"})  # admin has its own keys
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
@@ -86,6 +95,7 @@ class Server:
         self._client_keys = keys_from_env(config.server.client_keys_env)
         self.body_budget = BodyBudget(config.server.max_http_body_bytes_in_flight)
         self.ssl_context = server_ssl_context(config.server)  # None: plain http/ws
+        self.browser = self._browser_guard(config)
         self.port: int | None = None
         self._accepting = anyio.CancelScope()
         # Drain (SIGTERM / first SIGINT): the listener closes, requests in flight are answered,
@@ -115,8 +125,13 @@ class Server:
         self.router.reload(registry)
         self.registry = registry
         self.sessions.reconfigure(config)
+        self.browser = self._browser_guard(config)
         self.config = config
         return {"config": config.source, "backends": sorted(registry.instances)}
+
+    def _browser_guard(self, config: Config) -> BrowserGuard:
+        tls = self.ssl_context is not None
+        return BrowserGuard(config.server, tls=tls, open_mode=not self._client_keys)
 
     def reload(self) -> dict[str, object]:
         """Reload the config file (SIGHUP); raises ConfigError and keeps the old one if bad."""
@@ -330,6 +345,12 @@ class Server:
                 await http.linger()
                 return
             if (request_header(event, b"upgrade") or "").lower() == "websocket":
+                try:
+                    self.browser.check(event.headers)  # before the upgrade: a plain 403/421
+                except HttpError as exc:
+                    await http.send(error_response(exc.status, exc.message, exc.code, CLOSE))
+                    await http.linger()
+                    return
                 await upgrade_to_session(
                     stream, http, event, self.config, self._client_keys, self.sessions
                 )
@@ -357,7 +378,10 @@ class Server:
             # Read the body first, whatever the answer: an unread body would end keep-alive.
             with anyio.fail_after(self.config.server.body_timeout_s):
                 body = await http.read_body(self.config.server.max_http_body_bytes)
+            self.browser.check(request.headers)
             handler = self._route(request.method, path)
+            if path in JSON_BODY_PATHS:
+                require_json(request_header(request, b"content-type"))
             req = HttpRequest(
                 request.method.decode(), path, url.query, list(request.headers), body, loopback
             )

@@ -14,6 +14,8 @@ from tests.conftest import STUB_BACKEND, WsClient, b64, make_config, noise_pcm
 from tests.server.test_realtime import open_manual
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
+ADMIN = 'admin_keys_env = ["SPEAR_TEST_ADMIN"]\n'  # /admin/* always needs an admin key
+ADMIN_AUTH = {"Authorization": "Bearer adm-123"}
 
 
 def two_stubs(names: tuple[str, ...]) -> str:
@@ -92,7 +94,11 @@ async def test_explain_bad_body_is_a_400_saying_why(
 ) -> None:
     """Empty, malformed or mistyped explain bodies: 400 with the reason."""
     async with httpx.AsyncClient() as http:
-        r = await http.post(url(server, "/v1/route/explain"), content=body)
+        r = await http.post(
+            url(server, "/v1/route/explain"),
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
     assert r.status_code == 400
     assert fragment in r.json()["error"]["message"]
 
@@ -110,16 +116,17 @@ async def test_metrics_exposes_sessions_and_instances(server: Server) -> None:
 
 
 async def test_reload_keeps_live_sessions_on_their_instance(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A live session on `a` survives a reload that removes `a`; new sessions see the new set."""
+    monkeypatch.setenv("SPEAR_TEST_ADMIN", "adm-123")
     path = tmp_path / "spear.toml"
-    server = await start_from_file(nursery, path, two_stubs(("a",)))
+    server = await start_from_file(nursery, path, ADMIN + two_stubs(("a",)))
     assert server.port is not None
     with trio.fail_after(10):
         async with await open_manual(server.port) as live, httpx.AsyncClient() as http:
             path.write_text(f'[server]\nlisten = "127.0.0.1:0"\n{two_stubs(("b",))}')
-            r = await http.post(url(server, "/admin/reload"))
+            r = await http.post(url(server, "/admin/reload"), headers=ADMIN_AUTH)
             assert r.status_code == 200 and r.json()["backends"] == ["b"]
             assert len((await commit_on(live)).split()) == 1  # still served, by `a`
             names = [
@@ -134,14 +141,15 @@ async def test_reload_keeps_live_sessions_on_their_instance(
 
 
 async def test_bad_reload_is_refused_and_the_old_config_stays(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A reload of an invalid file answers 400 with the key and reason; routing is unchanged."""
+    monkeypatch.setenv("SPEAR_TEST_ADMIN", "adm-123")
     path = tmp_path / "spear.toml"
-    server = await start_from_file(nursery, path, two_stubs(("a",)))
+    server = await start_from_file(nursery, path, ADMIN + two_stubs(("a",)))
     path.write_text('[[backends]]\nname = "a"\nkind = "nope"\n')
     async with httpx.AsyncClient() as http:
-        r = await http.post(url(server, "/admin/reload"))
+        r = await http.post(url(server, "/admin/reload"), headers=ADMIN_AUTH)
         body = r.json()
         assert r.status_code == 400 and body["reloaded"] is False
         assert body["error"]["key"] == "backends[0].kind" and "nope" in body["error"]["reason"]

@@ -34,7 +34,7 @@ class RawHttp:
     ) -> tuple[h11.Response, bytes]:
         if self.conn.our_state is h11.DONE:
             self.conn.start_next_cycle()
-        headers = [("Host", "test"), ("Content-Length", str(len(body)))]
+        headers = [("Host", "127.0.0.1"), ("Content-Length", str(len(body)))]
         data = self.conn.send(h11.Request(method=method, target=target, headers=headers))
         data += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
         await self.stream.send(data)
@@ -165,7 +165,8 @@ async def test_upgrade_without_a_websocket_key_is_400(server: Server) -> None:
     """A broken WebSocket handshake gets websockets' 400, no session."""
     assert server.port is not None
     raw = (
-        b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     )
     with trio.fail_after(5):
         reply = await http_request(server.port, raw)

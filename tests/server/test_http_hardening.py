@@ -110,6 +110,8 @@ def error_code(body: bytes) -> str:
 
 
 def head(method: str, target: str, *headers: str) -> bytes:
+    if method == "POST" and not any(h.lower().startswith("content-type:") for h in headers):
+        headers = (*headers, "Content-Type: application/json")  # JSON endpoints need it (415)
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]
     return "\r\n".join(lines).encode()
 

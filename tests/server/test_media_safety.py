@@ -88,11 +88,14 @@ async def test_image_urls_come_from_public_url_not_the_host_header(
     hostile = {"host": "evil.example"}
     configured = await serve(
         make_config(
-            server='public_url = "https://voice.example.com/spear/"',
+            server='public_url = "https://voice.example.com/spear/"\n'
+            'allowed_hosts = ["evil.example"]',  # past the open-mode Host check
             extra=media_config(tmp_path / "a"),
         )
     )
-    default = await serve(make_config(extra=media_config(tmp_path / "b")))
+    default = await serve(
+        make_config(server='allowed_hosts = ["evil.example"]', extra=media_config(tmp_path / "b"))
+    )
     for srv, base in (
         (configured, "https://voice.example.com/spear/v1/media/"),
         (default, f"http://127.0.0.1:{default.port}/v1/media/"),

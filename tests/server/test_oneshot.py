@@ -91,6 +91,8 @@ async def post(
     files: Any = None,
     data: Any = None,
 ) -> httpx.Response:
+    if content is not None and "content-type" not in {k.lower() for k in headers or {}}:
+        headers = {**(headers or {}), "content-type": "application/json"}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
         with trio.fail_after(BOUND_S):
             return await client.post(
@@ -440,7 +442,8 @@ async def test_a_client_hanging_up_mid_stream_cancels_the_upstream(
     slow = primary.slow_stream()
     body = json.dumps({**CHAT_BODY, "stream": True}).encode()
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     with trio.fail_after(BOUND_S):
