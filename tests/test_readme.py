@@ -40,10 +40,10 @@ import pytest
 
 from spear_rt.cli import build_parser
 from spear_rt.config import parse_config
+from tests.node_sdk import NODE_MODULES, install_node_sdk
 
 ROOT = Path(__file__).resolve().parents[1]
 README = Path(os.environ.get("SPEAR_README", ROOT / "README.md"))
-NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 60
 START_TIMEOUT_S = 30
@@ -222,8 +222,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     every runnable example started at once (each test then collects its own)."""
     root = tmp_path_factory.mktemp("readme")
     (root / "fixtures").symlink_to(ROOT / "fixtures")
-    if NODE_MODULES.is_dir():
-        (root / "node_modules").symlink_to(NODE_MODULES)
+    if any(b.lang in ("js", "javascript") for b in live(BLOCKS)) and install_node_sdk() is None:
+        (root / "node_modules").symlink_to(NODE_MODULES)  # what `import 'openai'` resolves
     w = World(root, {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
     files = [b for b in live(BLOCKS) if b.file is not None]
     for block in files:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import socket
 import ssl
 import subprocess
@@ -38,6 +37,7 @@ from spear_rt.errors import ConfigError
 from spear_rt.server.app import Server
 from spear_rt.server.tls import server_ssl_context
 from tests.conftest import WsClient, b64, make_config, noise_pcm
+from tests.node_sdk import NODE_DIR, install_node_sdk
 from tests.selfsigned import make_cert
 from tests.server.test_realtime import BETA, MANUAL_BETA, TRANSCRIPTION
 from tests.server.test_slow_client import MAX_OUTBOUND, WORDY_DELTA, wordy_registry
@@ -47,7 +47,6 @@ openai = pytest.importorskip("openai")
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 TIMEOUT_S = 15
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 
 # id: (anyio backend, backend options, [server] driver)
 DRIVERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -239,17 +238,9 @@ def handshake(sock: socket.socket, context: ssl.SSLContext) -> None:
 @pytest.fixture(scope="module")
 def node_sdk() -> Path:
     """tests/node with the pinned openai + ws packages installed (`npm ci`, once)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are not installed")
-    if not (NODE_DIR / "node_modules" / "openai" / "package.json").exists():
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, f"npm ci --prefix tests/node failed: {done.stderr[-2000:]}"
+    missing = install_node_sdk()
+    if missing is not None:
+        pytest.skip(missing)
     return NODE_DIR
 
 
