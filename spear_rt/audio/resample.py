@@ -29,6 +29,7 @@ __all__ = ["Quality", "StreamResampler", "resample"]
 Quality = Literal["QQ", "LQ", "MQ", "HQ", "VHQ"]
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
+_ONE_SHOT_SAMPLES = 1 << 18  # longer signals are resampled block by block (bounded memory)
 
 
 def _check_rate(name: str, rate_hz: int) -> None:
@@ -113,5 +114,34 @@ def resample(
         return pcm
     if len(pcm) == 0:
         return np.zeros(0, dtype=np.int16)
+    if len(pcm) > _ONE_SHOT_SAMPLES:
+        return _resample_in_blocks(pcm, in_rate_hz, out_rate_hz, quality)
     out = soxr.resample(int16_to_float32(pcm), in_rate_hz, out_rate_hz, quality=quality)
     return float32_to_int16(out)
+
+
+def _resample_in_blocks(
+    pcm: NDArray[np.int16], in_rate_hz: int, out_rate_hz: int, quality: Quality
+) -> NDArray[np.int16]:
+    """A long signal through one stream, block by block, into one int16 array.
+
+    Same samples as the one-shot path (streaming equals one-shot), but the peak is the int16
+    output plus one block, not five float32 copies of the whole signal.
+    """
+    resampler = StreamResampler(in_rate_hz, out_rate_hz, quality=quality)
+    out = np.empty(len(pcm) * out_rate_hz // in_rate_hz + 64, dtype=np.int16)
+    extra: list[NDArray[np.int16]] = []  # only if soxr gave more than the ratio says
+    filled = 0
+
+    def put(chunk: NDArray[np.int16]) -> None:
+        nonlocal filled
+        room = min(chunk.size, out.size - filled)
+        out[filled : filled + room] = chunk[:room]
+        if room < chunk.size:
+            extra.append(chunk[room:])
+        filled += chunk.size
+
+    for start in range(0, len(pcm), _ONE_SHOT_SAMPLES):
+        put(resampler.process(pcm[start : start + _ONE_SHOT_SAMPLES]))
+    put(resampler.flush())
+    return np.concatenate([out, *extra]) if extra else out[:filled]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -116,3 +118,18 @@ def test_frames_feed_a_stream_resampler() -> None:
     resampler = StreamResampler(8000, 16000)
     out = np.concatenate([*(resampler.process(f) for f in frames(pcm, 8000)), resampler.flush()])
     assert len(out) == 16000
+
+
+def test_a_long_signal_is_resampled_in_blocks_within_twice_its_output() -> None:
+    """Ten minutes at 16 kHz to 24 kHz: the peak is the int16 output plus blocks, not the
+    five float32 copies of the whole signal a one-shot soxr call makes (~6x the output)."""
+    pcm = sine(440, 16000, 600)
+    tracemalloc.start()
+    try:
+        out = resample(pcm, 16000, 24000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert abs(out.size - 24000 * 600) <= 2
+    assert peak < 1.5 * out.nbytes
+    assert np.array_equal(out, stream(StreamResampler(16000, 24000), pcm, [16000]))
