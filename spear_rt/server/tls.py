@@ -4,8 +4,9 @@ The certificate and key are PEM files, loaded once at start (`server_ssl_context
 wrong with them is a `ConfigError` naming the key, so `spear-rt serve` prints one line and exits
 2. On the asyncio callback driver the event loop does TLS (`create_server(ssl=...)`); on the
 task driver (trio, or `driver = "anyio"`) each accepted stream is wrapped by `accept_tls`.
-A failed handshake (a plain-HTTP client, a client that does not trust the certificate) is
-logged as one line at INFO and the connection closed: it is the client's error, not ours.
+A failed or slow handshake (a plain-HTTP client, a client that does not trust the certificate,
+one that sends nothing for `handshake_timeout_s`) closes the connection: it is the client's
+error, so it is one INFO line on the task driver and asyncio's debug log on the callback driver.
 """
 
 from __future__ import annotations

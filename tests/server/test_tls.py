@@ -87,13 +87,11 @@ def _serve(config: Config, driver: str, out: queue.Queue[Any]) -> None:
     anyio.run(main, backend=backend, backend_options=options)
 
 
-@pytest.fixture(params=list(DRIVERS))
-def tls_port(request: pytest.FixtureRequest, cert: tuple[Path, Path]) -> Iterator[int]:
-    """A TLS server with the stub backend on the driver of the param, in a thread; its port."""
-    driver: str = request.param
-    server = f'driver = "{DRIVERS[driver][2]}"\ntls_cert = "{cert[0]}"\ntls_key = "{cert[1]}"'
+@contextlib.contextmanager
+def serving(driver: str, server_toml: str) -> Iterator[int]:
+    """A server with the stub backend on `driver`'s loop in a thread; yields its port."""
     out: queue.Queue[Any] = queue.Queue()
-    thread = threading.Thread(target=_serve, args=(make_config(server=server), driver, out))
+    thread = threading.Thread(target=_serve, args=(make_config(server=server_toml), driver, out))
     thread.start()
     item = out.get(timeout=TIMEOUT_S)
     if isinstance(item, BaseException):
@@ -106,6 +104,27 @@ def tls_port(request: pytest.FixtureRequest, cert: tuple[Path, Path]) -> Iterato
         anyio.from_thread.run_sync(stop.set, token=token)
         thread.join(timeout=TIMEOUT_S)
         assert not thread.is_alive()
+
+
+def tls_toml(driver: str, cert: tuple[Path, Path]) -> str:
+    return f'driver = "{DRIVERS[driver][2]}"\ntls_cert = "{cert[0]}"\ntls_key = "{cert[1]}"'
+
+
+@pytest.fixture(params=list(DRIVERS))
+def tls_port(request: pytest.FixtureRequest, cert: tuple[Path, Path]) -> Iterator[int]:
+    """A TLS server with the stub backend on the driver of the param, in a thread; its port."""
+    with serving(request.param, tls_toml(request.param, cert)) as port:
+        yield port
+
+
+@pytest.mark.parametrize("driver", list(DRIVERS))
+def test_a_client_that_never_finishes_the_handshake_is_closed(
+    driver: str, cert: tuple[Path, Path]
+) -> None:
+    """The TLS handshake is bounded by [server] handshake_timeout_s (no slowloris)."""
+    with serving(driver, tls_toml(driver, cert) + "\nhandshake_timeout_s = 0.3") as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as idle:
+            assert read_to_end(idle) == b""  # closed by the server, long before TIMEOUT_S
 
 
 async def transcribe(conn: Any, session: dict[str, Any], samples: int) -> list[Any]:
