@@ -8,8 +8,15 @@ words that merely repeat across partials would lock those errors in. So the unit
 is the *segment*: a turn's audio is cut at pauses of `pause_ms` (energy VAD, in audio time),
 each segment is decoded to its final hypothesis, and its words are emitted as one
 append-only delta. Contract: deltas never retract; `completed.transcript` is the
-concatenation of the item's deltas; a turn without an inner pause is one segment and gives
-exactly the words the engine gives for the whole recording (tested on the fixtures).
+concatenation of the item's deltas; a turn shorter than `max_segment_ms` without an inner
+pause is one segment and gives exactly the words the engine gives for the whole recording
+(tested on the fixtures).
+
+Long turns stream: once the open turn holds `max_segment_ms` (default 15 s) with no pause,
+it is cut at its quietest 20 ms within the last `CUT_WINDOW_MS` (between words, as a rule)
+and that part is decoded while the speaker goes on. So a turn of any length makes progress,
+and the pending bound (`max_pending_ms`, default 60 s, at least twice the segment) only ever
+waits for segments already queued for decoding, which free it as they finish.
 
 pocketsphinx holds the GIL while decoding (a decoder in a thread stalled the event loop for
 up to 190 ms here), so segments are decoded in worker processes (`anyio.to_process`), each
@@ -55,7 +62,10 @@ from spear_rt.errors import CanonicalFailure
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport
 
 RATE_HZ = 16000
-MAX_PENDING_SAMPLES = RATE_HZ * 60  # a turn's undecoded audio; past it, send() waits
+MAX_SEGMENT_MS = 15_000  # an open turn without a pause is cut by then (option max_segment_ms)
+MAX_PENDING_MS = 60_000  # undecoded audio; past it, send() waits (option max_pending_ms)
+CUT_WINDOW_MS = 3000  # a long segment is cut at the quietest frame of its last 3 s
+_FRAME = RATE_HZ // 50  # 20 ms
 EVENT_BUFFER = 256
 LANGUAGES = (None, "en", "en-US", "en-us")
 
@@ -92,13 +102,37 @@ async def transcribe_pcm16(pcm16_16k: Pcm16, limiter: anyio.CapacityLimiter | No
     )
 
 
+def quietest_cut(audio: Pcm16, window: int) -> int:
+    """Where to cut `audio`: the middle of its quietest 20 ms frame among the last `window`
+    samples (the latest of equals), or its end when it is shorter than a frame."""
+    frames = min(window, audio.size) // _FRAME
+    if not frames:
+        return int(audio.size)
+    start = audio.size - frames * _FRAME
+    tail = audio[start:].astype(np.float32).reshape(frames, _FRAME)
+    energy = np.einsum("ij,ij->i", tail, tail)
+    quietest = frames - 1 - int(np.argmin(energy[::-1]))
+    return int(start + quietest * _FRAME + _FRAME // 2)
+
+
 class SphinxTranscription:
     """One session's pocketsphinx upstream: buffers the turn, decodes segments in order."""
 
     input_rate_hz = RATE_HZ
 
-    def __init__(self, limiter: anyio.CapacityLimiter, pause_ms: int) -> None:
+    def __init__(
+        self,
+        limiter: anyio.CapacityLimiter,
+        pause_ms: int,
+        *,
+        max_segment_ms: int = MAX_SEGMENT_MS,
+        max_pending_ms: int = MAX_PENDING_MS,
+    ) -> None:
         self._limiter = limiter
+        self._max_segment = max(RATE_HZ * max_segment_ms // 1000, 2 * _FRAME)
+        # At least two segments: the open turn alone can never fill it (that was a hang).
+        self._max_pending = max(RATE_HZ * max_pending_ms // 1000, 2 * self._max_segment)
+        self._window = min(RATE_HZ * CUT_WINDOW_MS // 1000, self._max_segment // 2)
         self._pause = VadConfig(threshold=0.5, prefix_padding_ms=0, silence_duration_ms=pause_ms)
         self._events = EventQueue(EVENT_BUFFER)
         self._segments: deque[tuple[str, Pcm16 | None, bool]] = deque()  # (item, audio, ends turn)
@@ -119,7 +153,7 @@ class SphinxTranscription:
 
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Buffer audio / cut segments at once; False while too much audio awaits decoding."""
-        if self._pending > MAX_PENDING_SAMPLES or self._events.full:
+        if self._pending > self._max_pending or self._events.full:
             return False
         match command:
             case BeginTurn(item_id=item_id):
@@ -130,6 +164,8 @@ class SphinxTranscription:
                 self._pending += pcm.size
                 if any(isinstance(e, SpeechStopped) for e in self._vad.process(pcm)):
                     self._cut(ends_turn=False)
+                while self._open_samples >= self._max_segment:
+                    self._cut_long()
             case Commit(item_id=item_id):
                 self._item_id = item_id
                 self._cut(ends_turn=True)
@@ -150,6 +186,16 @@ class SphinxTranscription:
         self._chunks = []
         self._open_samples = 0  # still pending, now as a queued segment
         self._segments.append((self._item_id, audio, ends_turn))
+        self._work.set()
+
+    def _cut_long(self) -> None:
+        """Queue the open turn's first `max_segment` samples, cut at their quietest point."""
+        audio = np.concatenate(self._chunks)
+        cut = quietest_cut(audio[: self._max_segment], self._window)
+        rest = audio[cut:]
+        self._chunks = [rest] if rest.size else []
+        self._open_samples = int(rest.size)  # the cut part stays pending, as a segment
+        self._segments.append((self._item_id, audio[:cut], False))
         self._work.set()
 
     async def receive(self) -> UpstreamEvent:
@@ -262,7 +308,13 @@ class SphinxKind:
         """A streaming upstream whose segments decode in worker processes."""
         _check_language(spec.language)
         limiter = _limiter(instance)
-        upstream = SphinxTranscription(limiter, int(instance.options.get("pause_ms", 400)))
+        options = instance.options
+        upstream = SphinxTranscription(
+            limiter,
+            int(options.get("pause_ms", 400)),
+            max_segment_ms=int(options.get("max_segment_ms", MAX_SEGMENT_MS)),
+            max_pending_ms=int(options.get("max_pending_ms", MAX_PENDING_MS)),
+        )
         async with anyio.create_task_group() as tg:
             key = (instance.name, id(anyio.lowlevel.current_token()))
             if key not in _warmed:  # workers are per event loop
