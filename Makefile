@@ -18,6 +18,8 @@ install-test: $(BIN)/python
 	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null 2>&1 || \
 	  echo "warning: could not install espeak-ng; its tests will fail"; }
 	$(BIN)/pip install -q -e '.[test,uvloop]'
+	@command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --prefix tests/node >/dev/null || \
+	  echo "warning: npm ci --prefix tests/node failed; the Node SDK tests will fail"
 
 ## Start a server on the embedded default and stream the fixtures through it (live transcript).
 demo: install
