@@ -17,6 +17,7 @@ import anyio
 
 from spear_rt.config import Config, load_config
 from spear_rt.errors import ConfigError, SpearError
+from spear_rt.redact import install_log_redactor
 
 if TYPE_CHECKING:
     from spear_rt.server.app import Server
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redactor()  # upstream keys never reach a log line
     try:
         try:
             return int(args.func(args))

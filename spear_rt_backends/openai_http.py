@@ -27,7 +27,8 @@ of its `Retry-After` (or `retry-after-ms`); 408 and 5xx are retryable; other 4xx
 carry the upstream's OpenAI error message; failures to connect or of the connection are
 retryable; timeouts are `TimeoutError`; a body that should be JSON and is not is a
 non-retryable failure. The API key is sent only as `Authorization: Bearer` and is redacted
-from every message built here.
+(`spear_rt.redact`: before any cut, in any letter case) from every message built here and
+from every body relayed: error and success bodies, and streamed chunks as they pass.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from spear_rt.backend import (
 )
 from spear_rt.errors import BackendFailure
 from spear_rt.ir import Feature, Hosting, Operation, Transport, Usage
+from spear_rt.redact import Redactor, StreamRedactor, redact_body, redactor_for, register_secret
 from spear_rt_backends._h11_transport import H11Transport
 
 PATHS = {
@@ -161,24 +163,26 @@ class OpenAIHttpKind:
             raise BackendFailure(f"openai_http does not serve {request.operation}")
         pooled = self._pooled(instance)
         secret = instance.api_key.reveal() if instance.api_key is not None else None
+        register_secret(secret)  # for log lines, too
+        redactor = redactor_for(secret)
 
-        with _translated(secret), _deadline(request.timeout_s):
+        with _translated(redactor), _deadline(request.timeout_s):
             response = await _send(pooled, path, request, secret)
             relayed = False
             try:
                 if response.status_code >= 300:
                     raise _failure(
-                        response.status_code, await response.aread(), response.headers, secret
+                        response.status_code, await response.aread(), response.headers, redactor
                     )
                 content_type = response.headers.get("content-type", "application/octet-stream")
                 if request.stream:
                     relayed = True
                     return OneShotResponse(
                         content_type=content_type,
-                        stream=_Relay(response, secret),
+                        stream=_Relay(response, redactor),
                         status=response.status_code,
                     )
-                body = await response.aread()
+                body = await redact_body(redactor, await response.aread())
             finally:
                 if not relayed:
                     with anyio.CancelScope(shield=True):
@@ -232,18 +236,30 @@ class _Relay:
     was cancelled. It is also closed once the body ends or a read fails.
     """
 
-    def __init__(self, response: httpx.Response, secret: str | None) -> None:
+    def __init__(self, response: httpx.Response, redactor: Redactor) -> None:
         self._response = response
         self._chunks = response.aiter_bytes()
-        self._secret = secret
+        self._redactor = redactor
+        self._stream: StreamRedactor | None = redactor.stream()  # None once the body ended
 
     def __aiter__(self) -> _Relay:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            with _translated(self._secret):
-                return await self._chunks.__anext__()
+            while self._stream is not None:
+                try:
+                    with _translated(self._redactor):
+                        chunk = await self._chunks.__anext__()
+                except StopAsyncIteration:
+                    tail, self._stream = self._stream.end(), None
+                    if tail:
+                        return tail
+                    break
+                out = self._stream.feed(chunk)
+                if out:  # else all of it could be the start of a key: read on
+                    return out
+            raise StopAsyncIteration
         except BaseException:
             await self.aclose()
             raise
@@ -363,7 +379,7 @@ def _deadline(timeout_s: float | None) -> Iterator[None]:
 
 
 @contextmanager
-def _translated(secret: str | None) -> Iterator[None]:
+def _translated(redactor: Redactor) -> Iterator[None]:
     """httpx errors -> TimeoutError / BackendFailure (no httpx object, so no header, kept)."""
     try:
         yield
@@ -374,17 +390,19 @@ def _translated(secret: str | None) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise TimeoutError(f"upstream timed out ({type(exc).__name__})") from None
     except httpx.TransportError as exc:
-        message = _redact(f"upstream connection failed: {type(exc).__name__}: {exc}", secret)
+        message = redactor.text(f"upstream connection failed: {type(exc).__name__}: {exc}")
         raise BackendFailure(message, retryable=True) from None
     except httpx.HTTPError as exc:
-        raise BackendFailure(_redact(f"upstream request failed: {exc}", secret)) from None
+        raise BackendFailure(redactor.text(f"upstream request failed: {exc}")) from None
 
 
 def _failure(
-    status: int, body: bytes, headers: httpx.Headers, secret: str | None
+    status: int, body: bytes, headers: httpx.Headers, redactor: Redactor
 ) -> BackendFailure:
-    """The BackendFailure for an upstream error answer."""
-    message = _redact(_error_message(body) or f"upstream answered HTTP {status}", secret)
+    """The BackendFailure for an upstream error answer (redacted whole, then cut)."""
+    message = _error_message(body)
+    message = redactor.text(message)[:MAX_ERROR_MESSAGE] if message else None
+    message = message or f"upstream answered HTTP {status}"
     if status == 429 or status == 408 or status >= 500:
         return BackendFailure(
             message, retryable=True, status=status, retry_after_s=_retry_after(headers)
@@ -399,13 +417,13 @@ def _error_message(body: bytes) -> str | None:
         return None
     match error.error:
         case _ErrorDetail(message=str(message)) if message:
-            return message[:MAX_ERROR_MESSAGE]
+            return message
         case str(message) if message:
-            return message[:MAX_ERROR_MESSAGE]
+            return message
     if error.message:
-        return error.message[:MAX_ERROR_MESSAGE]
+        return error.message
     if isinstance(error.detail, str) and error.detail:
-        return error.detail[:MAX_ERROR_MESSAGE]
+        return error.detail
     return None
 
 
@@ -424,10 +442,6 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return max(when.timestamp() - time.time(), 0.0)  # an HTTP date is wall-clock time
-
-
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
 
 
 def _form_fields(payload: dict[str, Any]) -> dict[str, str | list[str]]:

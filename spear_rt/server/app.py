@@ -22,6 +22,7 @@ import sniffio
 from spear_rt.config import Config, listen_address, load_config
 from spear_rt.errors import SpearError
 from spear_rt.metrics import MetricsRegistry
+from spear_rt.redact import register_secret
 from spear_rt.registry import BackendRegistry, RegisteredInstance
 from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
@@ -89,6 +90,7 @@ class Server:
         self.config_path = config_path
         self.metrics = MetricsRegistry()
         self.registry = registry or BackendRegistry.build(config)
+        _register_secrets(self.registry)
         self.router = Router(self.registry, metrics=self.metrics)
         self.sessions = SessionManager(config, lambda: self.router)
         self._register_gauges()
@@ -122,6 +124,7 @@ class Server:
         """
         Router.check_policies(config)
         registry = BackendRegistry.build(config, previous=self.registry)
+        _register_secrets(registry)
         self.router.reload(registry)
         self.registry = registry
         self.sessions.reconfigure(config)
@@ -482,6 +485,13 @@ class Server:
 
     async def _capabilities(self, request: HttpRequest) -> Response:
         return json_response(200, {"operations": self.registry.capabilities()})
+
+
+def _register_secrets(registry: BackendRegistry) -> None:
+    """Upstream keys are masked in every log line (`spear_rt.redact.LogRedactor`)."""
+    for instance in registry.instances.values():
+        if instance.info.api_key is not None:
+            register_secret(instance.info.api_key.reveal())
 
 
 def _is_loopback(stream: anyio.abc.ByteStream) -> bool:

@@ -20,6 +20,7 @@ from websockets.uri import parse_uri
 from spear_rt.backend import InstanceInfo, TranscriptionSpec
 from spear_rt.errors import BackendFailure
 from spear_rt.protocol.settings import Dialect
+from spear_rt.redact import redactor_for, register_secret
 
 from .connection import READ_SIZE, RealtimeTranscription, _closed_failure
 from .options import RealtimeOptions, parse_options, realtime_url
@@ -52,7 +53,7 @@ def _refused(response: Response, redact: Callable[[str], str]) -> BackendFailure
         detail = None
     message = f"the upstream refused the WebSocket (HTTP {status})"
     if detail:
-        message += ": " + redact(detail[:MAX_MESSAGE_CHARS])
+        message += ": " + redact(detail)[:MAX_MESSAGE_CHARS]  # redact first, then cut
     retry_after = None
     with suppress(KeyError, ValueError):
         retry_after = max(float(response.headers["Retry-After"]), 0.0)
@@ -179,8 +180,8 @@ async def open_realtime_transcription(
     url = realtime_url(instance.base_url, {**query, "intent": "transcription"})
     secret = instance.api_key.reveal() if instance.api_key is not None else None
 
-    def redact(text: str) -> str:
-        return text.replace(secret, "***") if secret else text
+    register_secret(secret)  # for log lines, too
+    redact = redactor_for(secret).text  # case-insensitive
 
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     if options.dialect is Dialect.BETA:

@@ -222,7 +222,7 @@ class Translator:
         raise BackendFailure(self._text(f"the upstream sent a malformed {kind}: {exc}")) from None
 
     def _text(self, message: str) -> str:
-        return self._redact(message[:MAX_MESSAGE_CHARS])
+        return self._redact(message)[:MAX_MESSAGE_CHARS]  # redact first, then cut
 
 
 class _Assembler:

@@ -112,9 +112,13 @@ class Stall:
 
 
 class SlowStream:
-    """Send a streamed answer's SSE events one per `release()`; `sent` counts those let out."""
+    """Send a streamed answer's SSE events one per `release()`; `sent` counts those let out.
 
-    def __init__(self) -> None:
+    `events`, when given, are sent instead of the echo's events (raw bytes, one write each).
+    """
+
+    def __init__(self, events: list[bytes] | None = None) -> None:
+        self.events = events
         self.allowed = 0
         self.sent = 0
         self.disconnected = anyio.Event()
@@ -172,9 +176,9 @@ class FakeOpenAI:
         self._script.append(stall)
         return stall
 
-    def slow_stream(self) -> SlowStream:
-        """Send the next streamed answer one event per release."""
-        slow = SlowStream()
+    def slow_stream(self, events: list[bytes] | None = None) -> SlowStream:
+        """Send the next streamed answer (or `events`) one event per release."""
+        slow = SlowStream(events)
         self._script.append(slow)
         return slow
 
@@ -319,7 +323,7 @@ class FakeOpenAI:
     ) -> bool:
         headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
         await stream.send(conn.send(h11.Response(status_code=200, headers=headers)))
-        events = sse_events(body)
+        events = slow.events if slow is not None and slow.events is not None else sse_events(body)
         if slow is None:
             for event in events:
                 await stream.send(conn.send(h11.Data(data=event)))
