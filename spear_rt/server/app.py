@@ -23,11 +23,12 @@ from spear_rt.config import Config, listen_address, load_config
 from spear_rt.errors import SpearError
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.redact import register_secret
-from spear_rt.registry import BackendRegistry, RegisteredInstance
+from spear_rt.registry import BackendRegistry
 from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
 from spear_rt.server.aio import serve_asyncio
 from spear_rt.server.browser import BrowserGuard, require_json
+from spear_rt.server.gauges import register_gauges
 from spear_rt.server.http import (
     BodyBudget,
     ClientGone,
@@ -93,7 +94,7 @@ class Server:
         _register_secrets(self.registry)
         self.router = Router(self.registry, metrics=self.metrics)
         self.sessions = SessionManager(config, lambda: self.router)
-        self._register_gauges()
+        register_gauges(self)
         self._client_keys = keys_from_env(config.server.client_keys_env)
         self.body_budget = BodyBudget(config.server.max_http_body_bytes_in_flight)
         self.ssl_context = server_ssl_context(config.server)  # None: plain http/ws
@@ -139,75 +140,6 @@ class Server:
     def reload(self) -> dict[str, object]:
         """Reload the config file (SIGHUP); raises ConfigError and keeps the old one if bad."""
         return self.apply_config(load_config(self.config_path))
-
-    def _register_gauges(self) -> None:
-        def per_instance(
-            value: Callable[[RegisteredInstance], float],
-        ) -> Callable[[], dict[tuple[str, ...], float]]:
-            return lambda: {(i.name,): value(i) for i in self.registry.instances.values()}
-
-        self.metrics.gauge(
-            "spear_inflight",
-            "Requests and sessions in flight per instance",
-            ("instance",),
-            per_instance(lambda i: i.runtime.inflight),
-        )
-        self.metrics.gauge(
-            "spear_breaker_open",
-            "1 when the instance's circuit is not closed",
-            ("instance",),
-            per_instance(lambda i: float(i.runtime.breaker.state != "closed")),
-        )
-        self.metrics.gauge(
-            "spear_instance_available",
-            "1 when the instance can serve",
-            ("instance",),
-            per_instance(lambda i: float(i.unavailable is None)),
-        )
-        self.metrics.gauge(
-            "spear_sessions",
-            "Live realtime sessions",
-            (),
-            lambda: {(): float(len(self.sessions.sessions))},
-        )
-        self.metrics.gauge(
-            "spear_session_queue_bytes",
-            "Bytes queued toward clients, all sessions",
-            (),
-            lambda: {
-                (): float(sum(r.machine.outbound.nbytes for r in self.sessions.sessions.values()))
-            },
-        )
-        self.metrics.gauge(
-            "spear_session_events_dropped",
-            "Deltas dropped for slow clients (live + ended)",
-            (),
-            lambda: {(): float(self.sessions.dropped_events())},
-        )
-        self.metrics.gauge(
-            "spear_sessions_detached",
-            "Sessions whose client dropped, waiting for it to resume",
-            (),
-            lambda: {(): float(self.sessions.detached())},
-        )
-        self.metrics.gauge(
-            "spear_session_resumes_total",
-            "Client resumes served",
-            (),
-            lambda: {(): float(self.sessions.resumes())},
-        )
-        self.metrics.gauge(
-            "spear_upstream_reconnects_total",
-            "Session upstreams reopened after a drop (live + ended sessions)",
-            (),
-            lambda: {(): float(self.sessions.upstream_reconnects())},
-        )
-        self.metrics.gauge(
-            "spear_sessions_total",
-            "Realtime sessions started",
-            (),
-            lambda: {(): float(self.sessions.total_sessions)},
-        )
 
     # --- listener -----------------------------------------------------------------------------
 
