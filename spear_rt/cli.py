@@ -227,7 +227,8 @@ def _only_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     collect(group)
-    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], SpearError) else group
+    single = len(leaves) == 1 and isinstance(leaves[0], (SpearError, KeyboardInterrupt))
+    return leaves[0] if single else group
 
 
 if __name__ == "__main__":
