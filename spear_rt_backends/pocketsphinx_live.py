@@ -26,6 +26,13 @@ stable-prefix rule. Choices, each measured here (espeak-ng speech and recorded s
   event loop for as long as it runs. Audio is fed in fixed 320-sample blocks whatever the
   caller's framing, which bounds a stall to one block's decode (a few ms) and makes the result
   independent of how audio was batched: streaming equals `transcribe_pcm16`.
+* **Long turns in engine segments.** A pocketsphinx utterance grows by ~0.4 MB per second of
+  speech (measured: 72 s of continuous speech, 159 -> 188 MB), so a turn of any length is
+  decoded as engine utterances of at most `max_segment_ms` (default 30 s): within the last
+  `CUT_WINDOW_MS` of a segment the first quiet 20 ms block (energy under a tenth of the
+  segment's mean, a gap between words) ends it, else its length does; the next starts from
+  the CMN prior. The turn's hypothesis is the finished segments' words then the open one's,
+  so deltas stay append-only and the turn never has to end for memory to be freed.
 * **Pooled decoders.** A decoder takes 0.5-1 s and ~95 MB to create. A recognizer borrows one
   per utterance from its instance's pool and gives it back at the end, so memory follows the
   number of turns being spoken, not of sessions open; up to ``idle_decoders`` wait idle.
@@ -73,6 +80,9 @@ DECODER_CONFIG: dict[str, Any] = {
 CMN_PRIOR = "60,0.21,2.16,16.42,-22.26,4.72,-21.68,0.11,-8.50,-0.99,10.69,-13.77,9.81"
 LANGUAGES = ("", "en", "en-us")  # compared lowercased; None (unset) is English too
 DEFAULT_WORKERS = 2
+MAX_SEGMENT_MS = 30_000  # one engine utterance at most (option max_segment_ms)
+CUT_WINDOW_MS = 3000  # where a long segment looks for a quiet block to end at
+QUIET_FRACTION = 0.1  # a block quieter than this share of the segment's mean energy is a gap
 
 
 class DecoderPool:
@@ -115,11 +125,21 @@ class PocketsphinxRecognizer:
 
     sample_rate_hz = RATE_HZ
 
-    def __init__(self, pool: DecoderPool, *, prewarm: bool = True) -> None:
+    def __init__(
+        self, pool: DecoderPool, *, prewarm: bool = True, max_segment_ms: int = MAX_SEGMENT_MS
+    ) -> None:
         self._pool = pool
         self._decoder: Any = None
         self._rest = np.zeros(0, dtype=np.int16)  # samples short of a whole block
         self._last: str | None = None
+        self._max_blocks = max(RATE_HZ * max_segment_ms // 1000 // BLOCK_SAMPLES, 2)
+        self._window_blocks = min(
+            RATE_HZ * CUT_WINDOW_MS // 1000 // BLOCK_SAMPLES, self._max_blocks // 2
+        )
+        self._done = ""  # words of this utterance's finished engine segments
+        self._blocks = 0  # blocks fed to the open engine segment
+        self._energy = 0.0  # their total energy (mean square per block, summed)
+        self.segments = 0  # engine segments finished in this utterance (tests, metrics)
         if prewarm and not pool.idle():
             pool.release(pool.acquire())  # load a decoder now, not at the first word
 
@@ -133,6 +153,7 @@ class PocketsphinxRecognizer:
         self._decoder = decoder
         self._rest = np.zeros(0, dtype=np.int16)
         self._last = ""
+        self._done, self._blocks, self._energy, self.segments = "", 0, 0.0, 0
 
     def feed(self, pcm: Pcm16) -> str | None:
         """Decode whole blocks of `pcm`; the hypothesis, or None when it did not change."""
@@ -141,12 +162,18 @@ class PocketsphinxRecognizer:
         whole = audio.size - audio.size % BLOCK_SAMPLES
         raw = audio[:whole].astype("<i2", copy=False).tobytes()
         step = 2 * BLOCK_SAMPLES
-        for start in range(0, len(raw), step):
+        blocks = audio[:whole].astype(np.float32).reshape(-1, BLOCK_SAMPLES)
+        energies = np.einsum("ij,ij->i", blocks, blocks) / BLOCK_SAMPLES
+        for n, start in enumerate(range(0, len(raw), step)):
             decoder.process_raw(raw[start : start + step])
+            self._blocks += 1
+            self._energy += float(energies[n])
+            if self._segment_ends(float(energies[n])):
+                self._next_segment(decoder)
         self._rest = audio[whole:].copy()
         if not whole:
             return None
-        hypothesis = _text(decoder.hyp())
+        hypothesis = _join(self._done, _text(decoder.hyp()))
         if hypothesis == self._last:
             return None
         self._last = hypothesis
@@ -160,9 +187,26 @@ class PocketsphinxRecognizer:
             decoder.process_raw(self._rest.astype("<i2", copy=False).tobytes())
         self._rest = np.zeros(0, dtype=np.int16)
         decoder.end_utt()
-        text = _text(decoder.hyp())
+        text = _join(self._done, _text(decoder.hyp()))
         self._pool.release(decoder)  # only a decoder that finished cleanly goes back
         return text
+
+    def _segment_ends(self, energy: float) -> bool:
+        """Whether the engine segment ends after this block (see the module docstring)."""
+        if self._blocks >= self._max_blocks:
+            return True
+        if self._blocks < self._max_blocks - self._window_blocks:
+            return False
+        return energy < QUIET_FRACTION * self._energy / self._blocks
+
+    def _next_segment(self, decoder: Any) -> None:
+        """End the engine utterance, keep its words, start the next from the CMN prior."""
+        decoder.end_utt()
+        self._done = _join(self._done, _text(decoder.hyp()))
+        decoder.set_cmn(self._pool.cmn_prior)
+        decoder.start_utt()
+        self._blocks, self._energy = 0, 0.0
+        self.segments += 1
 
     def close(self) -> None:
         """End an open utterance (its decoder is dropped, not pooled: its state is unknown)."""
@@ -176,6 +220,10 @@ class PocketsphinxRecognizer:
 
 def _text(hyp: Any) -> str:
     return " ".join(hyp.hypstr.split()) if hyp is not None else ""
+
+
+def _join(done: str, current: str) -> str:
+    return f"{done} {current}" if done and current else done or current
 
 
 _default_pool = DecoderPool()
@@ -266,9 +314,10 @@ class PocketsphinxKind:
     @asynccontextmanager
     async def _open(self, instance: InstanceInfo) -> AsyncIterator[TranscriptionUpstream]:
         pool = self.pool(instance)
+        max_segment_ms = int(instance.options.get("max_segment_ms", MAX_SEGMENT_MS))
 
         def make() -> PocketsphinxRecognizer:
-            return PocketsphinxRecognizer(pool)
+            return PocketsphinxRecognizer(pool, max_segment_ms=max_segment_ms)
 
         async with open_local_transcription(
             make,

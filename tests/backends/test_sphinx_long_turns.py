@@ -31,9 +31,10 @@ from spear_rt.backend import (
 )
 from spear_rt.server.app import Server
 from spear_rt_backends import sphinx
+from spear_rt_backends.pocketsphinx_live import DecoderPool, PocketsphinxRecognizer
 from spear_rt_backends.sphinx import KIND
 from tests.conftest import WsClient, b64, make_config
-from tests.server.test_realtime import BETA, COMMITTED, COMPLETED, DELTA, MANUAL_BETA, TRANSCRIPTION
+from tests.server.test_realtime import BETA, COMMITTED, COMPLETED, DELTA, TRANSCRIPTION
 from tests.server.test_resume import DRIVERS, IDS
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "audio"
@@ -41,6 +42,17 @@ SPHINX = (
     '[[backends]]\nname = "asr"\nkind = "pocketsphinx"\n'
     "options = { max_segment_ms = 2000, max_pending_ms = 4000 }\n"
 )
+LIVE = (
+    '[[backends]]\nname = "asr"\nkind = "pocketsphinx_live"\noptions = { max_segment_ms = 2000 }\n'
+)
+# pocketsphinx on every driver; pocketsphinx_live (worker threads, no driver of its own) on trio.
+RUNS = [(SPHINX, backend, driver) for backend, driver in DRIVERS] + [(LIVE, "trio", "auto")]
+# Manual commit, with the opt-in for deltas before the commit (default: held until it).
+EARLY_MANUAL = {
+    "type": "transcription_session.update",
+    "session": {"turn_detection": None, "spear": {"early_deltas": True}},
+}
+RUN_IDS = [f"pocketsphinx-{i}" for i in IDS] + ["pocketsphinx_live-trio"]
 
 
 SPOKEN = ("speech_go_forward.wav", "speech_quick_brown_fox.wav", "speech_open_window.wav")
@@ -81,7 +93,7 @@ async def manual_turn(port: int, speech: NDArray[np.int16]) -> tuple[str, str]:
     client = await WsClient.connect(port, TRANSCRIPTION, headers=BETA)
     async with client:
         await client.recv()
-        await client.send(MANUAL_BETA)
+        await client.send(EARLY_MANUAL)
         await client.recv()
         await speak(client, speech)
         events = await first_delta(client)  # no commit was sent yet
@@ -103,13 +115,13 @@ async def server_vad_turn(port: int, speech: NDArray[np.int16]) -> tuple[str, st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("backend", "driver"), DRIVERS, ids=IDS)
-def test_a_long_turn_without_a_pause_streams(backend: str, driver: str) -> None:
+@pytest.mark.parametrize(("backends", "backend", "driver"), RUNS, ids=RUN_IDS)
+def test_a_long_turn_without_a_pause_streams(backends: str, backend: str, driver: str) -> None:
     """Both turn modes on a real pocketsphinx: a delta before the turn ends, then completed."""
     speech = resample(continuous_speech(), 16000, 24000)
 
     async def main() -> list[tuple[str, str]]:
-        config = make_config(server=f'driver = "{driver}"', backends=SPHINX)
+        config = make_config(server=f'driver = "{driver}"', backends=backends)
         server = Server(config)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve)
@@ -172,3 +184,23 @@ def test_the_quietest_cut_is_in_the_last_window_at_its_quietest_frame() -> None:
         sphinx.quietest_cut(quiet, window=8000) >= 16000 * 4 - 8000
     )  # outside the window: ignored
     assert sphinx.quietest_cut(loud[:100], window=16000) == 100
+
+
+@pytest.mark.slow
+def test_the_live_recognizer_decodes_a_long_turn_in_bounded_engine_segments() -> None:
+    """pocketsphinx_live: 6 s without a pause and 2 s segments end at least two engine
+    utterances (memory grows with one, ~0.4 MB/s), and framing still does not matter."""
+    speech = continuous_speech()
+    pool = DecoderPool(max_idle=1)
+
+    def run(piece: int) -> tuple[str, int]:
+        recognizer = PocketsphinxRecognizer(pool, prewarm=False, max_segment_ms=2000)
+        recognizer.start_utterance()
+        for start in range(0, speech.size, piece):
+            recognizer.feed(speech[start : start + piece])
+        segments = recognizer.segments
+        return recognizer.end_utterance(), segments
+
+    whole, segments = run(speech.size)
+    assert segments >= 2 and len(whole.split()) >= 10
+    assert run(517) == (whole, segments)
