@@ -40,6 +40,7 @@ def _host_port(authority: str, scheme: str) -> tuple[str, int | None]:
         host, sep, port_text = authority.rpartition(":")
         if not sep:
             host, port_text = authority, ""
+    host = host.rstrip(".")  # "localhost." is localhost
     if not port_text:
         return host, DEFAULT_PORTS.get(scheme)
     return host, int(port_text) if port_text.isdigit() else -1

@@ -152,7 +152,7 @@ async def test_rebinding_host_cannot_read_or_reload_in_open_mode(server: Server)
         r = await call(server, method, path, headers=headers)
         assert r.status_code == 421, path
         assert r.json()["error"]["code"] == "misdirected_request"
-    for name in ("localhost", "127.0.0.1", "[::1]", "app.localhost"):
+    for name in ("localhost", "127.0.0.1", "[::1]", "app.localhost", "LocalHost."):
         r = await call(server, "GET", "/v1/backends", headers={"Host": f"{name}:{server.port}"})
         assert r.status_code == 200, name
 
