@@ -1,9 +1,13 @@
 """Client -> server realtime events (OpenAI Realtime protocol, beta and GA dialects).
 
 One module-level decoder for the whole tagged union (tag field ``type``); audio arrives as
-base64 and msgspec decodes it straight into ``bytes``. Unknown *fields* are ignored (clients
-send options we do not use); unknown *types*, malformed JSON and mistyped fields become a
-`ProtocolError` that the session answers with an ``error`` event and carries on.
+base64 and msgspec decodes it straight into ``bytes``. Unknown fields of an event are ignored,
+but unknown fields of a `session` object (anything the server does not implement, e.g.
+`instructions`, `voice`, `tools`) are refused as ``unknown_parameter`` naming the field's path,
+so a client never believes a setting took effect. Unknown *types*, malformed or too deeply
+nested JSON and mistyped fields become a `ProtocolError` that the session answers with an
+``error`` event and carries on. An `event_id` is kept (and echoed in errors) to its first
+`MAX_EVENT_ID_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
+MAX_EVENT_ID_CHARS = 128  # longer client event ids are cut to this (they are echoed in errors)
+_MAX_ECHO_CHARS = 64  # of an unknown event type named in an error message
 
-class TurnDetectionWire(msgspec.Struct):
-    """`turn_detection` object; only `server_vad` is implemented (others are refused)."""
+
+class TurnDetectionWire(msgspec.Struct, forbid_unknown_fields=True):
+    """`turn_detection` object; only `server_vad` is implemented (others are refused).
+
+    `create_response`, `interrupt_response`, `idle_timeout_ms` and `eagerness` are accepted
+    for compatibility and have no effect (transcription sessions create no responses).
+    """
 
     type: str = "server_vad"
     threshold: float | None = None
@@ -23,9 +34,11 @@ class TurnDetectionWire(msgspec.Struct):
     silence_duration_ms: int | None = None
     create_response: bool | None = None
     interrupt_response: bool | None = None
+    idle_timeout_ms: int | None = None
+    eagerness: str | None = None
 
 
-class TranscriptionWire(msgspec.Struct):
+class TranscriptionWire(msgspec.Struct, forbid_unknown_fields=True):
     """`input_audio_transcription` (beta) / `audio.input.transcription` (GA)."""
 
     model: str | None = None
@@ -33,14 +46,14 @@ class TranscriptionWire(msgspec.Struct):
     prompt: str | None = None
 
 
-class GaAudioFormat(msgspec.Struct):
+class GaAudioFormat(msgspec.Struct, forbid_unknown_fields=True):
     """GA audio format object: {type: audio/pcm, rate: 24000} | {type: audio/pcmu|pcma}."""
 
     type: str
     rate: int | None = None
 
 
-class GaAudioInput(msgspec.Struct):
+class GaAudioInput(msgspec.Struct, forbid_unknown_fields=True):
     """GA `session.audio.input`."""
 
     format: GaAudioFormat | UnsetType = UNSET
@@ -49,17 +62,26 @@ class GaAudioInput(msgspec.Struct):
     noise_reduction: dict[str, Any] | UnsetType | None = UNSET
 
 
-class GaAudio(msgspec.Struct):
+class GaAudio(msgspec.Struct, forbid_unknown_fields=True):
     """GA `session.audio`."""
 
     input: GaAudioInput | UnsetType = UNSET
     output: dict[str, Any] | UnsetType = UNSET
 
 
-class SessionWire(msgspec.Struct):
+class SpearSessionWire(msgspec.Struct, forbid_unknown_fields=True):
+    """`session.spear`: spear's own session options (both dialects)."""
+
+    # True: live transcript deltas of a manual-commit turn are sent before the commit that
+    # announces their item (lower latency; such deltas reference an item not announced yet).
+    early_deltas: bool | UnsetType = UNSET
+
+
+class SessionWire(msgspec.Struct, forbid_unknown_fields=True):
     """The `session` object of any update event, both dialects' fields side by side.
 
-    UNSET means "not mentioned, keep the current value"; None means "set to null".
+    UNSET means "not mentioned, keep the current value"; None means "set to null". A field
+    not listed here is refused (`unknown_parameter`).
     """
 
     type: str | UnsetType = UNSET  # GA: "realtime" | "transcription"
@@ -69,11 +91,12 @@ class SessionWire(msgspec.Struct):
     input_audio_transcription: TranscriptionWire | UnsetType | None = UNSET
     turn_detection: TurnDetectionWire | UnsetType | None = UNSET
     modalities: list[str] | UnsetType = UNSET
+    input_audio_noise_reduction: dict[str, Any] | UnsetType | None = UNSET
     # GA
     audio: GaAudio | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
-    instructions: str | UnsetType = UNSET
     include: list[str] | UnsetType | None = UNSET
+    spear: SpearSessionWire | UnsetType = UNSET
 
 
 class ClientEvent(msgspec.Struct, tag_field="type"):
@@ -168,14 +191,24 @@ _envelope_decoder = msgspec.json.Decoder(_Envelope)
 def decode_client_event(
     data: bytes | bytearray | memoryview | str,
 ) -> AnyClientEvent | ProtocolError:
-    """Decode one text frame into a client event, or a ProtocolError saying what is wrong."""
+    """Decode one text frame into a client event, or a ProtocolError saying what is wrong.
+
+    Never raises: JSON nested deeper than msgspec decodes is an ``invalid_json`` error too.
+    """
     try:
         event: AnyClientEvent = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         return _explain(data, str(exc))
     except msgspec.DecodeError as exc:
         return ProtocolError("invalid_json", f"the frame is not valid JSON: {exc}")
+    except RecursionError:
+        return _TOO_DEEP
+    if event.event_id is not None and len(event.event_id) > MAX_EVENT_ID_CHARS:
+        event.event_id = event.event_id[:MAX_EVENT_ID_CHARS]
     return event
+
+
+_TOO_DEEP = ProtocolError("invalid_json", "the frame nests JSON too deeply to be an event")
 
 
 def _explain(data: bytes | bytearray | memoryview | str, reason: str) -> ProtocolError:
@@ -183,20 +216,42 @@ def _explain(data: bytes | bytearray | memoryview | str, reason: str) -> Protoco
         envelope = _envelope_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return ProtocolError("invalid_event", f"the event must be a JSON object: {reason}")
-    event_id = envelope.event_id if isinstance(envelope.event_id, str) else None
+    except RecursionError:
+        return _TOO_DEEP
+    event_id = (
+        envelope.event_id[:MAX_EVENT_ID_CHARS] if isinstance(envelope.event_id, str) else None
+    )
     if envelope.type is None:
         return ProtocolError("missing_type", "the event has no `type` field", event_id, "type")
     if not isinstance(envelope.type, str) or envelope.type not in KNOWN_TYPES:
+        named = (
+            f"unknown event type {_short(envelope.type)}"
+            if isinstance(envelope.type, str)
+            else "the event type must be a string"
+        )
         return ProtocolError(
-            "unknown_event_type",
-            f"unknown event type {envelope.type!r}; supported: {', '.join(KNOWN_TYPES)}",
-            event_id,
-            "type",
+            "unknown_event_type", f"{named}; supported: {', '.join(KNOWN_TYPES)}", event_id, "type"
         )
     param = None
     if " - at `$." in reason:
         reason, _, where = reason.rpartition(" - at `$.")
         param = where.rstrip("`")
+    if reason.startswith("Object contains unknown field `") and param is not None:
+        field = reason.removeprefix("Object contains unknown field `").rstrip("`")
+        param = f"{param}.{field}"
+        return ProtocolError(
+            "unknown_parameter",
+            f"{envelope.type}: {param} is not supported by this server (it transcribes input "
+            "audio; see its README for the session fields it implements)",
+            event_id,
+            param,
+        )
     if param == "audio":
         reason = "audio must be a base64 string" if "base64" not in reason else reason
     return ProtocolError("invalid_value", f"{envelope.type}: {reason}", event_id, param)
+
+
+def _short(text: str) -> str:
+    """`text` quoted, cut to _MAX_ECHO_CHARS characters."""
+    cut = text[:_MAX_ECHO_CHARS] + ("..." if len(text) > _MAX_ECHO_CHARS else "")
+    return "'" + cut.replace("'", "\\'") + "'"

@@ -103,11 +103,16 @@ class TranscriptionDelta(ServerEvent, tag="conversation.item.input_audio_transcr
 class TranscriptionCompleted(
     ServerEvent, tag="conversation.item.input_audio_transcription.completed"
 ):
-    """The final transcript: the concatenation of the item's deltas."""
+    """The final transcript: the concatenation of the item's deltas.
+
+    `usage` is what the SDKs' models require: ``{"type": "duration", "seconds": s}`` with the
+    item's input audio in seconds (`duration_usage`).
+    """
 
     item_id: str
     transcript: str
     content_index: int = 0
+    usage: dict[str, Any] = msgspec.field(default_factory=lambda: duration_usage(0.0))
 
 
 class TranscriptionFailed(ServerEvent, tag="conversation.item.input_audio_transcription.failed"):
@@ -201,6 +206,11 @@ AnyServerEvent = (
 _encoder = msgspec.json.Encoder()
 encode_server_event = _encoder.encode
 server_event_decoder = msgspec.json.Decoder(AnyServerEvent)
+
+
+def duration_usage(seconds: float) -> dict[str, Any]:
+    """The `usage` of a transcription billed by audio duration."""
+    return {"type": "duration", "seconds": round(seconds, 3)}
 
 
 def input_item(item_id: str, transcript: str | None, status: str = "completed") -> dict[str, Any]:

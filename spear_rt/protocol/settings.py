@@ -61,6 +61,8 @@ class SessionSettings(msgspec.Struct, frozen=True):
     input_format: InputFormat = msgspec.field(default_factory=InputFormat.default)
     transcription: TranscriptionSettings = TranscriptionSettings()
     turn_detection: VadConfig | None = msgspec.field(default_factory=VadConfig)
+    # spear option (session.spear.early_deltas): manual-commit deltas before the commit
+    early_deltas: bool = False
 
 
 _MAX_SILENCE_MS = 10_000
@@ -108,9 +110,37 @@ def _format(value: Any, param: str) -> InputFormat:
         raise SettingsError(param, str(exc)) from None
 
 
+def _refuse_unsupported(wire: SessionWire) -> None:
+    """Documented fields whose only supported value is 'off': anything else is refused."""
+    for name, modalities in (
+        ("modalities", wire.modalities),
+        ("output_modalities", wire.output_modalities),
+    ):
+        if modalities is not UNSET and not set(modalities) <= {"text"}:
+            raise SettingsError(
+                f"session.{name}", f"session.{name}: only 'text' is supported (no audio output)"
+            )
+    noise = [("session.input_audio_noise_reduction", wire.input_audio_noise_reduction)]
+    if wire.audio is not UNSET:
+        if wire.audio.output is not UNSET and wire.audio.output:
+            field = next(iter(wire.audio.output))
+            raise SettingsError(
+                f"session.audio.output.{field}",
+                f"session.audio.output.{field} is not supported (this server produces no audio)",
+            )
+        if wire.audio.input is not UNSET:
+            noise.append(("session.audio.input.noise_reduction", wire.audio.input.noise_reduction))
+    for param, value in noise:
+        if value is not UNSET and value is not None:
+            raise SettingsError(param, f"{param} is not supported; send null or leave it out")
+
+
 def apply_update(current: SessionSettings, wire: SessionWire) -> SessionSettings:
     """The settings after a session update from either dialect; raises SettingsError."""
+    _refuse_unsupported(wire)
     changes: dict[str, Any] = {}
+    if wire.spear is not UNSET and wire.spear.early_deltas is not UNSET:
+        changes["early_deltas"] = wire.spear.early_deltas
     if wire.type is not UNSET:
         try:
             kind = SessionKind(wire.type)

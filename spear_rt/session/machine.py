@@ -9,11 +9,15 @@ Rules:
    ``audio_start_ms``, prefix padding included) and commits itself at speech stop.
    Each turn's audio goes upstream resampled to the upstream's rate (`session/turns.py`).
 3. A commit turns the current turn into an item: ``committed`` + item created go out at once;
-   deltas and ``completed`` follow as the upstream produces them. Live deltas may precede the
-   commit; they carry the item id announced in ``speech_started``.
+   deltas and ``completed`` (with ``usage``: the item's audio seconds) follow as the upstream
+   produces them. No event names an item before ``speech_started`` or ``committed`` announced
+   it: live deltas of a manual turn wait for its commit (`session/items.py`), unless the
+   session set ``spear.early_deltas``.
 4. A bad client event yields an ``error`` event and changes nothing else; the session lives on.
-5. `drain()` moves ACTIVE to DRAINING: appends are refused, an open turn is committed, and the
-   session closes (1001) once every committed item has its transcript, or at the deadline.
+5. `drain()` moves ACTIVE to DRAINING: an open server-VAD turn is committed at once; an open
+   manual turn stays open for the client to finish and commit (the server commits it itself
+   halfway to the deadline); appends that would open a new turn are refused. The session
+   closes (1001) once every committed item has its transcript, or at the deadline.
 6. Idle for ``idle_timeout``, or older than ``max_session_seconds``: close 1000 with a reason.
 7. The upstream failing for good is fatal: ERROR (``last_error`` kept), ``error`` event, close 1011.
 8. CLOSED is terminal: every later input is ignored.
@@ -29,7 +33,7 @@ Transitions:
     state     input                       next      actions
     CREATED   start                       ACTIVE    emit session.created
     ACTIVE    client event                ACTIVE    emit events, send upstream commands
-    ACTIVE    drain                       DRAINING  commit open turn
+    ACTIVE    drain                       DRAINING  commit open VAD turn
     DRAINING  last pending item completed CLOSED    close 1001
     ACTIVE    idle / max age              CLOSED    close 1000
     ACTIVE    upstream failed             ERROR     emit error, close 1011
@@ -71,6 +75,7 @@ from spear_rt.protocol.settings import (
     apply_update,
     render_session,
 )
+from spear_rt.session.items import Items
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.replay import ReplayBuffer
 from spear_rt.session.turns import SpeechBegan, SpeechEnded, TurnCommitted, Turns
@@ -159,8 +164,8 @@ class SessionMachine:
         self._drain_deadline: float | None = None
         self._expiry_warned = False
         self.input_audio_bytes = 0
-        self._previous_item_id: str | None = None
-        self._pending_items: set[str] = set()
+        self._items = Items()
+        self._drain_commit_at: float | None = None  # an open manual turn: committed by then
         self._turns = Turns(
             settings.input_format,
             settings.turn_detection,
@@ -215,14 +220,13 @@ class SessionMachine:
             return
         match event:
             case TranscriptDelta(item_id=item_id, delta=delta):
-                if delta:
+                if delta and (
+                    self.settings.early_deltas
+                    or not self._items.hold(item_id, delta, self._turns.turn_id)
+                ):
                     self._emit(se.TranscriptionDelta(item_id=item_id, delta=delta))
             case TranscriptCompleted(item_id=item_id, transcript=transcript):
-                self._emit(se.TranscriptionCompleted(item_id=item_id, transcript=transcript))
-                if self.dialect is Dialect.GA:
-                    item = se.input_item(item_id, transcript)
-                    self._emit(se.ItemDone(item=item, previous_item_id=None))
-                self._item_finished(item_id)
+                self._on_completed(item_id, transcript)
             case TranscriptFailed(item_id=item_id, message=message):
                 error = {
                     "type": "transcription_error",
@@ -263,10 +267,13 @@ class SessionMachine:
         self._drain_deadline = now + grace
         # Tell the client first: it can stop sending and reconnect elsewhere after its turns.
         self._emit(se.SpearServerDraining(deadline_ms=round(grace * 1000)))
-        if self._turns.turn_id is not None and self._turns.turn_samples:
-            self._committed(self._turns.commit())
+        if self._turns.turn_id is not None and not self._turns.turn_samples:
+            self._discard_turn()
+        elif self._turns.turn_id is not None and self.settings.turn_detection is None:
+            # the client is still speaking its manual turn: let it finish and commit
+            self._drain_commit_at = now + grace / 2
         elif self._turns.turn_id is not None:
-            self._turns.discard()
+            self._commit_open_turn()
         self._maybe_finish_drain()
 
     def client_gone(self) -> None:
@@ -333,6 +340,10 @@ class SessionMachine:
             self._expiry_warned = True
             if now < expires_at:
                 self._emit(se.SpearSessionExpiring(seconds_left=round(expires_at - now, 3)))
+        if self._drain_commit_at is not None and now >= self._drain_commit_at:
+            self._drain_commit_at = None
+            if self.state is State.DRAINING and self._turns.turn_id is not None:
+                self._commit_open_turn()  # the client did not commit in time: answer what it sent
         if self._drain_deadline is not None and now >= self._drain_deadline:
             self._close(1001, "server draining: deadline reached")
         elif now - self._started_at >= self._timeouts.max_session_seconds:
@@ -355,6 +366,8 @@ class SessionMachine:
             deadline = min(deadline, self._started_at + t.max_session_seconds - t.expiry_warning_s)
         if self._drain_deadline is not None:
             deadline = min(deadline, self._drain_deadline)
+        if self._drain_commit_at is not None:
+            deadline = min(deadline, self._drain_commit_at)
         if self._detach_deadline is not None:
             deadline = min(deadline, self._detach_deadline)
         return deadline
@@ -362,7 +375,7 @@ class SessionMachine:
     # --- client events ------------------------------------------------------------------------
 
     def _on_append(self, event: ce.InputAudioBufferAppend) -> None:
-        if self.state is State.DRAINING:
+        if self.state is State.DRAINING and self._turns.turn_id is None:
             self.error(
                 "session_draining",
                 "the server is draining; no new audio is accepted",
@@ -380,11 +393,12 @@ class SessionMachine:
         for turn_event in self._turns.append(pcm):
             match turn_event:
                 case SpeechBegan(item_id=item_id, audio_start_ms=start_ms):
+                    self._items.speech_started(item_id)
                     self._emit(se.SpeechStarted(audio_start_ms=start_ms, item_id=item_id))
                 case SpeechEnded(item_id=item_id, audio_end_ms=end_ms):
                     self._emit(se.SpeechStopped(audio_end_ms=end_ms, item_id=item_id))
-                case TurnCommitted(item_id=item_id):
-                    self._committed(item_id)
+                case TurnCommitted(item_id=item_id, audio_seconds=seconds):
+                    self._committed(item_id, seconds)
 
     def _on_commit(self, event_id: str | None) -> None:
         if self._turns.turn_id is None or self._turns.turn_samples == 0:
@@ -394,11 +408,13 @@ class SessionMachine:
                 event_id,
             )
             return
-        self._committed(self._turns.commit())
+        self._commit_open_turn()
 
     def _on_clear(self) -> None:
+        self._items.discarded(self._turns.turn_id)
         self._turns.clear()
         self._emit(se.Cleared())
+        self._maybe_finish_drain()
 
     def _on_update(self, event: ce.SessionUpdate | ce.TranscriptionSessionUpdate) -> None:
         if isinstance(event, ce.TranscriptionSessionUpdate):
@@ -421,23 +437,46 @@ class SessionMachine:
 
     # --- items ------------------------------------------------------------------------------
 
-    def _committed(self, item_id: str) -> None:
+    def _commit_open_turn(self) -> None:
+        item_id = self._turns.commit()
+        self._committed(item_id, self._turns.last_commit_seconds)
+
+    def _discard_turn(self) -> None:
+        self._items.discarded(self._turns.turn_id)
+        self._turns.discard()
+
+    def _committed(self, item_id: str, audio_seconds: float) -> None:
         """Turn `item_id` went upstream as committed: announce the item, await its transcript."""
-        self._pending_items.add(item_id)
-        previous, self._previous_item_id = self._previous_item_id, item_id
+        previous, held = self._items.committed(item_id, audio_seconds)
         self._emit(se.Committed(item_id=item_id, previous_item_id=previous))
         item = se.input_item(item_id, None, status="completed")
         if self.dialect is Dialect.GA:
             self._emit(se.ItemAdded(item=item, previous_item_id=previous))
         else:
             self._emit(se.ItemCreated(item=item, previous_item_id=previous))
+        for delta in held:
+            self._emit(se.TranscriptionDelta(item_id=item_id, delta=delta))
+
+    def _on_completed(self, item_id: str, transcript: str) -> None:
+        pending = self._items.finished(item_id)
+        seconds = pending.audio_seconds if pending is not None else 0.0
+        self._emit(
+            se.TranscriptionCompleted(
+                item_id=item_id, transcript=transcript, usage=se.duration_usage(seconds)
+            )
+        )
+        if self.dialect is Dialect.GA:
+            item = se.input_item(item_id, transcript)
+            previous = pending.previous_item_id if pending is not None else None
+            self._emit(se.ItemDone(item=item, previous_item_id=previous))
+        self._maybe_finish_drain()
 
     def _item_finished(self, item_id: str) -> None:
-        self._pending_items.discard(item_id)
+        self._items.finished(item_id)
         self._maybe_finish_drain()
 
     def _maybe_finish_drain(self) -> None:
-        if self.state is State.DRAINING and not self._pending_items:
+        if self.state is State.DRAINING and not self._items.pending and self._turns.turn_id is None:
             self._close(1001, "server draining")
 
     # --- outputs ------------------------------------------------------------------------------
@@ -486,8 +525,8 @@ class SessionMachine:
             "input_audio_bytes": self.input_audio_bytes,
             "outbound_queue_bytes": self.outbound.nbytes,
             "coalesced_deltas": self.outbound.coalesced,
-            "dropped_events": self.outbound.dropped,
-            "pending_items": len(self._pending_items),
+            "dropped_events": self.outbound.dropped + self._items.dropped,
+            "pending_items": len(self._items.pending),
             "upstream_reconnects": self.upstream_reconnects,
             "replay_buffer_bytes": self.replay.nbytes if self.replay is not None else 0,
         }

@@ -35,9 +35,10 @@ class SpeechEnded(msgspec.Struct, frozen=True):
 
 
 class TurnCommitted(msgspec.Struct, frozen=True):
-    """Turn `item_id` was committed upstream."""
+    """Turn `item_id` was committed upstream, with `audio_seconds` of input audio."""
 
     item_id: str
+    audio_seconds: float = 0.0
 
 
 TurnEvent = SpeechBegan | SpeechEnded | TurnCommitted
@@ -56,6 +57,7 @@ class Turns:
     ) -> None:
         self.turn_id: str | None = None
         self.turn_samples = 0
+        self.last_commit_seconds = 0.0  # input audio of the turn committed last
         self._format = input_format
         self._detection = turn_detection
         self._upstream_rate = upstream_rate_hz
@@ -127,7 +129,7 @@ class Turns:
                 case VadStarted(audio_start_ms=start_ms):
                     if self.turn_id is not None:  # a manual commit raced the VAD: new turn
                         self._send(self._history.slice(cursor, chunk_end))
-                        events.append(TurnCommitted(self._commit()))
+                        events.append(TurnCommitted(self._commit(), self.last_commit_seconds))
                     item_id = self._ids("item")
                     self._open(item_id)
                     events.append(SpeechBegan(item_id, start_ms))
@@ -139,7 +141,7 @@ class Turns:
                     stop = min((end_ms + silence) * rate // 1000, chunk_end)
                     events.append(SpeechEnded(self.turn_id, end_ms))
                     self._send(self._history.slice(cursor, max(stop, cursor)))
-                    events.append(TurnCommitted(self._commit()))
+                    events.append(TurnCommitted(self._commit(), self.last_commit_seconds))
                     cursor = max(stop, cursor)
         if self.turn_id is not None and cursor < chunk_end:
             self._send(self._history.slice(cursor, chunk_end))
@@ -169,6 +171,7 @@ class Turns:
         assert item_id is not None
         self._flush_resampler()
         self._command(Commit(item_id))
+        self.last_commit_seconds = self.turn_samples / self._format.rate_hz
         self.turn_id = None
         self._resampler = None
         return item_id

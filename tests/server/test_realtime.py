@@ -41,10 +41,18 @@ TRANSCRIPTION = "/v1/realtime?intent=transcription"
 COMMITTED = "input_audio_buffer.committed"
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
-MANUAL_BETA = {"type": "transcription_session.update", "session": {"turn_detection": None}}
+# Manual commit with spear's early deltas (live deltas before the commit): many tests use the
+# first delta as the sign that the server has applied an append. The default (deltas held
+# until the commit announces the item) is tested in tests/server/test_sdk_events.py.
+EARLY = {"spear": {"early_deltas": True}}
+MANUAL_BETA = {
+    "type": "transcription_session.update",
+    "session": {"turn_detection": None, **EARLY},
+}
 MANUAL_GA = {
     "type": "session.update",
     "session": {
+        **EARLY,
         "type": "transcription",
         "audio": {
             "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None}
@@ -195,21 +203,26 @@ async def test_fragmented_text_message_is_reassembled(server: Server) -> None:
 
 
 async def test_drain_finishes_the_open_turn_then_closes_1001(server: Server) -> None:
-    """Server drain: the open turn is committed and transcribed, then close 1001."""
+    """Server drain: the client's open manual turn takes its last audio and the client's
+    commit (no session_draining), is transcribed, then close 1001."""
     assert server.port is not None
     with trio.fail_after(10):
         client = await open_manual(server.port)
         await client.send({"type": "input_audio_buffer.append", "audio": b64(noise_pcm(4800))})
         assert (await client.recv())["type"] == DELTA  # the turn is open on the server
         server.sessions.drain(5.0)
+        assert (await client.recv())["type"] == "spear.server.draining"
+        await client.send({"type": "input_audio_buffer.append", "audio": b64(noise_pcm(4800))})
+        await client.send({"type": "input_audio_buffer.commit"})
         events = await client.recv_all()
         code, _ = await client.wait_closed()
-    assert types(events) == [
-        "spear.server.draining",
+    assert [t for t in types(events) if t != DELTA] == [
         COMMITTED,
         "conversation.item.created",
         COMPLETED,
     ]
+    assert "error" not in types(events)
+    assert events[-1]["transcript"].count(" ") == 1  # both appends
     assert code == 1001
 
 

@@ -284,38 +284,100 @@ def test_session_update_with_unsupported_turn_detection_is_an_error() -> None:
 
 
 def test_beta_manual_commit_flow_exact_sequence() -> None:
-    """Beta: committed, item.created, a delta per 200 ms, completed; seq 1, 2, 3, ..."""
+    """Beta: committed, item.created, the turn's deltas (held until the commit announced the
+    item), completed with usage; seq 1, 2, 3, ..."""
     h = Harness(dialect=Dialect.BETA)
     h.start()
-    deltas = h.append(speech(0.6))  # three stub blocks: three live deltas before the commit
+    early = h.append(speech(0.6))  # three stub blocks: three deltas, held for the commit
     events = h.send({"type": "input_audio_buffer.commit", "event_id": "c1"})
-    assert types(deltas) == [DELTA] * 3
-    assert types(events) == [COMMITTED, "conversation.item.created", COMPLETED]
-    everything = deltas + events
-    assert [e["seq"] for e in everything] == [2, 3, 4, 5, 6, 7]
-    assert len({e["event_id"] for e in everything}) == len(everything)
+    assert early == []
+    assert types(events) == [COMMITTED, "conversation.item.created", *[DELTA] * 3, COMPLETED]
+    assert [e["seq"] for e in events] == [2, 3, 4, 5, 6, 7]
+    assert len({e["event_id"] for e in events}) == len(events)
     item_id = events[0]["item_id"]
+    deltas = [e for e in events if e["type"] == DELTA]
     assert all(e["item_id"] == item_id for e in deltas)
     assert "".join(e["delta"] for e in deltas) == events[-1]["transcript"] == "w1 w2 w3"
+    assert events[-1]["usage"] == {"type": "duration", "seconds": 0.6}
     assert events[1]["item"]["id"] == item_id and events[1]["item"]["role"] == "user"
     assert h.upstream.commands[0] == BeginTurn(item_id)
     assert h.upstream.commands[-1] == Commit(item_id)
 
 
+def test_early_deltas_are_an_opt_in() -> None:
+    """session.spear.early_deltas: live deltas of a manual turn go out before its commit."""
+    h = Harness(dialect=Dialect.BETA)
+    h.start()
+    update = h.send(
+        {"type": "transcription_session.update", "session": {"spear": {"early_deltas": True}}}
+    )
+    assert types(update) == ["transcription_session.updated"]
+    early = h.append(speech(0.4))
+    events = h.send({"type": "input_audio_buffer.commit"})
+    assert types(early) == [DELTA, DELTA]
+    assert types(events) == [COMMITTED, "conversation.item.created", COMPLETED]
+    assert {e["item_id"] for e in early} == {events[0]["item_id"]}
+
+
+def test_no_event_names_an_item_before_it_is_announced() -> None:
+    """Default: every item id an event names was announced earlier (speech_started or
+    committed), over manual turns, a cleared turn and VAD turns."""
+    for vad in (False, True):
+        h = Harness(dialect=Dialect.GA, vad=vad)
+        h.start()
+        events = h.append(speech(0.4))
+        events += h.send({"type": "input_audio_buffer.clear"})
+        events += h.append(speech(0.4))
+        events += h.send({"type": "input_audio_buffer.commit"})
+        events += h.stream(load_fixture_24k("speech_go_forward.wav"))
+        announced: set[str] = set()
+        for event in events:
+            if event["type"] in (COMMITTED, "input_audio_buffer.speech_started"):
+                announced.add(event["item_id"])
+            named = event.get("item_id") or event.get("item", {}).get("id")
+            assert named is None or named in announced, (vad, event)
+
+
+def test_held_deltas_are_bounded() -> None:
+    """An unannounced turn's held deltas stop at MAX_HELD_CHARS; the rest are counted."""
+    from spear_rt.session.items import MAX_HELD_CHARS
+
+    h = Harness(dialect=Dialect.BETA, auto_upstream=False)
+    h.start()
+    h.append(speech(0.2))
+    item_id = h.machine._turns.turn_id
+    assert item_id is not None
+    chunk = "x" * 1000
+    for _ in range(MAX_HELD_CHARS // 1000 + 10):
+        h.machine.upstream_event(TranscriptDelta(item_id, chunk))
+    assert h.events() == []
+    events = h.send({"type": "input_audio_buffer.commit"})
+    held = [e for e in events if e["type"] == DELTA]
+    assert sum(len(e["delta"]) for e in held) <= MAX_HELD_CHARS
+    assert h.machine.metrics()["dropped_events"] == 10
+
+
 def test_ga_manual_commit_flow_uses_item_added_and_item_done() -> None:
-    """GA: committed, conversation.item.added, completed, conversation.item.done with the text."""
+    """GA: committed, conversation.item.added, delta, completed, conversation.item.done with
+    the text and the real previous item id."""
     h = Harness(dialect=Dialect.GA)
     h.start()
     h.append(speech(0.2))
-    events = h.send({"type": "input_audio_buffer.commit"})
-    assert types(events) == [
+    first = h.send({"type": "input_audio_buffer.commit"})
+    assert types(first) == [
         COMMITTED,
         "conversation.item.added",
+        DELTA,
         COMPLETED,
         "conversation.item.done",
     ]
-    assert events[-1]["item"]["content"][0]["transcript"] == "w1"
-    assert [e["seq"] for e in events] == [3, 4, 5, 6]
+    assert first[-1]["item"]["content"][0]["transcript"] == "w1"
+    assert first[-1]["previous_item_id"] is None
+    assert [e["seq"] for e in first] == [2, 3, 4, 5, 6]
+    h.append(speech(0.2))
+    second = h.send({"type": "input_audio_buffer.commit"})
+    assert second[-1]["type"] == "conversation.item.done"
+    assert second[-1]["previous_item_id"] == first[0]["item_id"] != second[0]["item_id"]
 
 
 def test_second_commit_links_previous_item_id() -> None:
@@ -572,25 +634,66 @@ def test_max_session_seconds_closes_even_an_active_session() -> None:
 # --- drain ------------------------------------------------------------------------------------
 
 
-def test_drain_commits_the_open_turn_refuses_audio_and_closes_1001_after_completion() -> None:
-    """DRAINING: open turn committed, appends refused, close 1001 once the transcript is in."""
+def test_drain_lets_the_client_finish_its_manual_turn_and_answers_it() -> None:
+    """DRAINING: an open manual turn takes more audio and the client's commit, is answered,
+    a new turn is refused, then close 1001."""
+    h = Harness(dialect=Dialect.BETA)
+    h.start()
+    h.append(speech(0.2))
+    h.machine.drain(h.now)
+    assert types(h.events()) == ["spear.server.draining"]
+    assert h.machine.state is State.DRAINING
+    assert h.append(speech(0.2), event_id="more") == []  # still the open turn
+    events = h.send({"type": "input_audio_buffer.commit", "event_id": "c"})
+    assert types(events) == [COMMITTED, "conversation.item.created", DELTA, DELTA, COMPLETED]
+    assert events[-1]["transcript"] == "w1 w2"
+    assert h.machine.close == CloseAction(1001, "server draining")
+    assert h.machine.state is State.CLOSED
+
+
+def test_drain_refuses_audio_for_a_new_turn() -> None:
+    """Once the open turn is committed, appends during the drain are session_draining."""
     h = Harness(dialect=Dialect.BETA, auto_upstream=False)
     h.start()
     h.append(speech(0.2))
     h.machine.drain(h.now)
-    h.pump()
-    events = h.events()
-    assert h.machine.state is State.DRAINING
-    assert types(events) == ["spear.server.draining", COMMITTED, "conversation.item.created"]
+    h.send({"type": "input_audio_buffer.commit"})
+    h.events()
     refused = h.append(speech(0.1), event_id="late")
     assert types(refused) == ["error"]
     assert refused[0]["error"]["code"] == "session_draining"
     assert refused[0]["error"]["event_id"] == "late"
-    assert h.machine.close is None
     events = h.release()
     assert types(events) == [DELTA, COMPLETED]
     assert h.machine.close == CloseAction(1001, "server draining")
-    assert h.machine.state is State.CLOSED
+
+
+def test_drain_commits_a_manual_turn_the_client_leaves_open_halfway_to_the_deadline() -> None:
+    """A client that never commits: the server commits its turn at half the drain deadline,
+    answers it, and closes 1001."""
+    h = Harness(dialect=Dialect.BETA)
+    h.start()
+    h.append(speech(0.2))
+    h.machine.drain(0.0, deadline_s=10.0)
+    h.events()
+    assert h.machine.next_deadline() == 5.0
+    h.machine.tick(4.9)
+    assert h.events() == [] and h.machine.close is None
+    h.machine.tick(5.0)
+    h.pump()
+    assert types(h.events()) == [COMMITTED, "conversation.item.created", DELTA, COMPLETED]
+    assert h.machine.close == CloseAction(1001, "server draining")
+
+
+def test_drain_commits_an_open_vad_turn_at_once() -> None:
+    """Server VAD: the turn open at drain is committed by the server at once."""
+    h = Harness(dialect=Dialect.BETA, vad=True, auto_upstream=False)
+    h.start()
+    pcm = load_fixture_24k("speech_go_forward.wav")
+    h.stream(pcm[: len(pcm) // 2])
+    assert h.machine._turns.turn_id is not None
+    h.machine.drain(h.now)
+    assert types(h.events()) == ["spear.server.draining", COMMITTED, "conversation.item.created"]
 
 
 def test_drain_with_nothing_pending_closes_at_once() -> None:
@@ -606,6 +709,7 @@ def test_drain_deadline_closes_even_with_a_transcript_missing() -> None:
     h = Harness(auto_upstream=False)
     h.start()
     h.append(speech(0.1))
+    h.send({"type": "input_audio_buffer.commit"})
     h.machine.drain(0.0, deadline_s=5.0)
     assert h.machine.next_deadline() == 5.0
     h.machine.tick(4.9)
