@@ -13,12 +13,19 @@ frames/s that is what limits a Python relay (../shared/NOTES.md). So on asyncio:
 
 Flow control: a session whose upstream cannot take more (no fast path, queue full) pauses
 reading the client socket (TCP backpressure); a client that does not read pauses our writes
-(`pause_writing`) and the outbound queue's overflow policy applies.
+(`pause_writing`) and the outbound queue's overflow policy applies. As on the task runner,
+client messages are applied only while the outbound queue holds at most `max_outbound_bytes`:
+past it, the frames already parsed wait (at most one read's worth) and reading pauses until
+the transport takes writes again, so a client flooding bad events but reading its errors is
+slowed, never closed 1008. No exception escapes a callback: a failure handling a message is
+logged once and ends the session with an `error` event and close 1011.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,10 +39,11 @@ from websockets.server import ServerProtocol
 
 from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
 from spear_rt.errors import BackendFailure
-from spear_rt.protocol.client_events import decode_client_event
-from spear_rt.server.ws import MessageAssembler
+from spear_rt.server.ws import Message, MessageAssembler
 from spear_rt.session.machine import CloseAction, SessionMachine
-from spear_rt.session.runner import _BINARY, CLOSE_GRACE_S
+from spear_rt.session.runner import CLOSE_GRACE_S, fail_session, handle_message
+
+log = logging.getLogger(__name__)
 
 READ_HIGH_WATER = 256 * 1024  # buffered unread request bytes before we pause reading
 
@@ -98,7 +106,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self.write_paused = False
         self._wake_drain()
         if self.session is not None:
-            self.session.flush()
+            self.session.writable()
 
     def _wake_reader(self) -> None:
         if self._reader is not None and not self._reader.done():
@@ -216,6 +224,10 @@ class CallbackRunner:
         self._assembler = MessageAssembler()
         self._close_sent = False
         self._grace: asyncio.TimerHandle | None = None
+        # Complete messages not applied yet: the outbound queue was over max_outbound_bytes.
+        # At most one read's worth: reading stays paused while any wait.
+        self._waiting: deque[Message] = deque()
+        self._reading_paused = False
 
     async def run(self) -> None:
         """Own the session until it ends (its first connection may be replaced by resumes)."""
@@ -246,6 +258,7 @@ class CallbackRunner:
         replay = machine.resume(anyio.current_time(), last_seq)
         self.ws = ws
         self._assembler = MessageAssembler()
+        self._waiting.clear()
         self._close_sent = False
         self._rearm_timer()
         self._take_over(connection, replay)
@@ -266,8 +279,8 @@ class CallbackRunner:
         self.connection = connection
         self._link_done = anyio.Event()
         connection.session = self
-        if self._backlog and connection.transport is not None:
-            connection.transport.pause_reading()  # the pump resumes it
+        self._reading_paused = True  # unknown (the HTTP phase may have paused it): settle it
+        self._update_reading()
         for data in replay:
             self.ws.send_text(data)
         early = connection.take_buffered()
@@ -298,24 +311,71 @@ class CallbackRunner:
 
     def data_received(self, data: bytes) -> None:
         """Parse, apply every complete message, forward upstream, write what resulted."""
-        self.ws.receive_data(data)
-        self._apply_frames()
+        try:
+            self.ws.receive_data(data)
+            self._apply_frames()
+        except Exception:  # a callback must not raise: the transport would die silently
+            self._crashed()
 
     def _apply_frames(self) -> None:
-        ws, machine = self.ws, self.machine
-        now = anyio.current_time()
-        for frame in ws.events_received():
+        for frame in self.ws.events_received():
             # ping/pong/close give no message: websockets queued any answer itself
             if isinstance(frame, Frame) and (message := self._assembler.feed(frame)) is not None:
-                event = decode_client_event(message.data) if message.text else _BINARY
-                machine.client_event(event, now)
+                self._waiting.append(message)
+        self._apply_waiting()
+
+    def _apply_waiting(self) -> None:
+        """Apply waiting messages while the outbound queue has room; write what resulted."""
+        machine, waiting = self.machine, self._waiting
+        while waiting:
+            if machine.outbound.nbytes > machine.outbound.max_bytes:
+                self.flush()  # may take the queue at once if the transport is not paused
+                if machine.outbound.nbytes > machine.outbound.max_bytes:
+                    break
+            handle_message(machine, waiting.popleft())
         self._push_upstream()
         self.flush()
+        self._update_reading()
+
+    def _crashed(self) -> None:
+        log.exception("session %s: a connection callback failed", self.machine.session_id)
+        self._waiting.clear()
+        if self.machine.close is None:
+            fail_session(self.machine)
+        with contextlib.suppress(Exception):
+            self.flush()
+        if not self._close_sent:  # not even a close frame could be sent
+            self._abort()
+
+    def _update_reading(self) -> None:
+        """Pause reading while the upstream backlog or unapplied messages wait, else resume."""
+        connection = self.connection
+        if connection is None or connection.transport is None or connection.lost:
+            return
+        pause = bool(self._backlog or self._waiting)
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                connection.transport.pause_reading()
+            else:
+                connection.transport.resume_reading()
 
     def eof_received(self) -> None:
         """The client half-closed: let websockets conclude, then end."""
-        self.ws.receive_eof()
-        self.flush()
+        try:
+            self.ws.receive_eof()
+            self.flush()
+        except Exception:
+            self._crashed()
+
+    def writable(self) -> None:
+        """The transport takes writes again: send what waits, then apply waiting messages."""
+        try:
+            self.flush()
+            if self._waiting:
+                self._apply_waiting()
+        except Exception:
+            self._crashed()
 
     def connection_lost(self) -> None:
         """The TCP connection is gone: a drop detaches the session, anything else ends it."""
@@ -391,9 +451,7 @@ class CallbackRunner:
                 return
         self._backlog.extend(commands)
         commands.clear()
-        connection = self.connection
-        if connection is not None and connection.transport is not None and not connection.lost:
-            connection.transport.pause_reading()  # backpressure until the pump catches up
+        self._update_reading()  # backpressure until the pump catches up
         self._pump_wake.set()
 
     async def _pump(self) -> None:
@@ -411,9 +469,7 @@ class CallbackRunner:
                 self._backlog.clear()
                 self.machine.upstream_failed(f"upstream failed: {exc}")
                 self.flush()
-            connection = self.connection
-            if connection is not None and connection.transport is not None and not connection.lost:
-                connection.transport.resume_reading()
+            self._update_reading()
 
     async def _upstream_reader(self) -> None:
         try:

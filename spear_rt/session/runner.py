@@ -12,7 +12,11 @@ Per link, in a task group of the handler that owns that connection:
 * reader (the handler's task): reads the client socket, feeds every message of a read to
   the machine, then sends the resulting upstream commands. Sending waits when the upstream
   is full, so the reader stops reading and TCP pushes back on the client: audio is never
-  dropped.
+  dropped. Likewise, before each message it waits while the outbound queue holds more than
+  `max_outbound_bytes` (the writer has not sent the answers to earlier messages yet): a
+  client flooding bad events is slowed to the pace it reads its errors, never closed for it.
+  A message whose handling raises is logged once and ends the session with an `error` event
+  and close 1011 (never a silently dead connection).
 * writer: the only task that sends on the link; it drains the outbound queue in one write
   per wake-up and performs the closing handshake.
 
@@ -94,6 +98,31 @@ class ClientLink(Protocol):
         ...
 
 
+def handle_message(machine: SessionMachine, message: ClientMessage) -> None:
+    """Decode one client message and apply it; never raises (shared by both runners).
+
+    A failure in the handling itself (a bug) is logged with its traceback once per session,
+    answered with an `error` event and closes the session 1011.
+    """
+    try:
+        event = decode_client_event(message.data) if message.text else _BINARY
+        machine.client_event(event, anyio.current_time())
+    except Exception:
+        if machine.close is None:
+            log.exception("session %s: handling a client event failed", machine.session_id)
+            fail_session(machine)
+
+
+def fail_session(machine: SessionMachine) -> None:
+    """An internal error in `machine`'s session: tell the client, close 1011 (no traceback)."""
+    try:
+        machine.error(
+            "internal_error", "the server failed to handle an event", error_type="server_error"
+        )
+    finally:
+        machine.close = machine.close or CloseAction(1011, "internal error")
+
+
 class SessionRunner:
     """Runs one machine against its client links and one upstream."""
 
@@ -116,6 +145,7 @@ class SessionRunner:
         self._link_scope: anyio.CancelScope | None = None
         self._link_done = anyio.Event()
         self._timer_sleep: anyio.CancelScope | None = None  # cancel to recompute the deadline
+        self._room = anyio.Event()  # set by the writer each time it empties the outbound queue
 
     async def run(self) -> None:
         """Run until the session closes (it may outlive this first connection)."""
@@ -192,10 +222,14 @@ class SessionRunner:
             messages = await conn.receive()
             if messages is None:
                 break
-            now = anyio.current_time()
             for message in messages:
-                event = decode_client_event(message.data) if message.text else _BINARY
-                machine.client_event(event, now)
+                if machine.outbound.nbytes > machine.outbound.max_bytes:
+                    await self._send_upstream()
+                    self._after()
+                    await self._wait_room()
+                handle_message(machine, message)
+                if machine.close is not None:
+                    break
             await self._send_upstream()
             self._after()
         if conn.dropped and self._detached(conn):
@@ -214,6 +248,7 @@ class SessionRunner:
             await conn.wait_wake()
             for data in machine.outbound.take_all():
                 conn.queue_text(data)
+            self._room.set()
             if machine.close is not None and not close_sent:
                 close_sent = True
                 await conn.close(machine.close.code, machine.close.reason)
@@ -249,6 +284,14 @@ class SessionRunner:
             self._after()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    async def _wait_room(self) -> None:
+        """Wait until the writer has taken the outbound queue (or the session is closing)."""
+        machine = self.machine
+        while machine.outbound.nbytes > machine.outbound.max_bytes and machine.close is None:
+            self._room = anyio.Event()
+            self._after()
+            await self._room.wait()
 
     async def _send_upstream(self) -> None:
         """Send the machine's queued upstream commands in order (one sender at a time).
