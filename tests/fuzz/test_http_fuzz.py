@@ -153,6 +153,7 @@ def _form(boundary: str, parts: list[bytes]) -> bytes:
     return b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + b + b"--\r\n"
 
 
+JSON = "Content-Type: application/json"
 _CHAT = b'{"model":"stub","messages":[{"role":"user","content":"hi"}]}'
 _UPLOAD = _form(
     "xyz",
@@ -164,11 +165,11 @@ _UPLOAD = _form(
 )
 TEMPLATES = [
     _request("GET", "/healthz", []),
-    _request("POST", "/v1/chat/completions", [f"Content-Length: {len(_CHAT)}"], _CHAT),
+    _request("POST", "/v1/chat/completions", [JSON, f"Content-Length: {len(_CHAT)}"], _CHAT),
     _request(
         "POST",
         "/v1/embeddings",
-        ["Transfer-Encoding: chunked"],
+        [JSON, "Transfer-Encoding: chunked"],
         b'9\r\n{"model":\r\n13;ext=1\r\n"stub","input":"x"}\r\n0\r\nTrailer: y\r\n\r\n',
     ),
     _request(
@@ -223,7 +224,7 @@ def chunked(draw: st.DrawFn) -> bytes:
         body += size + b"\r\n" + data + b"\r\n"
     body += draw(st.sampled_from([b"0\r\n\r\n", b"0\r\nX: y\r\n\r\n", b"", b"0\r\n"]))
     path = draw(st.sampled_from(["/v1/embeddings", "/v1/media", "/healthz"]))
-    return _request("POST", path, ["Transfer-Encoding: chunked"], body)
+    return _request("POST", path, [JSON, "Transfer-Encoding: chunked"], body)
 
 
 def mutate(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
