@@ -229,4 +229,8 @@ def render_session(settings: SessionSettings, dialect: Dialect, session_id: str)
     }
     if settings.kind is SessionKind.REALTIME:
         session["model"] = settings.model
+    else:
+        # The beta SDK's TranscriptionSession model requires client_secret; a WebSocket
+        # session has none (that is for REST-created sessions): empty value, expires_at 0.
+        session["client_secret"] = {"value": "", "expires_at": 0}
     return session
