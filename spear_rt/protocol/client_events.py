@@ -92,6 +92,9 @@ class SessionWire(msgspec.Struct, forbid_unknown_fields=True):
     turn_detection: TurnDetectionWire | UnsetType | None = UNSET
     modalities: list[str] | UnsetType = UNSET
     input_audio_noise_reduction: dict[str, Any] | UnsetType | None = UNSET
+    # beta transcription_session.update may ask about an ephemeral key (REST sessions);
+    # accepted and ignored, as session.created shows an empty one
+    client_secret: dict[str, Any] | UnsetType | None = UNSET
     # GA
     audio: GaAudio | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
