@@ -68,17 +68,6 @@ async def serve(
     exit_code = 0
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.serve)
-        for inst in server.registry.instances.values():
-            state = "ready" if inst.unavailable is None else f"unavailable ({inst.unavailable})"
-            print(f"spear-rt: backend {inst.name} [{inst.config.kind}] {state}", file=sys.stderr)
-        host = config.server.listen.rpartition(":")[0]
-        scheme = "https" if server.ssl_context is not None else "http"
-        print(
-            f"spear-rt: listening on {scheme}://{host}:{port} (config: {config.source})",
-            file=sys.stderr,
-        )
-        if announce is not None:
-            announce(port)
 
         async def drain_then_stop(name: str) -> None:
             deadline = server.config.realtime.drain_deadline_s
@@ -94,6 +83,9 @@ async def serve(
 
         draining = False
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            _announce(server, port)  # once the signals are ours: a SIGTERM from now on drains
+            if announce is not None:
+                announce(port)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     _reload(server)
@@ -105,6 +97,19 @@ async def serve(
                     draining = True
                     tg.start_soon(drain_then_stop, signal.Signals(signum).name)
     return exit_code
+
+
+def _announce(server: Server, port: int) -> None:
+    """The start-up lines: each backend's state, then where the server listens."""
+    for inst in server.registry.instances.values():
+        state = "ready" if inst.unavailable is None else f"unavailable ({inst.unavailable})"
+        print(f"spear-rt: backend {inst.name} [{inst.config.kind}] {state}", file=sys.stderr)
+    host = server.config.server.listen.rpartition(":")[0]
+    scheme = "https" if server.ssl_context is not None else "http"
+    print(
+        f"spear-rt: listening on {scheme}://{host}:{port} (config: {server.config.source})",
+        file=sys.stderr,
+    )
 
 
 def _reload(server: Server) -> None:

@@ -227,3 +227,35 @@ async def test_port_in_use_is_one_line_and_exit_2(tmp_path: Path, loop: str, dri
     lines = [line for line in result.stderr.decode().splitlines() if "backend" not in line]
     assert lines == [f"spear-rt: cannot listen on 127.0.0.1:{port}: address already in use"]
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(("loop", "driver"), [LOOPS[0], LOOPS[2]], ids=[IDS[0], IDS[2]])
+async def test_drain_lets_a_streamed_answer_finish(tmp_path: Path, loop: str, driver: str) -> None:
+    """An SSE stream in flight at SIGTERM is relayed to its end ([DONE]) before the exit."""
+    fake = FakeOpenAI()
+    config = tmp_path / "spear.toml"
+    stream_body = json.dumps({**json.loads(CHAT), "stream": True})
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            config.write_text(config_text(driver, await nursery.start(fake.serve)))
+            server = await ServeProcess.start(config, loop)
+            slow = fake.slow_stream()
+            try:
+                port = await server.port()
+                busy = await Http.connect(port)
+                await busy.send("POST", "/v1/chat/completions", stream_body)
+                slow.release()  # the role chunk: the stream is open end to end
+                busy.h11.receive_data(await busy.stream.receive())  # its first bytes came
+                server.process.send_signal(signal.SIGTERM)
+                await server.wait_for(b"draining")
+                slow.release(100)
+                answer = await busy.response()
+                assert answer is not None and answer[0] == 200
+                assert answer[2].endswith(b"data: [DONE]\n\n")
+                events = [e[6:] for e in answer[2].decode().split("\n\n") if e[6:]]
+                deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+                assert "".join(d.get("content", "") for d in deltas) == "echo: slow answer"
+                assert await server.process.wait() == 0
+            finally:
+                await server.stop()
+            nursery.cancel_scope.cancel()
