@@ -301,8 +301,8 @@ def normalize_transcription(
     fields: dict[str, Any] = {
         k: form[k].data.decode("utf-8", "replace") for k in TRANSCRIPTION_FIELDS if k in form
     }
-    if GRANULARITIES in form:  # a list field; the form parser keeps a repeated name's last
-        fields[GRANULARITIES] = [form[GRANULARITIES].data.decode("utf-8", "replace")]
+    if GRANULARITIES in form:  # a list field: the SDKs send one part per value
+        fields[GRANULARITIES] = [v.decode("utf-8", "replace") for v in form[GRANULARITIES].values()]
     if "model" not in fields:
         raise InvalidInput(
             "you must provide a `model` parameter", "model", "missing_required_parameter"

@@ -29,6 +29,11 @@ class Part(msgspec.Struct, frozen=True):
     data: bytes
     filename: str | None = None
     content_type: str | None = None
+    earlier: tuple[bytes, ...] = ()  # values of earlier parts with this name, in order
+
+    def values(self) -> list[bytes]:
+        """Every value sent under this name, in order (`name[]` list fields repeat)."""
+        return [*self.earlier, self.data]
 
 
 _QUOTED_STOP = re.compile(r'["\\]')  # one character class: no backtracking
@@ -133,7 +138,7 @@ def _parse_in_thread(body: bytes, content_type: str | None) -> dict[str, Part]:
 
 
 def parse_multipart(body: bytes, content_type: str | None) -> dict[str, Part]:
-    """Parse a form; repeated names keep the last value (OpenAI's fields are single)."""
+    """Parse a form; a repeated name maps to its last part, which keeps the earlier values."""
     delimiter = b"--" + boundary_of(content_type)
     start = body.find(delimiter)
     if start < 0:
@@ -158,6 +163,8 @@ def parse_multipart(body: bytes, content_type: str | None) -> dict[str, Part]:
         if next_delim < 0:
             raise MultipartError("the multipart body is truncated (no closing boundary)")
         part = _part(headers, body[head_end + 4 : next_delim])
+        if (previous := parts.get(part.name)) is not None:  # bounded by MAX_PARTS
+            part = msgspec.structs.replace(part, earlier=(*previous.earlier, previous.data))
         parts[part.name] = part
         count += 1
         if count > MAX_PARTS:

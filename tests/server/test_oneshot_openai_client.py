@@ -273,6 +273,23 @@ def test_transcription_on_pocketsphinx(local: Running) -> None:
     assert {"go", "forward"} <= set(words), words
 
 
+def test_transcription_timestamp_granularities_word_and_segment(local: Running) -> None:
+    """The SDK sends timestamp_granularities[] once per value: both reach the engine."""
+
+    async def main(sdk: Any) -> Any:
+        return await sdk.audio.transcriptions.create(
+            model="whisper-1",
+            file=wav_upload(),
+            response_format="verbose_json",
+            timestamp_granularities=["word", "segment"],
+            extra_headers={"spear-backend": "sphinx"},
+        )
+
+    answer = run(main, local.port)
+    assert answer.words and answer.segments, answer
+    assert [w.word for w in answer.words] == answer.text.split()
+
+
 def test_speech_on_espeak_is_real_audio(local: Running) -> None:
     """audio.speech.create (wav and flac): soundfile decodes 24 kHz mono speech of a sane length."""
 
