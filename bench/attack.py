@@ -53,9 +53,17 @@ def free_port() -> int:
 class Server:
     """A spear-rt server subprocess from a given source tree, logging to a file."""
 
-    def __init__(self, python: str, src: Path, loop: str, log: Path, config: str | None) -> None:
+    def __init__(
+        self,
+        python: str,
+        src: Path,
+        loop: str,
+        log: Path,
+        config: str | None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.python, self.src, self.loop, self.log_path = python, src, loop, log
-        self.config = config
+        self.config, self.extra_env = config, extra_env or {}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -63,6 +71,7 @@ class Server:
         """The environment that makes `spear_rt` resolve to the source tree."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.src)
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:
@@ -73,6 +82,7 @@ class Server:
             cmd += ["--config", self.config]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=self.src, env=self.env(), stdout=log, stderr=log)
+        log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -205,8 +215,14 @@ def run_class(args: argparse.Namespace, name: str, cls: ac.AttackClass) -> dict[
     """One class on a fresh server (or the --url one): measurements + verdict."""
     log = Path(args.logdir) / f"server-{name}.log"
     server: Server | None = None
+    cleanup: Any = None
     if cls.needs_server and not args.url:
-        server = Server(args.python, Path(args.src), args.loop, log, args.config)
+        config, env = args.config, {}
+        if cls.setup is not None:
+            text, env, cleanup = cls.setup()
+            config = str(Path(args.logdir) / f"config-{name}.toml")
+            Path(config).write_text(text)
+        server = Server(args.python, Path(args.src), args.loop, log, config, env)
         server.start()
         pid, port = server.proc.pid if server.proc else None, server.port
     elif cls.needs_server:
@@ -222,6 +238,15 @@ def run_class(args: argparse.Namespace, name: str, cls: ac.AttackClass) -> dict[
         workdir=Path(args.logdir),
     )
     offset = log.stat().st_size if log.exists() else 0
+
+    def log_text() -> str:
+        if not log.exists():
+            return ""
+        with log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    ctx.log_text = log_text
     time.sleep(0.5)
     before = rss_mb(pid) if pid else None
     watch = Watch(pid, port, args.rss_cap_mb, server.kill if server else (lambda: None))
@@ -239,12 +264,7 @@ def run_class(args: argparse.Namespace, name: str, cls: ac.AttackClass) -> dict[
     after = rss_mb(pid) if pid else None
     if cls.needs_server:
         watch.finish()
-    text = ""
-    if log.exists():
-        with log.open("rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-    counts = log_counts(text)
+    counts = log_counts(log_text())
     rss = watch.rss or ([before] if before else [])
     if not cls.needs_server:
         before, after, rss = result.rss_before, result.rss_after, result.rss_samples
@@ -264,6 +284,8 @@ def run_class(args: argparse.Namespace, name: str, cls: ac.AttackClass) -> dict[
     row["verdict"], row["why"] = verdict(row, result, watch, args, cls)
     if server is not None:
         server.stop()
+    if cleanup is not None:
+        cleanup()
     return row
 
 

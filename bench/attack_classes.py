@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attack_net as net
+import attack_secret
 import attack_wasm
 
 Result = attack_wasm.Result
@@ -33,6 +34,7 @@ class Context:
     cap_mb: float
     workdir: Path
     capped: Callable[[], bool] = lambda: False
+    log_text: Callable[[], str] = lambda: ""
 
 
 @dataclass
@@ -45,6 +47,8 @@ class AttackClass:
     default: bool = True
     rss_budget_mb: float = 300.0  # peak - before above this: broke
     rss_keep_mb: float = 100.0  # after - before above this: broke (kept after the class)
+    # before the server starts: (its config text, extra env, cleanup)
+    setup: Callable[[], tuple[str, dict[str, str], Callable[[], None]]] | None = None
 
 
 JSON = {"Content-Type": "application/json"}
@@ -60,6 +64,8 @@ def wav(rate: int, data: bytes) -> bytes:
 
 def brief(reply: net.Reply) -> str:
     """Status + the first words of the error message."""
+    if reply.status is not None and reply.status < 300:
+        return str(reply.status)
     msg = ""
     try:
         msg = json.loads(reply.head)["error"]["message"][:60]
@@ -284,14 +290,27 @@ async def httpedge(ctx: Context) -> Result:
     return Result(not wrong, "; ".join(wrong) or "400, 400/400, 431, 413 at once", out)
 
 
+def stub_only() -> tuple[str, dict[str, str], Callable[[], None]]:
+    """A config whose one backend is the stub (espeak would take TTS first)."""
+    return '[[backends]]\nname = "stub"\nkind = "stub"\n', {}, lambda: None
+
+
 async def tts(ctx: Context) -> Result:
-    """8 KB of input to the stub TTS."""
-    body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "word " * 1600}).encode()
+    """4 KB of long words at speed 0.25 to the stub TTS (a 4.2 KB request)."""
+    words = "ab " * 1365  # 4095 characters, OpenAI's limit is 4096
+    speech = {
+        "model": "tts-1",
+        "voice": "alloy",
+        "input": words,
+        "speed": 0.25,
+        "response_format": "wav",
+    }
+    body = json.dumps(speech).encode()
     reply = await net.http(
         ctx.port, "POST", "/v1/audio/speech", body, {**JSON, "spear-backend": "stub"}, wait_s=60
     )
     ratio = reply.body_bytes / len(body)
-    held = reply.body_bytes < 20_000_000
+    held = reply.body_bytes < 5_000_000
     return Result(
         held,
         f"{brief(reply)[:40]} {reply.body_bytes / 1e6:.1f} MB out ({ratio:.0f}x)",
@@ -395,6 +414,17 @@ async def wasm(ctx: Context) -> Result:
     return await attack_wasm.run(ctx.python, ctx.src, ctx.workdir, ctx.quick)
 
 
+def secret_setup() -> tuple[str, dict[str, str], Callable[[], None]]:
+    """The echoing upstream, and a config that sends chat to it with a key."""
+    up = attack_secret.Upstream()
+    return attack_secret.config(up.port), {attack_secret.ENV: attack_secret.KEY}, up.close
+
+
+async def secret(ctx: Context) -> Result:
+    """An upstream echoing the key: near the error cut, upper-cased, in a 2xx body."""
+    return await attack_secret.run(ctx.port, ctx.log_text)
+
+
 CLASSES: dict[str, AttackClass] = {
     "samplerate": AttackClass(samplerate, 60, rss_budget_mb=200),
     "redos": AttackClass(redos, 60),
@@ -402,8 +432,9 @@ CLASSES: dict[str, AttackClass] = {
     "badflood": AttackClass(badflood, 60, rss_budget_mb=200),
     "slowbody": AttackClass(slowbody, 45, rss_budget_mb=150),
     "httpedge": AttackClass(httpedge, 30),
-    "tts": AttackClass(tts, 60, rss_budget_mb=200),
+    "tts": AttackClass(tts, 60, rss_budget_mb=200, setup=stub_only),
     "browser": AttackClass(browser, 30),
+    "secret": AttackClass(secret, 30, setup=secret_setup),
     "wasm": AttackClass(wasm, 90, needs_server=False),
     "longspeech": AttackClass(longspeech, 200, default=False),
 }

@@ -72,7 +72,7 @@ async def first_status(port: int, chunks: list[bytes], wait_s: float) -> tuple[i
 
 @dataclass
 class Reply:
-    """An HTTP answer, body counted (first bytes kept)."""
+    """An HTTP answer, body counted (its first 64 KiB kept)."""
 
     status: int | None
     body_bytes: int
@@ -114,8 +114,8 @@ async def http(
         kept, total = b"", 0
         while part := await asyncio.wait_for(reader.read(1 << 20), wait_s):
             total += len(part)
-            if len(kept) < 2048:
-                kept += part[: 2048 - len(kept)]
+            if len(kept) < 65536:
+                kept += part[: 65536 - len(kept)]
         return Reply(int(m.group(1)) if m else None, total, kept, time.monotonic() - t0, hdrs)
     except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
         return Reply(None, 0, b"", time.monotonic() - t0)

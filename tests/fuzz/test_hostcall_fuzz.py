@@ -218,7 +218,7 @@ def _resolve(host: Host, call: tuple[Any, ...]) -> tuple[Any, ...]:
     return call
 
 
-@FUZZ
+@settings(FUZZ, max_examples=200)
 @given(calls=st.lists(CALL, min_size=1, max_size=40))
 def test_host_functions_never_raise_and_stay_bounded(calls: list[tuple[Any, ...]]) -> None:
     host = Host()
@@ -281,25 +281,21 @@ PROBE = """
   (func (export "audio_read") (param i32 i32) (result i32)
     (call $audio_read (local.get 0) (local.get 1))))
 """
-ARITY = {
-    "create": 0,
-    "ctl": 4,
-    "write": 3,
-    "read": 3,
-    "close": 1,
-    "ep_create": 0,
-    "ep_ctl": 4,
-    "ep_wait": 4,
-    "ep_close": 1,
-    "audio_read": 2,
+LEN = st.one_of(st.integers(-4, 4096), I32)
+WASM_ARGS = {
+    "create": st.tuples(),
+    "ctl": st.tuples(FD, CMD, PTR, PTR),
+    "write": st.tuples(FD, PTR, LEN),
+    "read": st.tuples(FD, PTR, PTR),
+    "close": st.tuples(FD),
+    "ep_create": st.tuples(),
+    "ep_ctl": st.tuples(FD, OP, FD, I32),
+    "ep_wait": st.tuples(FD, PTR, PTR, TIMEOUT),
+    "ep_close": st.tuples(FD),
+    "audio_read": st.tuples(PTR, PTR),
 }
 WASM_CALL = st.one_of(
-    *(
-        st.tuples(st.just(name), st.lists(I32, min_size=n, max_size=n))
-        for name, n in ARITY.items()
-        if name != "ep_wait"
-    ),
-    st.tuples(st.just("ep_wait"), st.tuples(FD, PTR, PTR, TIMEOUT).map(list)),
+    *(st.tuples(st.just(name), args.map(list)) for name, args in WASM_ARGS.items()),
     st.tuples(
         st.just("poke"),
         st.tuples(st.integers(0, MEM - 8), st.binary(min_size=1, max_size=8)).map(list),
@@ -323,7 +319,7 @@ def guest() -> Any:
     g.close()
 
 
-@FUZZ
+@settings(FUZZ, max_examples=100)
 @given(calls=st.lists(WASM_CALL, min_size=1, max_size=30))
 def test_wasm_binding_turns_any_arguments_into_errno(
     guest: WasmGuest, calls: list[tuple[str, list[Any]]]
