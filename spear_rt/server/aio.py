@@ -40,8 +40,9 @@ from websockets.server import ServerProtocol
 from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
 from spear_rt.errors import BackendFailure
 from spear_rt.server.ws import Message, MessageAssembler
-from spear_rt.session.machine import CloseAction, SessionMachine
-from spear_rt.session.runner import CLOSE_GRACE_S, fail_session, handle_message
+from spear_rt.session import runner as task_runner
+from spear_rt.session.machine import SessionMachine
+from spear_rt.session.runner import CLOSE_GRACE_S, NOT_READING, fail_session, handle_message
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,7 @@ class CallbackRunner:
         # At most one read's worth: reading stays paused while any wait.
         self._waiting: deque[Message] = deque()
         self._reading_paused = False
+        self._stall: asyncio.TimerHandle | None = None  # messages wait, the socket takes nothing
 
     async def run(self) -> None:
         """Own the session until it ends (its first connection may be replaced by resumes)."""
@@ -245,6 +247,8 @@ class CallbackRunner:
         finally:
             if self._grace is not None:
                 self._grace.cancel()
+            if self._stall is not None:
+                self._stall.cancel()
             self._release(abort=False)
 
     async def attach(
@@ -336,6 +340,22 @@ class CallbackRunner:
         self._push_upstream()
         self.flush()
         self._update_reading()
+        if self._stall is not None:
+            self._stall.cancel()  # progress: the transport took writes
+            self._stall = None
+        if waiting:
+            stall_s = task_runner.WRITE_STALL_S
+            self._stall = asyncio.get_running_loop().call_later(stall_s, self._stalled)
+
+    def _stalled(self) -> None:
+        """Messages waited WRITE_STALL_S for a socket that took nothing: close 1008."""
+        self._stall = None
+        self._waiting.clear()
+        self.machine.close = self.machine.close or NOT_READING
+        try:
+            self.flush()
+        except Exception:
+            self._crashed()
 
     def _crashed(self) -> None:
         log.exception("session %s: a connection callback failed", self.machine.session_id)
@@ -394,7 +414,7 @@ class CallbackRunner:
         """Write queued events (unless the client is not reading) and any close or pong."""
         machine, ws, connection = self.machine, self.ws, self.connection
         if machine.outbound.overflowed and machine.close is None:
-            machine.close = CloseAction(1008, "client is not reading events")
+            machine.close = NOT_READING
         if connection is None:
             if machine.close is not None:
                 self._done.set()  # detached: there is no connection to close

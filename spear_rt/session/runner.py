@@ -14,7 +14,8 @@ Per link, in a task group of the handler that owns that connection:
   is full, so the reader stops reading and TCP pushes back on the client: audio is never
   dropped. Likewise, before each message it waits while the outbound queue holds more than
   `max_outbound_bytes` (the writer has not sent the answers to earlier messages yet): a
-  client flooding bad events is slowed to the pace it reads its errors, never closed for it.
+  client flooding bad events is slowed to the pace it reads its errors, never closed for it;
+  one whose socket takes nothing for WRITE_STALL_S meanwhile is closed 1008.
   A message whose handling raises is logged once and ends the session with an `error` event
   and close 1011 (never a silently dead connection).
 * writer: the only task that sends on the link; it drains the outbound queue in one write
@@ -42,6 +43,10 @@ from spear_rt.session.machine import CloseAction, SessionMachine, State
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 2.0
+# A client whose socket takes none of our writes for this long while its own events wait for
+# room in the outbound queue is not reading: close 1008 (both runners).
+WRITE_STALL_S = 30.0
+NOT_READING = CloseAction(1008, "client is not reading events")
 _BINARY = ProtocolError(
     "binary_frame_not_supported",
     "binary frames are not accepted: send JSON events as text frames (audio base64 in "
@@ -291,7 +296,11 @@ class SessionRunner:
         while machine.outbound.nbytes > machine.outbound.max_bytes and machine.close is None:
             self._room = anyio.Event()
             self._after()
-            await self._room.wait()
+            with anyio.move_on_after(WRITE_STALL_S) as stalled:
+                await self._room.wait()
+            if stalled.cancelled_caught:
+                machine.close = machine.close or NOT_READING
+                self._after()
 
     async def _send_upstream(self) -> None:
         """Send the machine's queued upstream commands in order (one sender at a time).
@@ -313,7 +322,7 @@ class SessionRunner:
     def _after(self) -> None:
         machine, conn = self.machine, self.conn
         if machine.outbound.overflowed and machine.close is None:
-            machine.close = CloseAction(1008, "client is not reading events")
+            machine.close = NOT_READING
         if conn is None:
             if machine.close is not None:
                 self._cancel()  # detached: there is no connection to close

@@ -11,8 +11,10 @@ the task runner, asyncio callbacks (server/aio.py) and uvloop callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import socket
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +25,9 @@ import pytest
 
 from spear_rt.protocol.client_events import MAX_EVENT_ID_CHARS
 from spear_rt.server.app import Server
+from spear_rt.session import runner as task_runner
 from spear_rt.session.machine import SessionMachine
+from spear_rt.session.runner import NOT_READING
 from tests.conftest import WsClient, make_config
 from tests.server.test_realtime import TRANSCRIPTION, commit_works, open_manual
 from tests.server.test_resume import until
@@ -235,3 +239,47 @@ def test_a_flood_of_bad_events_is_answered_in_full_bounded_and_released(
     assert result["refs"] >= 3 * SESSIONS
     assert result["alive"] == []  # machines and runners (and all they hold) were collected
     assert result["tables"] == ({}, {})
+
+
+@pytest.mark.parametrize(("loop", "driver"), DRIVERS, ids=IDS)
+def test_a_flooding_client_that_never_reads_is_closed_1008(
+    loop: str, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same flood from a client that reads nothing: its events wait for room, the socket
+    takes nothing for WRITE_STALL_S, close 1008; the outbound queue stayed bounded."""
+    monkeypatch.setattr(task_runner, "WRITE_STALL_S", 0.5)
+
+    async def scenario(server: Server) -> tuple[Any, int]:
+        assert server.port is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(("127.0.0.1", server.port))
+        await anyio.wait_writable(sock)  # type: ignore[attr-defined]
+        stream = await anyio.abc.SocketStream.from_socket(sock)
+        client = await WsClient.over(stream, server.port, TRANSCRIPTION)
+        await client.recv()
+        (runner,) = server.sessions.sessions.values()
+        machine = runner.machine
+        peak = 0
+
+        async def flood() -> None:
+            for i in range(10**6):
+                event = {"type": "no.such.event", "event_id": f"{i:06d}"}
+                client.protocol.send_text(json.dumps(event).encode())
+                if i % 100 == 99:
+                    await client.stream.send(b"".join(client.protocol.data_to_send()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            while machine.close is None:
+                peak = max(peak, machine.outbound.nbytes)
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        await client.stream.aclose()  # (the session then ends within CLOSE_GRACE_S)
+        return machine.close, peak
+
+    close, peak = run(loop, driver, scenario, realtime=f"max_outbound_bytes = {MAX_OUTBOUND}")
+    assert close == NOT_READING
+    assert peak <= 4 * MAX_OUTBOUND
