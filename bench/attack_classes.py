@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import re
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -75,15 +77,37 @@ def brief(reply: net.Reply) -> str:
 
 
 async def samplerate(ctx: Context) -> Result:
-    """A 6 KB WAV whose header says 1 Hz to /v1/audio/transcriptions."""
+    """A 6 KB WAV whose header says 1 Hz to /v1/audio/transcriptions, uploaded and by file_ref."""
     noise = bytes((i * 37) & 0xFF for i in range(6000))
     body, ctype = net.multipart({"model": "whisper-1"}, {"file": ("x.wav", wav(1, noise))})
     reply = await net.http(
         ctx.port, "POST", "/v1/audio/transcriptions", body, {"Content-Type": ctype}, wait_s=60
     )
-    held = reply.status is not None and 400 <= reply.status < 500
-    why = f"{brief(reply)} in {reply.seconds:.1f} s"
-    return Result(held, why if held else f"answered {why}", {"status": reply.status})
+    out: dict[str, Any] = {"upload": reply.status}
+    said = [f"upload {brief(reply)} in {reply.seconds:.1f} s"]
+    if not ctx.capped():
+        stored = await net.http(
+            ctx.port, "POST", "/v1/media", wav(1, noise), {"Content-Type": "audio/wav"}
+        )
+        ref = re.search(rb"spear-media://[0-9a-f]{64}", stored.head)
+        if ref is None:
+            said.append(f"media store {brief(stored)}")
+        else:
+            body, ctype = net.multipart(
+                {"model": "whisper-1", "file_ref": ref.group().decode()}, {}
+            )
+            by_ref = await net.http(
+                ctx.port,
+                "POST",
+                "/v1/audio/transcriptions",
+                body,
+                {"Content-Type": ctype},
+                wait_s=60,
+            )
+            out["file_ref"] = by_ref.status
+            said.append(f"file_ref {brief(by_ref)} in {by_ref.seconds:.1f} s")
+    held = all(isinstance(v, int) and 400 <= v < 500 for v in out.values())
+    return Result(held, "; ".join(said), out)
 
 
 async def redos(ctx: Context) -> Result:
@@ -243,6 +267,46 @@ async def slowbody(ctx: Context) -> Result:
         f"{sent[0] / 1e6:.0f} MB sent on {conns} conns, {refused} answered early",
         {"sent_bytes": sent[0], "statuses": statuses},
     )
+
+
+async def _frame_in_flight(ctx: Context, size: int, stop: asyncio.Event) -> str:
+    """Upgrade, then send all but the last byte of one `size`-byte text frame; hold."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ctx.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /v1/realtime?intent=transcription HTTP/1.1\r\nHost: 127.0.0.1:{ctx.port}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        if not head.startswith(b"HTTP/1.1 101"):
+            return head[9:12].decode(errors="replace")
+        writer.write(b"\x81\xff" + struct.pack(">Q", size) + b"\0\0\0\0")  # mask 0
+        chunk = b"a" * 65536
+        for _ in range(size // len(chunk) - 1):
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), 10)
+        writer.write(chunk[:-1])
+        await asyncio.wait_for(writer.drain(), 10)
+        await stop.wait()
+        return "held"
+    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
+        return type(exc).__name__
+    finally:
+        writer.transport.abort()
+
+
+async def slowframes(ctx: Context) -> Result:
+    """300 sessions each with one 1 MiB frame in flight (all but its last byte)."""
+    conns, size = (60, 1 << 20) if ctx.quick else (300, (1 << 20) - 64)
+    stop = asyncio.Event()
+    tasks = [asyncio.ensure_future(_frame_in_flight(ctx, size, stop)) for _ in range(conns)]
+    await asyncio.sleep(8.0)  # time to send them (the RSS peak is sampled meanwhile)
+    stop.set()
+    outcomes = await asyncio.gather(*tasks)
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    return Result(True, f"{conns} frames of {size >> 10} KiB: {counts}", {"outcomes": counts})
 
 
 def _host() -> bytes:
@@ -431,6 +495,7 @@ CLASSES: dict[str, AttackClass] = {
     "deepjson": AttackClass(deepjson, 60),
     "badflood": AttackClass(badflood, 60, rss_budget_mb=200),
     "slowbody": AttackClass(slowbody, 45, rss_budget_mb=150),
+    "slowframes": AttackClass(slowframes, 45, rss_budget_mb=150),
     "httpedge": AttackClass(httpedge, 30),
     "tts": AttackClass(tts, 60, rss_budget_mb=200, setup=stub_only),
     "browser": AttackClass(browser, 30),
