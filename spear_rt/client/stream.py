@@ -137,11 +137,12 @@ class _Progress:
 
 
 def _session_update(vad: bool) -> dict[str, Any]:
-    turn = {"type": "server_vad"} if vad else None
-    return {
-        "type": "transcription_session.update",
-        "session": {"input_audio_format": "pcm16", "turn_detection": turn},
-    }
+    session: dict[str, Any] = {"input_audio_format": "pcm16", "turn_detection": None}
+    if vad:
+        session["turn_detection"] = {"type": "server_vad"}
+    else:  # a live transcript of a manual turn: its words before the commit announces the item
+        session["spear"] = {"early_deltas": True}
+    return {"type": "transcription_session.update", "session": session}
 
 
 async def _stream_frames(client: ResumingClient, pcm: NDArray[np.int16], pace: Pace) -> None:

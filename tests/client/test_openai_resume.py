@@ -66,6 +66,7 @@ SESSION_UPDATE = {
         "audio": {
             "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None}
         },
+        "spear": {"early_deltas": True},  # the commit waits for the deltas of the open turn
     },
 }
 
