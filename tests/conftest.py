@@ -52,6 +52,40 @@ def make_config(
     return parse_config(text, "test")
 
 
+# The three session drivers: trio tasks, asyncio callbacks (the default on asyncio), asyncio tasks.
+DRIVERS = [("trio", "auto"), ("asyncio", "auto"), ("asyncio", "anyio")]
+IDS = ["trio", "asyncio-callbacks", "asyncio-tasks"]
+
+
+def run_on(
+    backend: str,
+    driver: str,
+    scenario: Callable[[Server], Awaitable[Any]],
+    server: str = "",
+    *,
+    realtime: str = "",
+    backends: str = STUB_BACKEND,
+    registry: Callable[[Config], BackendRegistry] | None = None,
+    bound_s: float = 20.0,
+) -> Any:
+    """Run `scenario(server)` against a fresh server using `driver` on the `backend` loop;
+    `server` is extra TOML for its [server] section."""
+
+    async def main() -> Any:
+        config = make_config(
+            server=f'driver = "{driver}"\n{server}', realtime=realtime, backends=backends
+        )
+        instance = Server(config, registry(config) if registry else None)
+        async with anyio.create_task_group() as tg:
+            await tg.start(instance.serve)
+            with anyio.fail_after(bound_s):
+                result = await scenario(instance)
+            tg.cancel_scope.cancel()
+        return result
+
+    return anyio.run(main, backend=backend)
+
+
 def load_fixture_24k(name: str) -> NDArray[np.int16]:
     """A fixture WAV resampled to 24 kHz (the protocol's pcm16 rate)."""
     pcm, rate = load_audio(FIXTURES / name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import threading
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -23,7 +22,7 @@ import soundfile  # type: ignore[import-untyped]
 import spear_rt.audio.files as files
 import spear_rt.normalize
 from spear_rt.server.app import Server
-from tests.conftest import FIXTURES, make_config, noise_pcm
+from tests.conftest import FIXTURES, noise_pcm, run_on
 
 DRIVERS = [("trio", "auto"), ("asyncio", "auto"), ("asyncio", "anyio")]
 IDS = ["trio", "asyncio-callbacks", "asyncio-tasks"]
@@ -39,23 +38,6 @@ def wav(pcm: np.ndarray, rate_hz: int, channels: int = 1) -> bytes:
 
 
 ONE_HZ = wav(np.zeros(1000, dtype=np.int16), 1)  # 2 KB, "16 min 40 s"
-
-
-def run_on(
-    backend: str, driver: str, scenario: Callable[[Server], Awaitable[Any]], server: str = ""
-) -> Any:
-    """Run `scenario(server)` against a fresh stub server using `driver` on `backend`."""
-
-    async def main() -> Any:
-        srv = Server(make_config(server=f'driver = "{driver}"\n{server}'))
-        async with anyio.create_task_group() as tg:
-            await tg.start(srv.serve)
-            with anyio.fail_after(BOUND_S):
-                result = await scenario(srv)
-            tg.cancel_scope.cancel()
-        return result
-
-    return anyio.run(main, backend=backend)
 
 
 async def transcribe(port: int, data: bytes, name: str = "a.wav") -> httpx.Response:

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -23,30 +22,13 @@ import pytest
 
 from spear_rt.server import multipart
 from spear_rt.server.app import Server
-from tests.conftest import FIXTURES, make_config
+from tests.conftest import FIXTURES, make_config, run_on
 from tests.server.test_resume import DRIVERS, IDS, until
 
 BOUND_S = 20
 WAV = (FIXTURES / "speech_turn_left.wav").read_bytes()
 CHAT = b'{"model": "stub", "messages": [{"role": "user", "content": "hi"}]}'
 EMBED = b'{"model": "stub", "input": "hello"}'
-
-
-def run_on(
-    backend: str, driver: str, scenario: Callable[[Server], Awaitable[Any]], server: str = ""
-) -> Any:
-    """Run `scenario(server)` against a fresh stub server using `driver` on `backend`."""
-
-    async def main() -> Any:
-        srv = Server(make_config(server=f'driver = "{driver}"\n{server}'))
-        async with anyio.create_task_group() as tg:
-            await tg.start(srv.serve)
-            with anyio.fail_after(BOUND_S):
-                result = await scenario(srv)
-            tg.cancel_scope.cancel()
-        return result
-
-    return anyio.run(main, backend=backend)
 
 
 def pieces(data: bytes, size: int | None) -> list[bytes]:

@@ -11,36 +11,17 @@ application/json (415), and /admin/* always needs an admin key. Clients that sen
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
 from spear_rt.server.app import Server
-from tests.conftest import HandshakeRefused, WsClient, make_config
+from tests.conftest import HandshakeRefused, WsClient, make_config, run_on
 from tests.server.test_resume import DRIVERS, IDS
 
 CHAT = {"model": "stub", "messages": [{"role": "user", "content": "hi"}]}
 EVIL = "https://evil.example"
-
-
-def run_on(
-    backend: str, driver: str, scenario: Callable[[Server], Awaitable[Any]], server: str = ""
-) -> Any:
-    """Run `scenario(server)` against a fresh stub server using `driver` on `backend`."""
-
-    async def main() -> Any:
-        srv = Server(make_config(server=f'driver = "{driver}"\n{server}'))
-        async with anyio.create_task_group() as tg:
-            await tg.start(srv.serve)
-            with anyio.fail_after(20):
-                result = await scenario(srv)
-            tg.cancel_scope.cancel()
-        return result
-
-    return anyio.run(main, backend=backend)
 
 
 async def upgrade_status(port: int, *headers: tuple[str, str]) -> tuple[int, dict[str, Any]]:

@@ -11,53 +11,27 @@ from __future__ import annotations
 import random
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 
-from spear_rt.config import Config
-from spear_rt.registry import BackendRegistry
 from spear_rt.server.app import Server
 from spear_rt.session.machine import State
 from tests.conftest import (
-    STUB_BACKEND,
+    DRIVERS,
+    IDS,
     HandshakeRefused,
     WsClient,
     b64,
     make_config,
     noise_pcm,
+    run_on,
 )
 from tests.server.test_realtime import BETA, COMPLETED, DELTA, MANUAL_BETA, TRANSCRIPTION
 
-DRIVERS = [("trio", "auto"), ("asyncio", "auto"), ("asyncio", "anyio")]
-IDS = ["trio", "asyncio-callbacks", "asyncio-tasks"]
 BLOCK = 4800  # 200 ms at 24 kHz: one stub word, so one delta per append
-
-
-def run_on(
-    backend: str,
-    driver: str,
-    scenario: Callable[[Server], Awaitable[Any]],
-    realtime: str = "",
-    *,
-    backends: str = STUB_BACKEND,
-    registry: Callable[[Config], BackendRegistry] | None = None,
-) -> Any:
-    """Run `scenario(server)` on `backend` against a fresh server using `driver`."""
-
-    async def main() -> Any:
-        config = make_config(server=f'driver = "{driver}"', realtime=realtime, backends=backends)
-        server = Server(config, registry(config) if registry else None)
-        async with anyio.create_task_group() as tg:
-            await tg.start(server.serve)
-            with anyio.fail_after(20):
-                result = await scenario(server)
-            tg.cancel_scope.cancel()
-        return result
-
-    return anyio.run(main, backend=backend)
 
 
 async def reconnect(
