@@ -78,8 +78,9 @@ _decoder: Any = None  # one per worker process
 CMN_PRIOR = "58,0.21,2.16,16.42,-22.26,4.72,-21.68,0.11,-8.50,-0.99,10.69,-13.77,9.81"
 
 
-def decode_segment(pcm_bytes: bytes) -> str:
-    """Decode one segment (s16le, 16 kHz) to its final hypothesis (runs in a worker process)."""
+def decode_utterance(pcm_bytes: bytes) -> Any:
+    """Decode s16le 16 kHz audio as one utterance with the process's decoder (made on first
+    use, in a worker process) and the CMN prior; returns the decoder for `hyp()` / `seg()`."""
     global _decoder
     if _decoder is None:
         from pocketsphinx import Decoder
@@ -91,7 +92,12 @@ def decode_segment(pcm_bytes: bytes) -> str:
     for start in range(0, len(pcm_bytes), 32000):  # 1 s per call keeps memory flat
         decoder.process_raw(pcm_bytes[start : start + 32000], False, False)
     decoder.end_utt()
-    hyp = decoder.hyp()
+    return decoder
+
+
+def decode_segment(pcm_bytes: bytes) -> str:
+    """Decode one segment (s16le, 16 kHz) to its final hypothesis (runs in a worker process)."""
+    hyp = decode_utterance(pcm_bytes).hyp()
     return " ".join(hyp.hypstr.split()) if hyp is not None else ""
 
 

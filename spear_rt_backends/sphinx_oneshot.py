@@ -11,7 +11,6 @@ A recording without an inner pause is one segment: the words of a direct decode 
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import anyio
 import anyio.to_process
@@ -31,27 +30,11 @@ MAX_SEGMENT_S = 30.0
 _FRAME = RATE_HZ // 100  # 10 ms
 
 
-def _process_decoder() -> Any:
-    """The worker process's pocketsphinx decoder, shared with `sphinx.decode_segment`."""
-    from spear_rt_backends import sphinx
-
-    if sphinx._decoder is None:
-        from pocketsphinx import Decoder
-
-        sphinx._decoder = Decoder(loglevel="ERROR")
-    return sphinx._decoder
-
-
 def decode_timed(pcm_bytes: bytes) -> tuple[str, list[tuple[str, int, int]]]:
     """Decode one segment (s16le, 16 kHz): its text and (word, start frame, end frame)."""
-    from spear_rt_backends.sphinx import CMN_PRIOR
+    from spear_rt_backends.sphinx import decode_utterance  # that module imports this one
 
-    decoder = _process_decoder()
-    decoder.set_cmn(CMN_PRIOR)
-    decoder.start_utt()
-    for start in range(0, len(pcm_bytes), 32000):  # 1 s per call keeps memory flat
-        decoder.process_raw(pcm_bytes[start : start + 32000], False, False)
-    decoder.end_utt()
+    decoder = decode_utterance(pcm_bytes)
     hyp = decoder.hyp()
     if hyp is None:
         return "", []
