@@ -296,6 +296,9 @@ class WsClient:
         """Read until the connection ends; the close code and reason the server sent."""
         while not self.eof:
             await self._pump()
+        # Close our side now: a half-closed uvloop transport dropped unclosed in the same loop
+        # turn is freed with its shutdown request pending (uvloop 0.23 use-after-free, segfault).
+        await self.stream.aclose()
         return self.close_code, self.close_reason
 
     @property
