@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from spear_rt.ir import CanonicalError, ErrorCode, Operation
+
+ECHO_CHARS = 64  # of a client's value quoted back in an error message
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """A client's value as it may appear in an error message: JSON (never a Python repr), cut
+    to `limit` characters with its full length said, so an error never grows with its input."""
+    try:
+        text = msgspec.json.encode(value).decode()
+    except (TypeError, ValueError, OverflowError):
+        text = msgspec.json.encode(str(value)).decode()
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 class SpearError(Exception):

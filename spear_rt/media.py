@@ -38,7 +38,7 @@ import anyio
 import httpx
 import msgspec
 
-from spear_rt.errors import CanonicalFailure
+from spear_rt.errors import CanonicalFailure, echo
 from spear_rt.ir import ErrorCode
 
 __all__ = [
@@ -81,7 +81,7 @@ def sha256_of_uri(uri: str) -> str:
     """The SHA-256 named by a ``spear-media://`` URI (or a bare hex digest)."""
     sha = uri[len(MEDIA_SCHEME) :] if uri.startswith(MEDIA_SCHEME) else uri
     if not _SHA256.fullmatch(sha):
-        raise _invalid(f"{uri!r} is not a media reference: expected {MEDIA_SCHEME}<sha256 hex>")
+        raise _invalid(f"{echo(uri)} is not a media reference: expected {MEDIA_SCHEME}<sha256 hex>")
     return sha
 
 
@@ -141,7 +141,7 @@ class MediaStore:
     def put_sync(self, data: bytes, mime: str, now: float) -> StoredMedia:
         """`put` for a worker thread."""
         if not _MIME.fullmatch(mime):
-            raise _invalid(f"{mime!r} is not a MIME type such as 'audio/wav'")
+            raise _invalid(f"{echo(mime)} is not a MIME type such as 'audio/wav'")
         if len(data) > self.max_bytes:
             raise _invalid(
                 f"media of {len(data)} bytes exceeds the store's limit of {self.max_bytes} bytes"
@@ -301,7 +301,7 @@ def check_http_url(url: str, allowed_hosts: Iterable[str]) -> None:
             return
     what = "IP address" if _is_ip(host) else "host"
     raise _invalid(
-        f"media URL {what} {key!r} is not allowed; the server fetches media only from its "
+        f"media URL {what} {echo(key)} is not allowed; the server fetches media only from its "
         "configured allowed hosts"
     )
 

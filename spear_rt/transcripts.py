@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from spear_rt.backend import OneShotResponse
-from spear_rt.errors import CanonicalFailure
+from spear_rt.errors import CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Usage
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
@@ -61,7 +61,7 @@ def response_format(payload: dict[str, Any]) -> str:
     value = payload.get("response_format") or "json"
     if value not in RESPONSE_FORMATS:
         raise _invalid(
-            f"`response_format` must be one of {', '.join(RESPONSE_FORMATS)}, got {value!r}"
+            f"`response_format` must be one of {', '.join(RESPONSE_FORMATS)}, got {echo(value)}"
         )
     return str(value)
 

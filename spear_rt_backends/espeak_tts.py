@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from spear_rt.audio import pcm16_to_bytes, resample
 from spear_rt.backend import InstanceDefaults, InstanceInfo, OneShotRequest, OneShotResponse
-from spear_rt.errors import BackendFailure, CanonicalFailure
+from spear_rt.errors import BackendFailure, CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport, Usage
 
 __all__ = [
@@ -128,10 +128,10 @@ def parse_speech_request(payload: dict[str, Any], *, max_chars: int) -> SpeechRe
     if name == "aac":
         raise invalid(f"response_format 'aac' is not supported here; use one of {_FORMAT_NAMES}")
     if not isinstance(name, str) or name not in SPEECH_FORMATS:
-        raise invalid(f"response_format must be one of {_FORMAT_NAMES}, got {name!r}")
+        raise invalid(f"response_format must be one of {_FORMAT_NAMES}, got {echo(name)}")
     speed = payload.get("speed", 1.0)
     if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0.25 <= speed <= 4.0:
-        raise invalid(f"`speed` must be a number from 0.25 to 4.0, got {speed!r}")
+        raise invalid(f"`speed` must be a number from 0.25 to 4.0, got {echo(speed)}")
     stream_format = payload.get("stream_format", "audio")
     if stream_format != "audio":
         raise invalid(f"stream_format {stream_format!r} is not supported here; use 'audio'")

@@ -62,7 +62,7 @@ from spear_rt.backend import (
     TranscriptionSpec,
     TranscriptionUpstream,
 )
-from spear_rt.errors import BackendFailure, CanonicalFailure
+from spear_rt.errors import BackendFailure, CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport, Usage
 from spear_rt.local_asr import open_local_transcription
 from spear_rt.stable_prefix import DEFAULT_AGREEMENT, DEFAULT_HOLD_BACK, DEFAULT_MIN_STABLE_MS
@@ -246,7 +246,7 @@ def check_language(language: str | None) -> None:
     if language is not None and language.lower() not in LANGUAGES:
         raise CanonicalFailure.of(
             ErrorCode.INVALID_REQUEST,
-            f"pocketsphinx recognizes English only; language {language!r} is not supported "
+            f"pocketsphinx recognizes English only; language {echo(language)} is not supported "
             "(use 'en' or 'en-US', or leave it unset)",
         )
 

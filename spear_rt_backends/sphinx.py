@@ -58,7 +58,7 @@ from spear_rt.backend import (
     UpstreamCommand,
     UpstreamEvent,
 )
-from spear_rt.errors import CanonicalFailure
+from spear_rt.errors import CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport
 
 RATE_HZ = 16000
@@ -276,7 +276,7 @@ def _check_language(language: str | None) -> None:
     if language not in LANGUAGES:
         raise CanonicalFailure.of(
             ErrorCode.INVALID_REQUEST,
-            f"pocketsphinx recognizes English only; language {language!r} is not supported "
+            f"pocketsphinx recognizes English only; language {echo(language)} is not supported "
             "(use 'en')",
         )
 

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from spear_rt.audio import AudioFormatError, float32_to_int16, resample
 from spear_rt.audio.files import AudioLimits, decode_audio_bytes
 from spear_rt.backend import AudioInput, InstanceInfo, OneShotRequest, OneShotResponse
+from spear_rt.errors import echo
 from spear_rt.ir import Usage
 from spear_rt.transcripts import Segment, Transcript, Word, granularities, render, response_format
 from spear_rt_backends.espeak_tts import (
@@ -72,7 +73,7 @@ def _int_field(payload: dict[str, Any], key: str, default: int, low: int, high: 
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise invalid(f"`{key}` must be a whole number from {low} to {high}, got {value!r}")
+        raise invalid(f"`{key}` must be a whole number from {low} to {high}, got {echo(value)}")
     return value
 
 
@@ -111,8 +112,8 @@ def image_generation(payload: dict[str, Any]) -> OneShotResponse:
         raise invalid(f"`prompt` is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
     n = _int_field(payload, "n", 1, 1, 10)
     size = payload.get("size") or "auto"
-    if size not in IMAGE_SIZES:
-        raise invalid(f"`size` must be one of {', '.join(IMAGE_SIZES)}, got {size!r}")
+    if not isinstance(size, str) or size not in IMAGE_SIZES:  # a dict is unhashable
+        raise invalid(f"`size` must be one of {', '.join(IMAGE_SIZES)}, got {echo(size)}")
     response_format = payload.get("response_format") or "b64_json"
     if response_format == "url":
         raise invalid(
@@ -120,7 +121,7 @@ def image_generation(payload: dict[str, Any]) -> OneShotResponse:
             "ask for response_format 'b64_json'"
         )
     if response_format != "b64_json":
-        raise invalid(f"`response_format` must be 'b64_json' or 'url', got {response_format!r}")
+        raise invalid(f"`response_format` must be 'b64_json' or 'url', got {echo(response_format)}")
     output_format = payload.get("output_format") or "png"
     if output_format != "png":
         raise invalid(f"the stub only draws PNG images; `output_format` {output_format!r} is not")

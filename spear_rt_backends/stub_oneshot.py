@@ -35,6 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from spear_rt.backend import InstanceInfo, OneShotRequest, OneShotResponse
+from spear_rt.errors import echo
 from spear_rt.ir import Operation, Usage
 from spear_rt_backends.espeak_tts import int_option, invalid
 from spear_rt_backends.stub_media import (  # shared helpers and the media operations
@@ -133,7 +134,7 @@ def chat_completion(request: OneShotRequest) -> OneShotResponse:
     model = _model(payload)
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
-        raise invalid(f"`stream` must be true or false, got {stream!r}")
+        raise invalid(f"`stream` must be true or false, got {echo(stream)}")
     if _int_field(payload, "n", 1, 1, 128) != 1:
         raise invalid("the stub answers with one choice; leave `n` at 1")
     last_user, prompt_tokens = _messages(payload)
@@ -296,7 +297,7 @@ def embeddings(instance: InstanceInfo, payload: dict[str, Any]) -> OneShotRespon
         )
     encoding = payload.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
-        raise invalid(f"`encoding_format` must be 'float' or 'base64', got {encoding!r}")
+        raise invalid(f"`encoding_format` must be 'float' or 'base64', got {echo(encoding)}")
     data = [
         {
             "object": "embedding",

@@ -199,18 +199,18 @@ def test_allowed_urls_pass(url: str) -> None:
         ("file:///etc/passwd", "scheme must be http or https"),
         ("ftp://media.example.com/a", "scheme must be http or https"),
         ("gopher://media.example.com/", "scheme must be http or https"),
-        ("https://evil.com/a.wav", "host 'evil.com' is not allowed"),
+        ("https://evil.com/a.wav", 'host "evil.com" is not allowed'),
         ("https://media.example.com.evil.com/", "is not allowed"),
         ("https://user:pw@media.example.com/a", "user info"),
         ("https://media.example.com@evil.com/", "user info"),
-        ("https://evil.com#@media.example.com", "host 'evil.com' is not allowed"),
+        ("https://evil.com#@media.example.com", 'host "evil.com" is not allowed'),
         ("https://media.example.com\\@evil.com/", "backslashes"),
-        ("http://127.0.0.1/", "IP address '127.0.0.1' is not allowed"),
-        ("http://[::1]/", "IP address '[::1]' is not allowed"),
+        ("http://127.0.0.1/", 'IP address "127.0.0.1" is not allowed'),
+        ("http://[::1]/", 'IP address "[::1]" is not allowed'),
         ("http://169.254.169.254/latest/meta-data/", "is not allowed"),
         ("http://2130706433/", "is not allowed"),
         ("http://0x7f.1/", "is not allowed"),
-        ("https://media.example.com:8080/", "'media.example.com:8080' is not allowed"),
+        ("https://media.example.com:8080/", '"media.example.com:8080" is not allowed'),
         ("https://cdn.example.org/x.png", "is not allowed"),  # listed with another port only
         ("https://assets.example.net/", "is not allowed"),  # the wildcard is subdomains only
         ("http://10.0.0.5:22/", "is not allowed"),
@@ -288,7 +288,7 @@ async def test_fetch_refuses_a_host_not_allowed_without_connecting(http_port: in
     message = await expect_invalid(
         fetch_http_url(f"http://127.0.0.1:{http_port}/small.wav", ["127.0.0.1"], 1000)
     )
-    assert f"'127.0.0.1:{http_port}' is not allowed" in message
+    assert f'"127.0.0.1:{http_port}" is not allowed' in message
     assert Handler.requests == []
 
 

@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from spear_rt.errors import SpearError
+from spear_rt.errors import SpearError, echo
 
 __all__ = [
     "AudioFormat",
@@ -117,9 +117,10 @@ def input_format_from_wire(value: Any) -> InputFormat:
             # bool is an int subclass; `"rate": true` is a client bug, not 1 Hz.
             if isinstance(rate, int) and not isinstance(rate, bool):
                 return InputFormat(fmt, rate)
-            raise AudioFormatError(f"audio format rate must be an integer in Hz, got {rate!r}")
+            raise AudioFormatError(f"audio format rate must be an integer in Hz, got {echo(rate)}")
     raise AudioFormatError(
-        f"unsupported audio format {value!r}; accepted: {_BETA_NAMES} (beta) or {_GA_NAMES} (GA)"
+        f"unsupported audio format {echo(value)}; "
+        f"accepted: {_BETA_NAMES} (beta) or {_GA_NAMES} (GA)"
     )
 
 

@@ -25,6 +25,7 @@ import soundfile
 from numpy.typing import NDArray
 
 from spear_rt.audio.codecs import AudioFormatError, float32_to_int16, pcm16_from_bytes
+from spear_rt.errors import echo
 
 __all__ = [
     "MAX_CHANNELS",
@@ -44,7 +45,12 @@ RAW_SUFFIXES = frozenset({".raw", ".pcm"})
 MIN_RATE_HZ = 8000
 MAX_RATE_HZ = 96000
 MAX_CHANNELS = 8
+NAME_CHARS = 256  # of a file name or path quoted in an error (an upload names its own file)
 _BLOCK_SAMPLES = 1 << 18  # interleaved samples per decoded block: 1 MiB of float32
+
+
+def _quoted(name: str) -> str:
+    return echo(name, NAME_CHARS)
 
 
 class AudioLimits(msgspec.Struct, frozen=True):
@@ -65,7 +71,7 @@ class AudioLimitError(AudioFormatError):
 def _check_rate(rate: int, name: str) -> None:
     if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
         raise AudioLimitError(
-            f"the audio file {name!r} is at {rate} Hz; accepted rates are "
+            f"the audio file {_quoted(name)} is at {rate} Hz; accepted rates are "
             f"{MIN_RATE_HZ} to {MAX_RATE_HZ} Hz",
             "unsupported_audio",
         )
@@ -77,7 +83,7 @@ def _check_header(info: soundfile._SoundFileInfo, name: str, limits: AudioLimits
     _check_rate(rate, name)
     if not 1 <= channels <= MAX_CHANNELS:
         raise AudioLimitError(
-            f"the audio file {name!r} has {channels} channels; at most {MAX_CHANNELS}",
+            f"the audio file {_quoted(name)} has {channels} channels; at most {MAX_CHANNELS}",
             "unsupported_audio",
         )
     _check_length(frames_, rate, name, limits)
@@ -86,14 +92,14 @@ def _check_header(info: soundfile._SoundFileInfo, name: str, limits: AudioLimits
 def _check_length(samples: int, rate: int, name: str, limits: AudioLimits) -> None:
     if samples > limits.max_seconds * rate:
         raise AudioLimitError(
-            f"the audio file {name!r} is {samples / rate:.1f} s long; this server takes at "
+            f"the audio file {_quoted(name)} is {samples / rate:.1f} s long; this server takes at "
             f"most {limits.max_seconds:g} s per request (max_audio_seconds)",
             "audio_too_long",
         )
     if samples > limits.max_samples:
         raise AudioLimitError(
-            f"the audio file {name!r} holds {samples} samples at {rate} Hz; this server takes "
-            f"at most {limits.max_samples} per request (max_audio_samples)",
+            f"the audio file {_quoted(name)} holds {samples} samples at {rate} Hz; this server "
+            f"takes at most {limits.max_samples} per request (max_audio_samples)",
             "audio_too_long",
         )
 
@@ -109,7 +115,7 @@ def decode_audio_bytes(
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioFormatError(
-            f"could not decode the audio file {name!r}: {_reason(exc)}"
+            f"could not decode the audio file {_quoted(name)}: {_reason(exc)}"
         ) from None
     _check_header(info, name, limits)
     rate, channels = int(info.samplerate), int(info.channels)
@@ -134,10 +140,10 @@ def decode_audio_bytes(
                 filled += pcm.size
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioFormatError(
-            f"could not decode the audio file {name!r}: {_reason(exc)}"
+            f"could not decode the audio file {_quoted(name)}: {_reason(exc)}"
         ) from None
     if filled == 0:
-        raise AudioFormatError(f"the audio file {name!r} holds no samples")
+        raise AudioFormatError(f"the audio file {_quoted(name)} holds no samples")
     pcm = np.concatenate([out, *extra]) if extra else out[:filled]
     return pcm, rate
 

@@ -18,7 +18,7 @@ import anyio
 import msgspec
 
 from spear_rt.config import Config
-from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError
+from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError, echo
 from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Operation, Usage
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.registry import BackendRegistry, RegisteredInstance
@@ -251,7 +251,7 @@ class Router:
             names = ", ".join(sorted(registry.instances)) or "none"
             raise CanonicalFailure.of(
                 ErrorCode.INVALID_REQUEST,
-                f"unknown backend {pinned!r}; configured backends: {names}",
+                f"unknown backend {echo(pinned)}; configured backends: {names}",
                 operation=req.operation,
             )
         model = req.routing.model
@@ -261,7 +261,8 @@ class Router:
             if model not in models:
                 raise CanonicalFailure.of(
                     ErrorCode.INVALID_REQUEST,
-                    f"unknown model {model!r} for {req.operation}; available: {', '.join(models)}",
+                    f"unknown model {echo(model)} for {req.operation}; "
+                    f"available: {', '.join(models)}",
                     operation=req.operation,
                 )
 

@@ -18,6 +18,7 @@ from websockets.server import ServerProtocol
 
 from spear_rt.backend import TranscriptionUpstream
 from spear_rt.config import Config
+from spear_rt.errors import echo
 from spear_rt.ir import CanonicalError, ErrorCode
 from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.server.aio import CallbackRunner, ProtocolStream
@@ -163,7 +164,7 @@ def _resume_request(
         return CanonicalError(
             ErrorCode.INVALID_REQUEST,
             f"last_seq must be the seq of the last event received (an integer >= 0), "
-            f"got {last_seq!r}",
+            f"got {echo(last_seq)}",
         )
     return ResumeRequest(session_id, token, int(last_seq), key_id)
 
@@ -174,7 +175,8 @@ def _connect_request(
     intent = params.get("intent")
     if intent not in (None, "transcription", "conversation"):
         return CanonicalError(
-            ErrorCode.INVALID_REQUEST, f"unknown intent {intent!r}; use 'transcription' or omit it"
+            ErrorCode.INVALID_REQUEST,
+            f"unknown intent {echo(intent)}; use 'transcription' or omit it",
         )
     beta = (request_header(request, b"openai-beta") or "").startswith("realtime") or any(
         p.startswith("openai-beta.realtime") for p in _offered_subprotocols(request)

@@ -78,7 +78,7 @@ def test_unknown_format_error_names_what_is_accepted() -> None:
     with pytest.raises(AudioFormatError) as info:
         input_format_from_wire("opus")
     message = str(info.value)
-    assert "'opus'" in message
+    assert '"opus"' in message  # quoted as JSON (spear_rt.errors.echo)
     for name in ("pcm16", "g711_ulaw", "g711_alaw", "audio/pcm", "audio/pcmu", "audio/pcma"):
         assert name in message
     assert isinstance(info.value, SpearError) and isinstance(info.value, ValueError)

@@ -104,7 +104,7 @@ async def test_an_unknown_backend_pin_lists_the_configured_backends() -> None:
             call(request(backend="nope"))
         assert info.value.error.code is ErrorCode.INVALID_REQUEST
         assert (
-            info.value.error.message == "unknown backend 'nope'; configured backends: alpha, zeta"
+            info.value.error.message == 'unknown backend "nope"; configured backends: alpha, zeta'
         )
 
 
@@ -116,7 +116,7 @@ async def test_an_unknown_model_lists_the_models_that_exist() -> None:
     error = failure(rt, request(model="nope")).error
     assert error.code is ErrorCode.INVALID_REQUEST
     assert (
-        error.message == "unknown model 'nope' for chat_completions; available: gpt-4o, whisper-1"
+        error.message == 'unknown model "nope" for chat_completions; available: gpt-4o, whisper-1'
     )
 
 

@@ -175,7 +175,7 @@ async def test_file_url_is_refused_unless_its_host_is_allowed(
     other = await serve(make_config(extra=media_config(tmp_path / "b", ["media.example.com"])))
     refused = error_code(await transcribe(other, data={"file_url": url}), 400)
     assert refused["code"] == "url_not_allowed"
-    assert f"'127.0.0.1:{http_port}' is not allowed" in refused["message"]
+    assert f'"127.0.0.1:{http_port}" is not allowed' in refused["message"]
     assert Handler.requests == []  # refused without connecting
 
 

@@ -409,7 +409,7 @@ async def test_unknown_backend_header_is_400_naming_the_configured_ones(server: 
         server, "/v1/chat/completions", CHAT_BODY, headers={"spear-backend": "nope"}
     )
     message = error_of(response, 400, "InvalidRequest")
-    assert "'nope'" in message and "stub" in message
+    assert '"nope"' in message and "stub" in message
 
 
 async def test_bad_timeout_header_is_400(server: Server) -> None:

@@ -351,7 +351,7 @@ async def test_unknown_backend_is_an_error_naming_the_configured_ones(serve: Ser
     (error,) = events
     assert error["type"] == "error"
     assert error["error"]["code"] == "InvalidRequest"
-    assert "'nope'" in error["error"]["message"] and "alpha, beta" in error["error"]["message"]
+    assert '"nope"' in error["error"]["message"] and "alpha, beta" in error["error"]["message"]
     assert code == 1011
 
 
@@ -618,7 +618,7 @@ async def test_unknown_intent_is_an_error_then_1008(server: Server) -> None:
         (error,) = await client.recv_all()
         code, _ = await client.wait_closed()
     assert error["error"]["type"] == "invalid_request_error"
-    assert "'bogus'" in error["error"]["message"]
+    assert '"bogus"' in error["error"]["message"]
     assert code == 1008
 
 
