@@ -253,7 +253,7 @@ async def test_unknown_backend_names_the_configured_ones() -> None:
     """A pin to a backend that does not exist: InvalidRequest listing every configured name."""
     failure = route_error(registry(backend("b1") + backend("a1")), request(backend="nope"))
     assert failure.error.code is ErrorCode.INVALID_REQUEST
-    assert "'nope'" in failure.error.message and "a1, b1" in failure.error.message
+    assert '"nope"' in failure.error.message and "a1, b1" in failure.error.message
 
 
 async def test_unknown_model_names_the_available_models() -> None:
