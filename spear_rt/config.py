@@ -31,6 +31,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_sessions: int = 1000
     max_sessions_per_key: int = 100
     max_frame_bytes: int = 1 << 20
+    # Bytes of incomplete WebSocket frames (and fragmented messages) over all connections: a
+    # connection whose partial frame would pass it is closed 1013 (refused, never queued).
+    max_frame_bytes_in_flight: int = 64 << 20
     max_http_body_bytes: int = 25 << 20
     # Request-body bytes held at once over all connections; past it, 503 + Retry-After
     # (a declared Content-Length counts in full from the request head on).
@@ -313,6 +316,8 @@ def _check(config: Config) -> None:
     _parse_listen(config.server.listen)
     if config.server.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes", "must be at least 1024")
+    if config.server.max_frame_bytes_in_flight < config.server.max_frame_bytes:
+        raise ConfigError("server.max_frame_bytes_in_flight", "must be at least max_frame_bytes")
     if config.server.max_http_body_bytes_in_flight < config.server.max_http_body_bytes:
         raise ConfigError(
             "server.max_http_body_bytes_in_flight", "must be at least max_http_body_bytes"

@@ -39,7 +39,7 @@ from websockets.server import ServerProtocol
 
 from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
 from spear_rt.errors import BackendFailure
-from spear_rt.server.ws import Message, MessageAssembler
+from spear_rt.server.ws import BudgetedServerProtocol, Message, MessageAssembler
 from spear_rt.session import runner as task_runner
 from spear_rt.session.machine import SessionMachine
 from spear_rt.session.runner import CLOSE_GRACE_S, NOT_READING, fail_session, handle_message
@@ -401,6 +401,8 @@ class CallbackRunner:
         """The TCP connection is gone: a drop detaches the session, anything else ends it."""
         machine = self.machine
         ws = self.ws
+        if isinstance(ws, BudgetedServerProtocol):
+            ws.release_budget()  # its partial frame will never complete
         dropped = ws.close_rcvd is None and ws.close_sent is None and machine.close is None
         if dropped and machine.detach(anyio.current_time(), self._resume_grace_s):
             self._release(abort=False)

@@ -52,6 +52,7 @@ from spear_rt.server.oneshot import (
 )
 from spear_rt.server.realtime import REALTIME_PATH, upgrade_to_session
 from spear_rt.server.tls import accept_tls, server_ssl_context
+from spear_rt.server.ws import FrameBudget
 from spear_rt.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Server:
         register_gauges(self)
         self._client_keys = keys_from_env(config.server.client_keys_env)
         self.body_budget = BodyBudget(config.server.max_http_body_bytes_in_flight)
+        self.frame_budget = FrameBudget(config.server.max_frame_bytes_in_flight)
         self.ssl_context = server_ssl_context(config.server)  # None: plain http/ws
         self.browser = self._browser_guard(config)
         self.port: int | None = None
@@ -287,7 +289,13 @@ class Server:
                     await http.linger()
                     return
                 await upgrade_to_session(
-                    stream, http, event, self.config, self._client_keys, self.sessions
+                    stream,
+                    http,
+                    event,
+                    self.config,
+                    self._client_keys,
+                    self.sessions,
+                    self.frame_budget,
                 )
                 return
             self._http_active += 1

@@ -10,7 +10,7 @@ request from. The client key comes from `Authorization: Bearer` or the subprotoc
 from __future__ import annotations
 
 import logging
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import anyio.abc
 import h11
@@ -23,7 +23,7 @@ from spear_rt.ir import CanonicalError, ErrorCode
 from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.server.aio import CallbackRunner, ProtocolStream
 from spear_rt.server.http import HttpConnection, error_response, match_key, request_header
-from spear_rt.server.ws import WebSocketConnection
+from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, WebSocketConnection
 from spear_rt.session.machine import SessionMachine
 from spear_rt.session.manager import (
     ConnectRequest,
@@ -79,16 +79,34 @@ async def upgrade_to_session(
     config: Config,
     client_keys: list[str],
     sessions: SessionManager,
+    frame_budget: FrameBudget,
 ) -> None:
     """Accept the WebSocket on `/v1/realtime` and run (or resume) its session until it ends."""
     url = urlsplit(request.target.decode("latin-1"))
     if url.path != REALTIME_PATH:
         await http.send(error_response(404, f"no WebSocket endpoint at {url.path}", "not_found"))
         return
-    protocol = ServerProtocol(
-        select_subprotocol=_select_realtime,  # type: ignore[arg-type]
+    protocol = BudgetedServerProtocol(
+        frame_budget,
+        select_subprotocol=_select_realtime,
         max_size=config.server.max_frame_bytes,
     )
+    try:
+        await _accept_and_run(stream, http, request, url, protocol, config, client_keys, sessions)
+    finally:
+        protocol.release_budget()
+
+
+async def _accept_and_run(
+    stream: anyio.abc.ByteStream,
+    http: HttpConnection,
+    request: h11.Request,
+    url: SplitResult,
+    protocol: BudgetedServerProtocol,
+    config: Config,
+    client_keys: list[str],
+    sessions: SessionManager,
+) -> None:
     protocol.receive_data(http.upgrade_head(request))
     ws_request = next((e for e in protocol.events_received()), None)
     if ws_request is None:

@@ -9,6 +9,7 @@ protocol (a sync call) and `wake()` the writer, which sends everything pending i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -18,6 +19,69 @@ from websockets.server import ServerProtocol
 
 READ_SIZE = 65536
 CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
+TRY_AGAIN_LATER = 1013
+
+
+class FrameBudget:
+    """Bytes of incomplete WebSocket frames held across all connections, bounded (a counter).
+
+    `max_frame_bytes` bounds one connection; without this, many connections each holding a
+    frame just short of complete hold sessions x max_frame_bytes. Policy: a connection whose
+    partial frame (or fragmented message) would take the total past `limit` is closed 1013
+    (refused, never queued); its bytes are given back as its frames complete or when it ends.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def update(self, before: int, after: int) -> bool:
+        """One connection's partial bytes go from `before` to `after`; False (and nothing
+        changed) when growing to `after` would pass the limit."""
+        if after > before and self.held + after - before > self.limit:
+            return False
+        self.held += after - before
+        return True
+
+
+class BudgetedServerProtocol(ServerProtocol):
+    """websockets' server protocol, its partial-frame bytes counted against a `FrameBudget`.
+
+    Both drivers feed bytes through `receive_data`, so both get the same bound; an over-budget
+    connection is failed like an oversized frame (close frame, then EOF), which they handle.
+    """
+
+    def __init__(self, budget: FrameBudget, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._budget: FrameBudget | None = budget
+        self._partial = 0
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        """Parse `data`; fail the connection 1013 if its partial frame passes the budget."""
+        super().receive_data(data)
+        budget = self._budget
+        if budget is None:
+            return
+        partial = len(self.reader.buffer) + (self.current_size or 0)
+        if budget.update(self._partial, partial):
+            self._partial = partial
+            return
+        self.release_budget()
+        self.fail(
+            TRY_AGAIN_LATER,
+            "the server is receiving too many large frames at once; retry shortly",
+        )
+
+    def receive_eof(self) -> None:
+        """The peer ended the stream: no partial frame will complete, so give its bytes back."""
+        self.release_budget()
+        super().receive_eof()
+
+    def release_budget(self) -> None:
+        """Give back this connection's bytes and stop counting (the connection is over)."""
+        if self._budget is not None:
+            self._budget.update(self._partial, 0)
+            self._budget, self._partial = None, 0
 
 
 class Message:
@@ -140,6 +204,8 @@ class WebSocketConnection:
         await self._close_transport()
 
     async def _close_transport(self) -> None:
+        if isinstance(self.protocol, BudgetedServerProtocol):
+            self.protocol.release_budget()  # no more bytes will come on this connection
         try:
             await self.stream.aclose()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
