@@ -86,6 +86,28 @@ class RealtimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replay_buffer_bytes: int = 256 << 10
 
 
+class ConversationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How a conversation session composes its answers (`[conversation]`, conversation.md).
+
+    Each response is a routed streaming chat completion and, for spoken answers, one routed
+    text_to_speech request per sentence. `*_model` is the model name sent (routing narrows
+    to instances serving it); `*_backend` names one instance. `fallback_backend` is asked
+    by name when no instance can serve a stage (the default config names the stub, whose
+    answers say they are a stub).
+    """
+
+    chat_model: str | None = None
+    chat_backend: str | None = None
+    speech_model: str | None = None
+    speech_backend: str | None = None
+    fallback_backend: str | None = None
+    stage_timeout_s: float = 60.0  # one chat stream or one sentence's speech
+    max_output_tokens: int = 1024  # a response's cap when the client sets none ("inf")
+    # output events awaiting the client before the responder stops pulling chat/speech
+    # (bounded in bytes: realtime.max_outbound_bytes); sentences synthesized ahead of playback:
+    sentences_ahead: int = 2
+
+
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Thresholds of the circuit breaker (config section `[health.breaker]`)."""
 
@@ -234,6 +256,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     realtime: RealtimeConfig = msgspec.field(default_factory=RealtimeConfig)
+    conversation: ConversationConfig = msgspec.field(default_factory=ConversationConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)

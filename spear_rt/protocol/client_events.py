@@ -62,11 +62,53 @@ class GaAudioInput(msgspec.Struct, forbid_unknown_fields=True):
     noise_reduction: dict[str, Any] | UnsetType | None = UNSET
 
 
+class GaAudioOutput(msgspec.Struct, forbid_unknown_fields=True):
+    """GA `session.audio.output` / `response.audio.output` (conversations only)."""
+
+    format: GaAudioFormat | UnsetType = UNSET
+    voice: str | UnsetType = UNSET
+    speed: float | UnsetType = UNSET
+
+
 class GaAudio(msgspec.Struct, forbid_unknown_fields=True):
     """GA `session.audio`."""
 
     input: GaAudioInput | UnsetType = UNSET
-    output: dict[str, Any] | UnsetType = UNSET
+    output: GaAudioOutput | UnsetType = UNSET
+
+
+class ToolWire(msgspec.Struct, forbid_unknown_fields=True):
+    """A function the model may call (`session.tools[]`, `response.tools[]`)."""
+
+    name: str
+    type: str = "function"
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ContentWire(msgspec.Struct, forbid_unknown_fields=True):
+    """One content part of an item a client creates."""
+
+    type: str
+    text: str | None = None
+    transcript: str | None = None
+    audio: str | None = None
+    id: str | None = None  # item_reference
+
+
+class ItemWire(msgspec.Struct, forbid_unknown_fields=True):
+    """An item in `conversation.item.create` or `response.input` (both dialects)."""
+
+    type: str = "message"
+    id: str | None = None
+    object: str | None = None
+    status: str | None = None
+    role: str | None = None
+    content: list[ContentWire] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
 
 
 class SpearSessionWire(msgspec.Struct, forbid_unknown_fields=True):
@@ -100,6 +142,15 @@ class SessionWire(msgspec.Struct, forbid_unknown_fields=True):
     output_modalities: list[str] | UnsetType = UNSET
     include: list[str] | UnsetType | None = UNSET
     spear: SpearSessionWire | UnsetType = UNSET
+    # conversations (refused in transcription sessions)
+    instructions: str | UnsetType | None = UNSET
+    voice: str | UnsetType = UNSET
+    output_audio_format: str | UnsetType = UNSET  # beta
+    tools: list[ToolWire] | UnsetType | None = UNSET
+    tool_choice: str | dict[str, Any] | UnsetType = UNSET
+    temperature: float | UnsetType = UNSET
+    max_output_tokens: int | str | UnsetType | None = UNSET  # GA: n | "inf"
+    max_response_output_tokens: int | str | UnsetType | None = UNSET  # beta
 
 
 class ClientEvent(msgspec.Struct, tag_field="type"):
@@ -135,15 +186,55 @@ class InputAudioBufferClear(ClientEvent, tag="input_audio_buffer.clear"):
 
 
 class ConversationItemCreate(ClientEvent, tag="conversation.item.create"):
-    """A text turn (needs a conversational backend)."""
+    """Add an item (a text turn, a function call output...) after `previous_item_id`."""
 
-    item: dict[str, Any] = msgspec.field(default_factory=dict)
+    item: ItemWire = msgspec.field(default_factory=ItemWire)
+    previous_item_id: str | None = None
+
+
+class ConversationItemRetrieve(ClientEvent, tag="conversation.item.retrieve", kw_only=True):
+    """Ask for an item as the server holds it."""
+
+    item_id: str
+
+
+class ConversationItemDelete(ClientEvent, tag="conversation.item.delete", kw_only=True):
+    """Remove an item from the conversation."""
+
+    item_id: str
+
+
+class ConversationItemTruncate(ClientEvent, tag="conversation.item.truncate", kw_only=True):
+    """Cut an assistant audio item to what the user heard."""
+
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+class ResponseWire(msgspec.Struct, forbid_unknown_fields=True):
+    """`response.create`'s `response`: per-response overrides (both dialects)."""
+
+    conversation: str | UnsetType | None = UNSET  # "auto" | "none"
+    input: list[ItemWire] | UnsetType = UNSET
+    instructions: str | UnsetType | None = UNSET
+    modalities: list[str] | UnsetType = UNSET  # beta
+    output_modalities: list[str] | UnsetType = UNSET  # GA
+    voice: str | UnsetType = UNSET  # beta
+    output_audio_format: str | UnsetType = UNSET  # beta
+    audio: GaAudio | UnsetType = UNSET  # GA: audio.output.{format,voice}
+    tools: list[ToolWire] | UnsetType | None = UNSET
+    tool_choice: str | dict[str, Any] | UnsetType = UNSET
+    temperature: float | UnsetType = UNSET
+    max_output_tokens: int | str | UnsetType | None = UNSET
+    max_response_output_tokens: int | str | UnsetType | None = UNSET
+    metadata: dict[str, str] | UnsetType | None = UNSET
 
 
 class ResponseCreate(ClientEvent, tag="response.create"):
-    """Ask for a response (needs a conversational backend)."""
+    """Ask for a response, optionally with per-response overrides."""
 
-    response: dict[str, Any] | None = None
+    response: ResponseWire | None = None
 
 
 class ResponseCancel(ClientEvent, tag="response.cancel"):
@@ -163,6 +254,9 @@ AnyClientEvent = (
     | InputAudioBufferCommit
     | InputAudioBufferClear
     | ConversationItemCreate
+    | ConversationItemRetrieve
+    | ConversationItemDelete
+    | ConversationItemTruncate
     | ResponseCreate
     | ResponseCancel
     | SpearMetricsRequest
@@ -244,8 +338,8 @@ def _explain(data: bytes | bytearray | memoryview | str, reason: str) -> Protoco
         param = f"{param}.{field}"
         return ProtocolError(
             "unknown_parameter",
-            f"{envelope.type}: {param} is not supported by this server (it transcribes input "
-            "audio; see its README for the session fields it implements)",
+            f"{envelope.type}: {param} is not supported by this server (see its README for the "
+            "fields it implements)",
             event_id,
             param,
         )

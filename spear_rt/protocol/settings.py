@@ -21,6 +21,15 @@ from spear_rt.audio import (
     input_format_to_wire,
 )
 from spear_rt.protocol.client_events import SessionWire, TranscriptionWire, TurnDetectionWire
+from spear_rt.protocol.conversation_settings import (
+    ConversationSettings,
+    conversation_update,
+    render_audio_output,
+    render_conversation,
+)
+from spear_rt.protocol.conversation_settings import (
+    SettingsError as SettingsError,
+)
 
 
 class Dialect(enum.StrEnum):
@@ -35,14 +44,6 @@ class SessionKind(enum.StrEnum):
 
     TRANSCRIPTION = "transcription"
     REALTIME = "realtime"
-
-
-class SettingsError(ValueError):
-    """A session update we refuse; `param` names the offending field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class TranscriptionSettings(msgspec.Struct, frozen=True):
@@ -63,6 +64,7 @@ class SessionSettings(msgspec.Struct, frozen=True):
     turn_detection: VadConfig | None = msgspec.field(default_factory=VadConfig)
     # spear option (session.spear.early_deltas): manual-commit deltas before the commit
     early_deltas: bool = False
+    conversation: ConversationSettings = ConversationSettings()
 
 
 _MAX_SILENCE_MS = 10_000
@@ -110,24 +112,46 @@ def _format(value: Any, param: str) -> InputFormat:
         raise SettingsError(param, str(exc)) from None
 
 
-def _refuse_unsupported(wire: SessionWire) -> None:
-    """Documented fields whose only supported value is 'off': anything else is refused."""
+_CONVERSATION_FIELDS = (
+    "instructions",
+    "voice",
+    "output_audio_format",
+    "tools",
+    "tool_choice",
+    "temperature",
+    "max_output_tokens",
+    "max_response_output_tokens",
+)
+
+
+def _refuse_in_transcription(wire: SessionWire) -> None:
+    """A transcription session produces no responses: conversation fields are refused."""
+    for name in _CONVERSATION_FIELDS:
+        if getattr(wire, name) is not UNSET:
+            raise SettingsError(
+                f"session.{name}",
+                f"session.update: session.{name} is not supported in a transcription session "
+                "(it answers nothing; open a conversation for responses)",
+            )
     for name, modalities in (
         ("modalities", wire.modalities),
         ("output_modalities", wire.output_modalities),
     ):
         if modalities is not UNSET and not set(modalities) <= {"text"}:
             raise SettingsError(
-                f"session.{name}", f"session.{name}: only 'text' is supported (no audio output)"
+                f"session.{name}", f"session.{name}: a transcription session produces no audio"
             )
+    if wire.audio is not UNSET and wire.audio.output is not UNSET:
+        raise SettingsError(
+            "session.audio.output",
+            "session.audio.output is not supported in a transcription session (no audio output)",
+        )
+
+
+def _refuse_unsupported(wire: SessionWire) -> None:
+    """Documented fields whose only supported value is 'off': anything else is refused."""
     noise = [("session.input_audio_noise_reduction", wire.input_audio_noise_reduction)]
     if wire.audio is not UNSET:
-        if wire.audio.output is not UNSET and wire.audio.output:
-            field = next(iter(wire.audio.output))
-            raise SettingsError(
-                f"session.audio.output.{field}",
-                f"session.audio.output.{field} is not supported (this server produces no audio)",
-            )
         if wire.audio.input is not UNSET:
             noise.append(("session.audio.input.noise_reduction", wire.audio.input.noise_reduction))
     for param, value in noise:
@@ -137,6 +161,8 @@ def _refuse_unsupported(wire: SessionWire) -> None:
 
 def apply_update(current: SessionSettings, wire: SessionWire) -> SessionSettings:
     """The settings after a session update from either dialect; raises SettingsError."""
+    if current.kind is SessionKind.TRANSCRIPTION:
+        _refuse_in_transcription(wire)
     _refuse_unsupported(wire)
     changes: dict[str, Any] = {}
     if wire.spear is not UNSET and wire.spear.early_deltas is not UNSET:
@@ -177,18 +203,42 @@ def apply_update(current: SessionSettings, wire: SessionWire) -> SessionSettings
             turn = None if td is None else _vad(td, turn, "session.audio.input.turn_detection")
     changes["turn_detection"] = turn
     changes["transcription"] = transcription
+    if current.kind is SessionKind.REALTIME:
+        conversation = conversation_update(current.conversation, wire)
+        for td in _turn_wires(wire):
+            if td.create_response is not None:
+                conversation = msgspec.structs.replace(
+                    conversation, create_response=td.create_response
+                )
+            if td.interrupt_response is not None:
+                conversation = msgspec.structs.replace(
+                    conversation, interrupt_response=td.interrupt_response
+                )
+        changes["conversation"] = conversation
     return msgspec.structs.replace(current, **changes)
 
 
-def _turn_wire(turn: VadConfig | None) -> dict[str, Any] | None:
+def _turn_wires(wire: SessionWire) -> list[TurnDetectionWire]:
+    found = [wire.turn_detection]
+    if wire.audio is not UNSET and wire.audio.input is not UNSET:
+        found.append(wire.audio.input.turn_detection)
+    return [td for td in found if isinstance(td, TurnDetectionWire)]
+
+
+def _turn_wire(settings: SessionSettings) -> dict[str, Any] | None:
+    turn = settings.turn_detection
     if turn is None:
         return None
-    return {
+    wire: dict[str, Any] = {
         "type": "server_vad",
         "threshold": turn.threshold,
         "prefix_padding_ms": turn.prefix_padding_ms,
         "silence_duration_ms": turn.silence_duration_ms,
     }
+    if settings.kind is SessionKind.REALTIME:
+        wire["create_response"] = settings.conversation.create_response
+        wire["interrupt_response"] = settings.conversation.interrupt_response
+    return wire
 
 
 def _transcription_wire(t: TranscriptionSettings) -> dict[str, Any]:
@@ -202,8 +252,9 @@ def render_session(settings: SessionSettings, dialect: Dialect, session_id: str)
         if settings.kind is SessionKind.TRANSCRIPTION
         else "realtime.session"
     )
+    realtime = settings.kind is SessionKind.REALTIME
     if dialect is Dialect.GA:
-        return {
+        session: dict[str, Any] = {
             "type": str(settings.kind),
             "object": obj,
             "id": session_id,
@@ -212,22 +263,27 @@ def render_session(settings: SessionSettings, dialect: Dialect, session_id: str)
                 "input": {
                     "format": input_format_to_wire(settings.input_format, ga=True),
                     "transcription": _transcription_wire(settings.transcription),
-                    "turn_detection": _turn_wire(settings.turn_detection),
+                    "turn_detection": _turn_wire(settings),
                 }
             },
         }
+        if realtime:
+            session.update(render_conversation(settings.conversation, ga=True))
+            session["audio"]["output"] = render_audio_output(settings.conversation)
+        return session
     try:
         fmt: Any = input_format_to_wire(settings.input_format, ga=False)
     except AudioFormatError:
         fmt = input_format_to_wire(settings.input_format, ga=True)  # beta has no name for it
     session = {
+        **(render_conversation(settings.conversation, ga=False) if realtime else {}),
         "object": obj,
         "id": session_id,
         "input_audio_format": fmt,
         "input_audio_transcription": _transcription_wire(settings.transcription),
-        "turn_detection": _turn_wire(settings.turn_detection),
+        "turn_detection": _turn_wire(settings),
     }
-    if settings.kind is SessionKind.REALTIME:
+    if realtime:
         session["model"] = settings.model
     else:
         # The beta SDK's TranscriptionSession model requires client_secret; a WebSocket

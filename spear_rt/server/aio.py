@@ -42,6 +42,7 @@ from spear_rt.errors import BackendFailure
 from spear_rt.server.ws import BudgetedServerProtocol, Message, MessageAssembler
 from spear_rt.session import runner as task_runner
 from spear_rt.session.machine import SessionMachine
+from spear_rt.session.responder import Responder, ResponseHost
 from spear_rt.session.runner import CLOSE_GRACE_S, NOT_READING, fail_session, handle_message
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,11 @@ class CallbackRunner:
         upstream: TranscriptionUpstream,
         *,
         resume_grace_s: float = 0.0,
+        responder: Callable[[ResponseHost], Responder] | None = None,
     ) -> None:
         self.machine = machine
+        self._responder = responder(self) if responder is not None else None
+        self._room = anyio.Event()  # set each time flush empties the outbound queue
         self.connection: ConnectionProtocol | None = connection
         self.ws = ws
         self.upstream = upstream
@@ -241,6 +245,8 @@ class CallbackRunner:
                 tg.start_soon(self._upstream_reader)
                 tg.start_soon(self._timer)
                 tg.start_soon(self._pump)
+                if self._responder is not None:
+                    tg.start_soon(self._responder.run)
                 self._take_over(connection, ())
                 await self._done.wait()
                 tg.cancel_scope.cancel()
@@ -418,12 +424,14 @@ class CallbackRunner:
         if machine.outbound.overflowed and machine.close is None:
             machine.close = NOT_READING
         if connection is None:
+            self._room.set()  # detached: events go to the replay buffer only
             if machine.close is not None:
                 self._done.set()  # detached: there is no connection to close
             return
         if not connection.write_paused and ws.state is WsState.OPEN:
             for data in machine.outbound.take_all():
                 ws.send_text(data)
+            self._room.set()
         if machine.close is not None and not self._close_sent:
             self._close_sent = True
             if ws.state is WsState.OPEN:
@@ -438,6 +446,20 @@ class CallbackRunner:
             transport.write(data)
         if chunks[-1] == b"":
             transport.close()
+
+    def after(self) -> None:
+        """The responder changed the machine: write what resulted."""
+        try:
+            self.flush()
+        except Exception:
+            self._crashed()
+
+    async def wait_room(self) -> None:
+        """Return once the outbound queue is back under its bound (or the session closes)."""
+        machine = self.machine
+        while machine.outbound.nbytes > machine.outbound.max_bytes and machine.close is None:
+            self._room = anyio.Event()
+            await self._room.wait()
 
     def _abort(self) -> None:
         connection = self.connection

@@ -111,6 +111,7 @@ class Server:
         self._http_idle = anyio.Event()
         admin = AdminApi(self, self.reload)
         self.oneshot = OneShotApi(self)
+        self.sessions.executor = self.oneshot.executor
         self._routes: dict[tuple[bytes, str], Handler] = {
             (b"GET", "/healthz"): self._healthz,
             (b"GET", "/v1/backends"): self._backends,

@@ -27,6 +27,7 @@ from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, WebSocketCon
 from spear_rt.session.machine import SessionMachine
 from spear_rt.session.manager import (
     ConnectRequest,
+    ResponderFactory,
     ResumeRequest,
     Runner,
     RunnerFactory,
@@ -137,8 +138,14 @@ async def _accept_and_run(
     if isinstance(stream, ProtocolStream):  # the asyncio driver: run the session from callbacks
         connection = stream.protocol
 
-        def make_runner(machine: SessionMachine, upstream: TranscriptionUpstream) -> Runner:
-            return CallbackRunner(machine, connection, protocol, upstream, resume_grace_s=grace)
+        def make_runner(
+            machine: SessionMachine,
+            upstream: TranscriptionUpstream,
+            responder: ResponderFactory | None,
+        ) -> Runner:
+            return CallbackRunner(
+                machine, connection, protocol, upstream, resume_grace_s=grace, responder=responder
+            )
 
         async def attach(runner: Runner, last_seq: int) -> None:
             assert isinstance(runner, CallbackRunner)

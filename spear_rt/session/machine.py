@@ -75,6 +75,7 @@ from spear_rt.protocol.settings import (
     apply_update,
     render_session,
 )
+from spear_rt.session.conversation import Conversation, ResponseAction, ResponseOutput
 from spear_rt.session.items import Items
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.replay import ReplayBuffer
@@ -166,6 +167,15 @@ class SessionMachine:
         self.input_audio_bytes = 0
         self._items = Items()
         self._drain_commit_at: float | None = None  # an open manual turn: committed by then
+        self._now = 0.0  # event-loop time of the last input that carried one
+        # A conversation session's items and responses; its actions go to the responder,
+        # which sets `wake_responder` to hear of them.
+        self.response_actions: list[ResponseAction] = []
+        self.wake_responder: Callable[[], None] = lambda: None
+        self.conversation: Conversation | None = None
+        if settings.kind is SessionKind.REALTIME:
+            self.conversation = Conversation(self._emit, self._act, self._conversation_error, ids)
+            self._sync_conversation()
         self._turns = Turns(
             settings.input_format,
             settings.turn_detection,
@@ -191,7 +201,7 @@ class SessionMachine:
         """Apply one decoded client event (or answer a decoding error)."""
         if self.state not in (State.ACTIVE, State.DRAINING):
             return
-        self._last_activity = now
+        self._last_activity = self._now = now
         self.last_event_id = event.event_id
         match event:
             case ce.InputAudioBufferAppend():
@@ -204,13 +214,24 @@ class SessionMachine:
                 self._on_update(event)
             case ce.SpearMetricsRequest():
                 self._emit(se.SpearMetrics(metrics=self.metrics()))
-            case ce.ConversationItemCreate() | ce.ResponseCreate() | ce.ResponseCancel():
-                self.error(
-                    "unsupported_event",
-                    f"{event.__struct_config__.tag} needs a conversational backend; this session "
-                    "transcribes input audio only",
-                    event.event_id,
-                )
+            case (
+                ce.ConversationItemCreate()
+                | ce.ConversationItemRetrieve()
+                | ce.ConversationItemDelete()
+                | ce.ConversationItemTruncate()
+                | ce.ResponseCreate()
+                | ce.ResponseCancel()
+            ):
+                if self.conversation is None:
+                    self.error(
+                        "unsupported_event",
+                        f"{event.__struct_config__.tag}: this is a transcription session; "
+                        "open a conversation (no intent=transcription) for responses",
+                        event.event_id,
+                    )
+                else:
+                    self.conversation.client_event(event, now)
+                    self._maybe_finish_drain()
             case ce.ProtocolError():
                 self.error(event.code, event.message, event.event_id, event.param)
 
@@ -234,6 +255,8 @@ class SessionMachine:
                     "message": message,
                 }
                 self._emit(se.TranscriptionFailed(item_id=item_id, error=error))
+                if self.conversation is not None:
+                    self.conversation.user_transcript(item_id, None)
                 self._item_finished(item_id)
             case UpstreamReconnected():
                 self.upstream_reconnects += 1
@@ -245,6 +268,13 @@ class SessionMachine:
                         replayed_item_ids=list(event.replayed_items),
                     )
                 )
+
+    def response_output(self, out: ResponseOutput) -> None:
+        """Apply what the responder produced (a conversation session's response)."""
+        if self.conversation is None or self.state in (State.CLOSED, State.ERROR):
+            return
+        self.conversation.output(out)
+        self._maybe_finish_drain()
 
     def upstream_failed(self, message: str) -> None:
         """The upstream is gone for good: fatal."""
@@ -395,10 +425,12 @@ class SessionMachine:
                 case SpeechBegan(item_id=item_id, audio_start_ms=start_ms):
                     self._items.speech_started(item_id)
                     self._emit(se.SpeechStarted(audio_start_ms=start_ms, item_id=item_id))
+                    if self.conversation is not None:
+                        self.conversation.speech_started()
                 case SpeechEnded(item_id=item_id, audio_end_ms=end_ms):
                     self._emit(se.SpeechStopped(audio_end_ms=end_ms, item_id=item_id))
                 case TurnCommitted(item_id=item_id, audio_seconds=seconds):
-                    self._committed(item_id, seconds)
+                    self._committed(item_id, seconds, by_vad=True)
 
     def _on_commit(self, event_id: str | None) -> None:
         if self._turns.turn_id is None or self._turns.turn_samples == 0:
@@ -429,6 +461,7 @@ class SessionMachine:
             return
         self.settings = settings
         self._turns.reconfigure(settings.input_format, settings.turn_detection)
+        self._sync_conversation()
         session = render_session(settings, self.dialect, self.session_id)
         if self._transcription_beta():
             self._emit(se.TranscriptionSessionUpdated(session=session))
@@ -445,9 +478,12 @@ class SessionMachine:
         self._items.discarded(self._turns.turn_id)
         self._turns.discard()
 
-    def _committed(self, item_id: str, audio_seconds: float) -> None:
+    def _committed(self, item_id: str, audio_seconds: float, *, by_vad: bool = False) -> None:
         """Turn `item_id` went upstream as committed: announce the item, await its transcript."""
         previous, held = self._items.committed(item_id, audio_seconds)
+        if self.conversation is not None:
+            previous = self.conversation.user_audio_committed(item_id, by_vad, self._now)
+            self._items.pending[item_id].previous_item_id = previous
         self._emit(se.Committed(item_id=item_id, previous_item_id=previous))
         item = se.input_item(item_id, None, status="completed")
         if self.dialect is Dialect.GA:
@@ -458,6 +494,8 @@ class SessionMachine:
             self._emit(se.TranscriptionDelta(item_id=item_id, delta=delta))
 
     def _on_completed(self, item_id: str, transcript: str) -> None:
+        if self.conversation is not None:
+            self.conversation.user_transcript(item_id, transcript)
         pending = self._items.finished(item_id)
         seconds = pending.audio_seconds if pending is not None else 0.0
         self._emit(
@@ -476,8 +514,35 @@ class SessionMachine:
         self._maybe_finish_drain()
 
     def _maybe_finish_drain(self) -> None:
-        if self.state is State.DRAINING and not self._items.pending and self._turns.turn_id is None:
+        if (
+            self.state is State.DRAINING
+            and not self._items.pending
+            and self._turns.turn_id is None
+            and not (self.conversation is not None and self.conversation.busy)
+        ):
             self._close(1001, "server draining")
+
+    # --- conversation -------------------------------------------------------------------------
+
+    def _sync_conversation(self) -> None:
+        conversation = self.conversation
+        if conversation is not None:
+            conversation.ga = self.dialect is Dialect.GA
+            conversation.settings = self.settings.conversation
+            conversation.model = self.settings.model
+            conversation.auto_respond = (
+                self.settings.turn_detection is not None
+                and self.settings.conversation.create_response
+            )
+
+    def _act(self, action: ResponseAction) -> None:
+        self.response_actions.append(action)
+        self.wake_responder()
+
+    def _conversation_error(
+        self, code: str, message: str, event_id: str | None, param: str | None
+    ) -> None:
+        self.error(code, message, event_id, param)
 
     # --- outputs ------------------------------------------------------------------------------
 

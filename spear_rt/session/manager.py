@@ -42,11 +42,14 @@ from spear_rt.protocol import server_events as se
 from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
 from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
+from spear_rt.router.execute import Executor
 from spear_rt.session.machine import ResumeError, SessionMachine, State, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.reconnect import Opener, ReconnectPolicy, reconnecting_upstream
 from spear_rt.session.replay import ReplayBuffer
+from spear_rt.session.responder import Responder, ResponseHost
 from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
+from spear_rt.session.stages import RoutedStages
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ class Runner(Protocol):
         ...
 
 
-RunnerFactory = Callable[[SessionMachine, TranscriptionUpstream], Runner]
+ResponderFactory = Callable[[ResponseHost], Responder]
+RunnerFactory = Callable[[SessionMachine, TranscriptionUpstream, ResponderFactory | None], Runner]
 # Attach a resuming connection to a session's runner (raises ResumeError); the edge knows
 # which kind of runner its driver made, and what its connection is.
 Attach = Callable[[Runner, int], Awaitable[None]]
@@ -105,6 +109,7 @@ class SessionManager:
     def __init__(self, config: Config, router: Callable[[], Router]) -> None:
         self._config = config
         self._router = router
+        self.executor: Executor | None = None  # the server's: conversations route through it
         self._reconnect = reconnect_policy(config)
         self.sessions: dict[str, Runner] = {}
         self._owners: dict[str, str | None] = {}  # session id -> client key id
@@ -299,11 +304,16 @@ class SessionManager:
             spear_info={"backend": instance.name, "kind": instance.config.kind},
             replay=ReplayBuffer(realtime.replay_buffer_bytes) if resumable else None,
         )
+        responder = self._responder(machine, req)
         runner: Runner = (
-            make_runner(machine, upstream)
+            make_runner(machine, upstream, responder)
             if make_runner
             else SessionRunner(
-                machine, conn, upstream, resume_grace_s=realtime.resume_grace_seconds
+                machine,
+                conn,
+                upstream,
+                resume_grace_s=realtime.resume_grace_seconds,
+                responder=responder,
             )
         )
         self.sessions[machine.session_id] = runner
@@ -318,6 +328,19 @@ class SessionManager:
                 self._ended[counter] += of(machine)
             if not self.sessions:
                 self._emptied.set()
+
+    def _responder(self, machine: SessionMachine, req: ConnectRequest) -> ResponderFactory | None:
+        """How a conversation session composes its responses (None: it transcribes only)."""
+        executor = self.executor
+        if machine.conversation is None or executor is None:
+            return None
+        config = self._config.conversation
+        stages = RoutedStages(self._router, executor, config, req.client_key_id)
+
+        def responder(host: ResponseHost) -> Responder:
+            return Responder(machine, stages, host, config)
+
+        return responder
 
     async def resume(self, conn: ClientLink, req: ResumeRequest, attach: Attach) -> None:
         """Continue a detached session on `conn`, or close it 4004."""

@@ -5,7 +5,8 @@ frame: it goes DETACHED and a resuming connection attaches a new link. Per sessi
 session's task group (owned by the first connection's handler):
 
 * upstream reader: turns upstream events into client events;
-* timer: idle / max-age / drain / resume-grace deadlines from the event loop's clock.
+* timer: idle / max-age / drain / resume-grace deadlines from the event loop's clock;
+* responder (conversations): composes the responses the machine starts (`responder.py`).
 
 Per link, in a task group of the handler that owns that connection:
 
@@ -29,7 +30,7 @@ is cancelled, so a client that stops reading cannot keep a session alive.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import anyio
@@ -39,6 +40,7 @@ from spear_rt.backend import TranscriptionUpstream
 from spear_rt.errors import BackendFailure
 from spear_rt.protocol.client_events import ProtocolError, decode_client_event
 from spear_rt.session.machine import CloseAction, SessionMachine, State
+from spear_rt.session.responder import Responder, ResponseHost
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +140,12 @@ class SessionRunner:
         upstream: TranscriptionUpstream,
         *,
         resume_grace_s: float = 0.0,
+        responder: Callable[[ResponseHost], Responder] | None = None,
     ) -> None:
         self.machine = machine
         self.conn: ClientLink | None = conn
         self.upstream = upstream
+        self._responder = responder(self) if responder is not None else None
         self._first = conn
         self._resume_grace_s = resume_grace_s
         self._upstream_lock = anyio.Lock()
@@ -158,6 +162,8 @@ class SessionRunner:
             self._tg = tg
             tg.start_soon(self._upstream_reader)
             tg.start_soon(self._timer)
+            if self._responder is not None:
+                tg.start_soon(self._responder.run)
             self.machine.start(anyio.current_time())
             await self._serve_link(self._first, ())
             await anyio.sleep_forever()  # detached or resumed elsewhere: `_cancel` ends it
@@ -287,6 +293,16 @@ class SessionRunner:
             machine.tick(anyio.current_time())
             await self._send_upstream()
             self._after()
+
+    # --- the responder's host -----------------------------------------------------------------
+
+    def after(self) -> None:
+        """The machine changed outside a client or upstream event: wake the writer."""
+        self._after()
+
+    async def wait_room(self) -> None:
+        """Return once the outbound queue is back under its bound (or the session closes)."""
+        await self._wait_room()
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -1,0 +1,612 @@
+"""The conversation of a realtime session (sans-I/O: events in; server events and actions out).
+
+Rules:
+
+1. Items form one ordered list; an item's ``previous_item_id`` is the item before it. A user
+   audio turn joins at its commit (its transcript is filled in when transcription completes);
+   ``conversation.item.create`` inserts after ``previous_item_id`` (``root``: first; absent:
+   last); an assistant item joins when a response opens it, unless the response is
+   out-of-band (``conversation: "none"``), whose items live only in the response.
+2. At most one response is in progress, and at most one waits to start. A response starts
+   (``response.created``, action `StartResponse`) once every user turn committed before it has
+   its transcript: the chat request must carry what the user said.
+3. Server VAD with ``create_response`` answers each turn it commits, when its transcript is
+   known; a turn whose transcript is empty (or failed) is not answered. With manual commit the
+   client sends ``response.create``.
+4. Every ``response.created`` is followed by exactly one ``response.done``. Once it is out,
+   nothing of that response follows: outputs for a response that is no longer the current one
+   are ignored (the responder may be a frame late, never its events).
+5. Barge-in: ``speech_started`` during a response with ``interrupt_response`` ends it
+   ``cancelled`` (reason ``turn_detected``) at once and emits `CancelResponse`, which the
+   responder obeys by cancelling its chat and speech requests. ``response.cancel`` does the
+   same with reason ``client_cancelled``.
+6. A response's output: a message item opens at its first text (one content part: audio with
+   transcript, or text); each tool call is a ``function_call`` item. Items close in order:
+   the part's done events, ``response.output_item.done``, GA ``conversation.item.done``; the
+   response's own ``response.done`` comes last. A cancelled response's open items end
+   ``incomplete``.
+7. ``conversation.item.truncate`` cuts an assistant audio item to ``audio_end_ms`` (no longer
+   than what was sent) and its transcript to the words whose audio was sent before that point.
+   An item of the response in progress cannot be truncated or deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from spear_rt.protocol import client_events as ce
+from spear_rt.protocol import response_events as re
+from spear_rt.protocol import server_events as se
+from spear_rt.protocol.conversation_settings import (
+    ConversationSettings,
+    SettingsError,
+    conversation_update,
+)
+from spear_rt.session.conversation_items import (
+    Item,
+    Segment,
+    chat_messages,
+    content_part,
+    item_from_wire,
+    render_item,
+    render_response,
+)
+
+
+class StartResponse(msgspec.Struct, frozen=True):
+    """Generate response `response_id` for `messages` (the responder's work)."""
+
+    response_id: str
+    messages: list[dict[str, Any]]
+    settings: ConversationSettings
+    model: str | None = None
+    turn_ended_at: float | None = None  # event-loop time the answered turn ended
+
+
+class CancelResponse(msgspec.Struct, frozen=True):
+    """Stop generating `response_id` (its response.done is out already)."""
+
+    response_id: str
+
+
+ResponseAction = StartResponse | CancelResponse
+
+
+class TextOut(msgspec.Struct, frozen=True):
+    """Text (or the transcript of audio to come) of the current response."""
+
+    response_id: str
+    delta: str
+
+
+class AudioOut(msgspec.Struct, frozen=True):
+    """A chunk of output audio, base64 in the output format; it covers the transcript's
+    first `upto_chars` characters once played."""
+
+    response_id: str
+    audio: str
+    ms: float
+    upto_chars: int
+
+
+class ToolCallOut(msgspec.Struct, frozen=True):
+    """A tool call of the current response (arguments arrive in pieces)."""
+
+    response_id: str
+    call_id: str
+    name: str
+    arguments_delta: str = ""
+
+
+class ResponseEnded(msgspec.Struct, frozen=True):
+    """The responder finished `response_id` (error: it failed)."""
+
+    response_id: str
+    usage: dict[str, int] | None = None
+    error: str | None = None
+    code: str = "response_failed"
+    incomplete_reason: str | None = None
+    spear: dict[str, Any] | None = None
+
+
+ResponseOutput = TextOut | AudioOut | ToolCallOut | ResponseEnded
+
+
+class _Queued(msgspec.Struct):
+    settings: ConversationSettings
+    out_of_band: bool = False
+    input: list[Item] | None = None
+    metadata: dict[str, str] | None = None
+    turn_ended_at: float | None = None
+
+
+class _Response(msgspec.Struct):
+    id: str
+    settings: ConversationSettings
+    out_of_band: bool
+    metadata: dict[str, str] | None
+    output: list[Item] = msgspec.field(default_factory=list)
+    open: Item | None = None  # the output item being written
+
+
+ErrorSink = Callable[[str, str, "str | None", "str | None"], None]
+
+
+class Conversation:
+    """Items and responses of one conversation session (module docstring)."""
+
+    def __init__(
+        self,
+        emit: Callable[[se.ServerEvent], None],
+        act: Callable[[ResponseAction], None],
+        error: ErrorSink,
+        ids: Callable[[str], str],
+    ) -> None:
+        self._emit = emit
+        self._act = act
+        self._error = error
+        self._ids = ids
+        self.items: list[Item] = []
+        self.ga = True
+        self.settings = ConversationSettings()
+        self.model: str | None = None
+        self.auto_respond = False  # server VAD with create_response
+        self.response: _Response | None = None
+        self._queued: _Queued | None = None
+        self._untranscribed: set[str] = set()
+        self._answer: set[str] = set()  # VAD turns to answer once transcribed
+        self._committed_at: dict[str, float] = {}  # untranscribed turn -> when it ended
+        self.responses = 0
+
+    @property
+    def busy(self) -> bool:
+        """A response is in progress or waiting to start."""
+        return self.response is not None or self._queued is not None
+
+    @property
+    def names(self) -> re.ResponseNames:
+        """The dialect's event classes."""
+        return re.GA_NAMES if self.ga else re.BETA_NAMES
+
+    # --- user turns ---------------------------------------------------------------------------
+
+    def user_audio_committed(self, item_id: str, by_vad: bool, now: float) -> str | None:
+        """A user audio turn became item `item_id` at `now`; returns its previous item's id."""
+        previous = self.items[-1].id if self.items else None
+        self._committed_at[item_id] = now
+        item = Item(id=item_id, role="user", content=[{"kind": "input_audio", "transcript": None}])
+        self.items.append(item)
+        self._untranscribed.add(item_id)
+        if by_vad and self.auto_respond:
+            self._answer.add(item_id)
+        return previous
+
+    def user_transcript(self, item_id: str, transcript: str | None) -> None:
+        """The transcript of a user turn (None: it failed); may start a response."""
+        now = self._committed_at.pop(item_id, None)
+        item = self._find(item_id)
+        if item is not None:
+            item.content[0]["transcript"] = transcript or ""
+        self._untranscribed.discard(item_id)
+        if item_id in self._answer:
+            self._answer.discard(item_id)
+            if transcript and transcript.strip() and self._queued is None:
+                self._queued = _Queued(self.settings, turn_ended_at=now)
+        self._maybe_start()
+
+    def speech_started(self) -> None:
+        """The user started speaking: barge-in on the response in progress."""
+        if self.response is not None and self.settings.interrupt_response:
+            self._cancel(self.response, "turn_detected")
+
+    # --- client events ------------------------------------------------------------------------
+
+    def client_event(self, event: ce.AnyClientEvent, now: float) -> None:
+        """Apply one conversation client event."""
+        match event:
+            case ce.ConversationItemCreate():
+                self._create_item(event)
+            case ce.ConversationItemRetrieve():
+                item = self._item_or_error(event.item_id, event.event_id)
+                if item is not None:
+                    self._emit(re.ItemRetrieved(item=render_item(item, self.ga)))
+            case ce.ConversationItemDelete():
+                self._delete_item(event)
+            case ce.ConversationItemTruncate():
+                self._truncate(event)
+            case ce.ResponseCreate():
+                self._response_create(event, now)
+            case ce.ResponseCancel():
+                self._response_cancel(event)
+
+    def _create_item(self, event: ce.ConversationItemCreate) -> None:
+        wire = event.item
+        item_id = wire.id or self._ids("item")
+        try:
+            if self._find(item_id) is not None:
+                raise SettingsError("item.id", f"an item with id {item_id!r} exists already")
+            item = item_from_wire(wire, item_id)
+            at = self._insert_at(event.previous_item_id)
+        except SettingsError as exc:
+            self._error("invalid_value", str(exc), event.event_id, exc.param)
+            return
+        self.items.insert(at, item)
+        previous = self.items[at - 1].id if at else None
+        rendered = render_item(item, self.ga)
+        self._emit(self.names.item_added(item=rendered, previous_item_id=previous))
+        if self.ga:
+            self._emit(se.ItemDone(item=rendered, previous_item_id=previous))
+
+    def _insert_at(self, previous_item_id: str | None) -> int:
+        if previous_item_id is None:
+            return len(self.items)
+        if previous_item_id == "root":
+            return 0
+        for i, item in enumerate(self.items):
+            if item.id == previous_item_id:
+                return i + 1
+        raise SettingsError("previous_item_id", f"no item {previous_item_id!r} in the conversation")
+
+    def _delete_item(self, event: ce.ConversationItemDelete) -> None:
+        item = self._item_or_error(event.item_id, event.event_id)
+        if item is None:
+            return
+        if self.response is not None and item in self.response.output:
+            self._error(
+                "item_in_progress",
+                f"item {event.item_id!r} belongs to the response in progress; cancel it first",
+                event.event_id,
+                "item_id",
+            )
+            return
+        self.items.remove(item)
+        self._untranscribed.discard(item.id)
+        self._answer.discard(item.id)
+        self._emit(re.ItemDeleted(item_id=item.id))
+        self._maybe_start()
+
+    def _truncate(self, event: ce.ConversationItemTruncate) -> None:
+        item = self._item_or_error(event.item_id, event.event_id)
+        if item is None:
+            return
+        parts = item.content
+        if (
+            item.role != "assistant"
+            or not (0 <= event.content_index < len(parts))
+            or (parts[event.content_index]["kind"] != "audio")
+        ):
+            self._error(
+                "invalid_value",
+                "only the audio content part of an assistant message can be truncated",
+                event.event_id,
+                "content_index",
+            )
+            return
+        if self.response is not None and item in self.response.output:
+            self._error(
+                "item_in_progress",
+                "the item's response is still in progress; cancel it before truncating",
+                event.event_id,
+                "item_id",
+            )
+            return
+        if not 0 <= event.audio_end_ms <= round(item.audio_ms):
+            self._error(
+                "invalid_value",
+                f"audio_end_ms must be within 0..{round(item.audio_ms)} (the item's audio)",
+                event.event_id,
+                "audio_end_ms",
+            )
+            return
+        heard = [s for s in item.segments if s.audio_end_ms <= event.audio_end_ms]
+        upto = heard[-1].text_chars if heard else 0
+        part = parts[event.content_index]
+        part["transcript"] = part.get("transcript", "")[:upto]
+        item.audio_ms = float(event.audio_end_ms)
+        item.segments = heard
+        self._emit(
+            re.ItemTruncated(
+                item_id=item.id,
+                content_index=event.content_index,
+                audio_end_ms=event.audio_end_ms,
+            )
+        )
+
+    def _response_create(self, event: ce.ResponseCreate, now: float) -> None:
+        if self.busy:
+            self._error(
+                "conversation_already_has_active_response",
+                "a response is already in progress; cancel it or wait for its response.done",
+                event.event_id,
+                None,
+            )
+            return
+        wire = event.response
+        queued = _Queued(self.settings, turn_ended_at=now)
+        if wire is not None:
+            try:
+                queued = self._overrides(wire, now)
+            except SettingsError as exc:
+                self._error("invalid_value", str(exc), event.event_id, exc.param)
+                return
+        self._queued = queued
+        self._maybe_start()
+
+    def _overrides(self, wire: ce.ResponseWire, now: float) -> _Queued:
+        settings = conversation_update(self.settings, wire, prefix="response")
+        if wire.conversation not in (msgspec.UNSET, None, "auto", "none"):
+            raise SettingsError("response.conversation", "must be 'auto' or 'none'")
+        items: list[Item] | None = None
+        if wire.input is not msgspec.UNSET:
+            items = []
+            for i, item_wire in enumerate(wire.input):
+                param = f"response.input[{i}]"
+                if item_wire.type == "item_reference":
+                    found = self._find(item_wire.id or "")
+                    if found is None:
+                        raise SettingsError(f"{param}.id", f"no item {item_wire.id!r}")
+                    items.append(found)
+                else:
+                    items.append(item_from_wire(item_wire, self._ids("item"), param))
+        metadata = wire.metadata if isinstance(wire.metadata, dict) else None
+        return _Queued(settings, wire.conversation == "none", items, metadata, now)
+
+    def _response_cancel(self, event: ce.ResponseCancel) -> None:
+        response = self.response
+        if response is None or event.response_id not in (None, response.id):
+            if self._queued is not None and event.response_id is None:
+                self._queued = None  # not started yet: nothing was announced
+                return
+            self._error(
+                "response_cancel_not_active",
+                "there is no response in progress to cancel"
+                if response is None
+                else f"response {event.response_id!r} is not the one in progress",
+                event.event_id,
+                "response_id" if event.response_id else None,
+            )
+            return
+        self._cancel(response, "client_cancelled")
+
+    # --- responses ----------------------------------------------------------------------------
+
+    def _maybe_start(self) -> None:
+        queued = self._queued
+        if queued is None or self.response is not None:
+            return
+        if queued.input is None and self._untranscribed:
+            return  # rule 2: wait for the user's words
+        self._queued = None
+        response = _Response(
+            self._ids("resp"), queued.settings, queued.out_of_band, queued.metadata
+        )
+        self.response = response
+        self.responses += 1
+        history = queued.input if queued.input is not None else self.items
+        messages = chat_messages(history, queued.settings.instructions)
+        self._emit(re.ResponseCreated(response=self._render(response, "in_progress")))
+        self._act(
+            StartResponse(response.id, messages, queued.settings, self.model, queued.turn_ended_at)
+        )
+
+    def output(self, out: ResponseOutput) -> None:
+        """Apply what the responder produced for the current response (else: ignored)."""
+        response = self.response
+        if response is None or response.id != out.response_id:
+            return  # rule 4: its response.done is out already
+        match out:
+            case TextOut(delta=delta):
+                self._text(response, delta)
+            case AudioOut():
+                self._audio(response, out)
+            case ToolCallOut():
+                self._tool_call(response, out)
+            case ResponseEnded():
+                self._ended(response, out)
+
+    def _open_message(self, response: _Response) -> Item:
+        item = response.open
+        if item is not None and item.type == "message":
+            return item
+        self._close_open(response, "completed")
+        kind = "audio" if response.settings.audio_out else "text"
+        part: dict[str, Any] = {"kind": kind, ("transcript" if kind == "audio" else "text"): ""}
+        item = Item(id=self._ids("item"), role="assistant", status="in_progress", content=[part])
+        self._open_item(response, item)
+        self._emit(
+            re.ContentPartAdded(
+                response_id=response.id,
+                item_id=item.id,
+                output_index=len(response.output) - 1,
+                content_index=0,
+                part=content_part(part),
+            )
+        )
+        return item
+
+    def _open_item(self, response: _Response, item: Item) -> None:
+        response.output.append(item)
+        response.open = item
+        rendered = render_item(item, self.ga)
+        self._emit(
+            re.OutputItemAdded(
+                response_id=response.id, output_index=len(response.output) - 1, item=rendered
+            )
+        )
+        if not response.out_of_band:
+            previous = self.items[-1].id if self.items else None
+            self.items.append(item)
+            self._emit(self.names.item_added(item=rendered, previous_item_id=previous))
+
+    def _text(self, response: _Response, delta: str) -> None:
+        if not delta:
+            return
+        item = self._open_message(response)
+        part = item.content[0]
+        names = self.names
+        ids = self._part_ids(response, item)
+        if part["kind"] == "audio":
+            part["transcript"] += delta
+            self._emit(names.transcript_delta(delta=delta, **ids))
+        else:
+            part["text"] += delta
+            self._emit(names.text_delta(delta=delta, **ids))
+
+    def _audio(self, response: _Response, out: AudioOut) -> None:
+        item = self._open_message(response)
+        if item.content[0]["kind"] != "audio":
+            return  # a text-only response: the responder does not synthesize
+        item.audio_ms += out.ms
+        item.segments.append(Segment(item.audio_ms, out.upto_chars))
+        self._emit(self.names.audio_delta(delta=out.audio, **self._part_ids(response, item)))
+
+    def _tool_call(self, response: _Response, out: ToolCallOut) -> None:
+        item = response.open
+        if item is None or item.type != "function_call" or item.call_id != out.call_id:
+            self._close_open(response, "completed")
+            item = Item(
+                id=self._ids("item"),
+                type="function_call",
+                status="in_progress",
+                call_id=out.call_id,
+                name=out.name,
+            )
+            self._open_item(response, item)
+        if out.arguments_delta:
+            item.arguments += out.arguments_delta
+            self._emit(
+                re.FunctionCallArgumentsDelta(
+                    response_id=response.id,
+                    item_id=item.id,
+                    output_index=len(response.output) - 1,
+                    call_id=out.call_id,
+                    delta=out.arguments_delta,
+                )
+            )
+
+    def _ended(self, response: _Response, out: ResponseEnded) -> None:
+        if out.error is not None:
+            details = {
+                "type": "failed",
+                "error": {"type": "server_error", "code": out.code, "message": out.error},
+            }
+            self._finish(response, "failed", details, out.usage, out.spear)
+        elif out.incomplete_reason is not None:
+            details = {"type": "incomplete", "reason": out.incomplete_reason}
+            self._finish(response, "incomplete", details, out.usage, out.spear)
+        else:
+            self._finish(response, "completed", None, out.usage, out.spear)
+
+    def _cancel(self, response: _Response, reason: str) -> None:
+        self._finish(response, "cancelled", {"type": "cancelled", "reason": reason}, None, None)
+        self._act(CancelResponse(response.id))
+
+    def _finish(
+        self,
+        response: _Response,
+        status: str,
+        details: dict[str, Any] | None,
+        usage: dict[str, int] | None,
+        spear: dict[str, Any] | None,
+    ) -> None:
+        self._close_open(response, "completed" if status == "completed" else "incomplete")
+        self.response = None
+        self._emit(re.ResponseDone(response=self._render(response, status, details, usage, spear)))
+        self._maybe_start()
+
+    def _close_open(self, response: _Response, status: str) -> None:
+        item = response.open
+        if item is None:
+            return
+        response.open = None
+        names = self.names
+        index = response.output.index(item)
+        if item.type == "message":
+            part = item.content[0]
+            ids = self._part_ids(response, item)
+            if part["kind"] == "audio":
+                self._emit(names.audio_done(**ids))
+                self._emit(names.transcript_done(transcript=part["transcript"], **ids))
+            else:
+                self._emit(names.text_done(text=part["text"], **ids))
+            self._emit(re.ContentPartDone(part=content_part(part), **ids))
+        else:
+            self._emit(
+                re.FunctionCallArgumentsDone(
+                    response_id=response.id,
+                    item_id=item.id,
+                    output_index=index,
+                    call_id=item.call_id or "",
+                    name=item.name or "",
+                    arguments=item.arguments,
+                )
+            )
+        item.status = status
+        rendered = render_item(item, self.ga)
+        self._emit(re.OutputItemDone(response_id=response.id, output_index=index, item=rendered))
+        if self.ga and not response.out_of_band and item in self.items:
+            self._emit(se.ItemDone(item=rendered, previous_item_id=self._previous(item)))
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _render(
+        self,
+        response: _Response,
+        status: str,
+        details: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
+        spear: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return render_response(
+            response.id,
+            response.settings,
+            self.ga,
+            status=status,
+            output=[render_item(i, self.ga) for i in response.output],
+            out_of_band=response.out_of_band,
+            status_details=details,
+            usage=_usage(usage) if status != "in_progress" else None,
+            metadata=response.metadata,
+            spear=spear,
+        )
+
+    def _part_ids(self, response: _Response, item: Item) -> dict[str, Any]:
+        return {
+            "response_id": response.id,
+            "item_id": item.id,
+            "output_index": response.output.index(item),
+            "content_index": 0,
+        }
+
+    def _find(self, item_id: str) -> Item | None:
+        return next((i for i in self.items if i.id == item_id), None)
+
+    def _previous(self, item: Item) -> str | None:
+        at = self.items.index(item)
+        return self.items[at - 1].id if at else None
+
+    def _item_or_error(self, item_id: str, event_id: str | None) -> Item | None:
+        item = self._find(item_id)
+        if item is None:
+            self._error(
+                "item_not_found",
+                f"no item {item_id[:64]!r} in the conversation",
+                event_id,
+                "item_id",
+            )
+        return item
+
+
+def _usage(usage: dict[str, int] | None) -> dict[str, Any]:
+    u = usage or {}
+    inp, out = u.get("input_tokens", 0), u.get("output_tokens", 0)
+    return {
+        "total_tokens": inp + out,
+        "input_tokens": inp,
+        "output_tokens": out,
+        "input_token_details": {"text_tokens": inp, "audio_tokens": 0, "cached_tokens": 0},
+        "output_token_details": {"text_tokens": out, "audio_tokens": 0},
+    }
