@@ -26,9 +26,10 @@ _TOOL_CHOICES = ("auto", "none", "required")
 class SettingsError(ValueError):
     """A session update we refuse; `param` names the offending field."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class ConversationSettings(msgspec.Struct, frozen=True):

@@ -132,6 +132,7 @@ def _refuse_in_transcription(wire: SessionWire) -> None:
                 f"session.{name}",
                 f"session.update: session.{name} is not supported in a transcription session "
                 "(it answers nothing; open a conversation for responses)",
+                "unknown_parameter",
             )
     for name, modalities in (
         ("modalities", wire.modalities),
@@ -139,12 +140,15 @@ def _refuse_in_transcription(wire: SessionWire) -> None:
     ):
         if modalities is not UNSET and not set(modalities) <= {"text"}:
             raise SettingsError(
-                f"session.{name}", f"session.{name}: a transcription session produces no audio"
+                f"session.{name}",
+                f"session.{name}: a transcription session produces no audio",
+                "unknown_parameter",
             )
     if wire.audio is not UNSET and wire.audio.output is not UNSET:
         raise SettingsError(
             "session.audio.output",
             "session.audio.output is not supported in a transcription session (no audio output)",
+            "unknown_parameter",
         )
 
 

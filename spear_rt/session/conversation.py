@@ -231,7 +231,7 @@ class Conversation:
             item = item_from_wire(wire, item_id)
             at = self._insert_at(event.previous_item_id)
         except SettingsError as exc:
-            self._error("invalid_value", str(exc), event.event_id, exc.param)
+            self._error(exc.code, str(exc), event.event_id, exc.param)
             return
         self.items.insert(at, item)
         previous = self.items[at - 1].id if at else None
@@ -330,7 +330,7 @@ class Conversation:
             try:
                 queued = self._overrides(wire, now)
             except SettingsError as exc:
-                self._error("invalid_value", str(exc), event.event_id, exc.param)
+                self._error(exc.code, str(exc), event.event_id, exc.param)
                 return
         self._queued = queued
         self._maybe_start()

@@ -457,7 +457,7 @@ class SessionMachine:
         try:
             settings = apply_update(self.settings, event.session)
         except SettingsError as exc:
-            self.error("invalid_value", str(exc), event.event_id, exc.param)
+            self.error(exc.code, str(exc), event.event_id, exc.param)
             return
         self.settings = settings
         self._turns.reconfigure(settings.input_format, settings.turn_detection)

@@ -64,9 +64,6 @@ def test_a_huge_unknown_type_is_not_echoed_whole() -> None:
 @pytest.mark.parametrize(
     ("session", "param"),
     [
-        ({"instructions": "be nice"}, "session.instructions"),
-        ({"voice": "alloy"}, "session.voice"),
-        ({"tools": []}, "session.tools"),
         ({"bogus_field": 1}, "session.bogus_field"),
         ({"audio": {"input": {"new_option": True}}}, "session.audio.input.new_option"),
         ({"audio": {"input": {"transcription": {"x": 1}}}}, "session.audio.input.transcription.x"),

@@ -180,3 +180,89 @@ def test_render_round_trips_through_apply_update() -> None:
         shown = render_session(settings, dialect, "s")
         shown.pop("object"), shown.pop("id")
         assert update(shown) == settings
+
+
+@pytest.mark.parametrize(
+    ("session", "param"),
+    [
+        ({"instructions": "be nice"}, "session.instructions"),
+        ({"voice": "alloy"}, "session.voice"),
+        ({"tools": []}, "session.tools"),
+        ({"output_modalities": ["audio"]}, "session.output_modalities"),
+        ({"audio": {"output": {"voice": "alloy"}}}, "session.audio.output"),
+    ],
+)
+def test_transcription_sessions_refuse_conversation_fields(
+    session: dict[str, Any], param: str
+) -> None:
+    """A transcription session answers nothing: conversation fields are unknown_parameter."""
+    with pytest.raises(SettingsError) as refused:
+        update(session)
+    assert (refused.value.param, refused.value.code) == (param, "unknown_parameter")
+
+
+def test_conversation_fields_apply_in_both_dialects() -> None:
+    """Beta and GA names of the same conversation settings fold into one form."""
+    realtime = SessionSettings(kind=SessionKind.REALTIME)
+    beta = update(
+        {
+            "instructions": "Be brief.",
+            "voice": "echo",
+            "modalities": ["text"],
+            "output_audio_format": "g711_ulaw",
+            "max_response_output_tokens": 99,
+            "turn_detection": {"type": "server_vad", "create_response": False},
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        },
+        realtime,
+    )
+    ga = update(
+        {
+            "instructions": "Be brief.",
+            "output_modalities": ["text"],
+            "audio": {
+                "output": {"voice": "echo", "format": {"type": "audio/pcmu"}},
+                "input": {"turn_detection": {"type": "server_vad", "create_response": False}},
+            },
+            "max_output_tokens": 99,
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        },
+        realtime,
+    )
+    assert beta.conversation == ga.conversation
+    conv = ga.conversation
+    assert (conv.instructions, conv.voice, conv.output_modalities) == (
+        "Be brief.",
+        "echo",
+        ("text",),
+    )
+    assert conv.output_format.format is AudioFormat.G711_ULAW
+    assert (conv.max_output_tokens, conv.create_response, conv.interrupt_response) == (
+        99,
+        False,
+        True,
+    )
+    assert conv.tools[0]["name"] == "f"
+
+
+@pytest.mark.parametrize(
+    ("session", "param"),
+    [
+        ({"output_modalities": ["video"]}, "session.output_modalities"),
+        (
+            {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+            "session.audio.output.format",
+        ),
+        ({"tools": [{"type": "mcp", "name": "x"}]}, "session.tools[0].type"),
+        ({"temperature": 3.0}, "session.temperature"),
+        ({"max_output_tokens": 0}, "session.max_output_tokens"),
+        ({"tool_choice": "sometimes"}, "session.tool_choice"),
+    ],
+)
+def test_conversation_settings_refuse_what_cannot_be_honoured(
+    session: dict[str, Any], param: str
+) -> None:
+    """Bad conversation settings: invalid_value naming the field."""
+    with pytest.raises(SettingsError) as refused:
+        update(session, SessionSettings(kind=SessionKind.REALTIME))
+    assert (refused.value.param, refused.value.code) == (param, "invalid_value")
