@@ -45,15 +45,28 @@ from spear_rt.protocol.conversation_settings import (
     SettingsError,
     conversation_update,
 )
-from spear_rt.session.conversation_items import (
-    Item,
-    Segment,
-    chat_messages,
-    content_part,
-    item_from_wire,
-    render_item,
-    render_response,
+from spear_rt.session.conversation_items import Item, chat_messages, item_from_wire, render_item
+from spear_rt.session.response_writer import (
+    AudioOut,
+    OpenResponse,
+    ResponseEnded,
+    ResponseOutput,
+    ResponseWriter,
+    TextOut,
+    ToolCallOut,
 )
+
+__all__ = [
+    "AudioOut",
+    "CancelResponse",
+    "Conversation",
+    "ResponseAction",
+    "ResponseEnded",
+    "ResponseOutput",
+    "StartResponse",
+    "TextOut",
+    "ToolCallOut",
+]
 
 
 class StartResponse(msgspec.Struct, frozen=True):
@@ -75,61 +88,12 @@ class CancelResponse(msgspec.Struct, frozen=True):
 ResponseAction = StartResponse | CancelResponse
 
 
-class TextOut(msgspec.Struct, frozen=True):
-    """Text (or the transcript of audio to come) of the current response."""
-
-    response_id: str
-    delta: str
-
-
-class AudioOut(msgspec.Struct, frozen=True):
-    """A chunk of output audio, base64 in the output format; it covers the transcript's
-    first `upto_chars` characters once played."""
-
-    response_id: str
-    audio: str
-    ms: float
-    upto_chars: int
-
-
-class ToolCallOut(msgspec.Struct, frozen=True):
-    """A tool call of the current response (arguments arrive in pieces)."""
-
-    response_id: str
-    call_id: str
-    name: str
-    arguments_delta: str = ""
-
-
-class ResponseEnded(msgspec.Struct, frozen=True):
-    """The responder finished `response_id` (error: it failed)."""
-
-    response_id: str
-    usage: dict[str, int] | None = None
-    error: str | None = None
-    code: str = "response_failed"
-    incomplete_reason: str | None = None
-    spear: dict[str, Any] | None = None
-
-
-ResponseOutput = TextOut | AudioOut | ToolCallOut | ResponseEnded
-
-
 class _Queued(msgspec.Struct):
     settings: ConversationSettings
     out_of_band: bool = False
     input: list[Item] | None = None
     metadata: dict[str, str] | None = None
     turn_ended_at: float | None = None
-
-
-class _Response(msgspec.Struct):
-    id: str
-    settings: ConversationSettings
-    out_of_band: bool
-    metadata: dict[str, str] | None
-    output: list[Item] = msgspec.field(default_factory=list)
-    open: Item | None = None  # the output item being written
 
 
 ErrorSink = Callable[[str, str, "str | None", "str | None"], None]
@@ -150,11 +114,11 @@ class Conversation:
         self._error = error
         self._ids = ids
         self.items: list[Item] = []
-        self.ga = True
+        self._writer = ResponseWriter(emit, ids, self.items)
         self.settings = ConversationSettings()
         self.model: str | None = None
         self.auto_respond = False  # server VAD with create_response
-        self.response: _Response | None = None
+        self.response: OpenResponse | None = None
         self._queued: _Queued | None = None
         self._untranscribed: set[str] = set()
         self._answer: set[str] = set()  # VAD turns to answer once transcribed
@@ -167,9 +131,18 @@ class Conversation:
         return self.response is not None or self._queued is not None
 
     @property
+    def ga(self) -> bool:
+        """The session speaks the GA dialect (else beta)."""
+        return self._writer.ga
+
+    @ga.setter
+    def ga(self, value: bool) -> None:
+        self._writer.ga = value
+
+    @property
     def names(self) -> re.ResponseNames:
         """The dialect's event classes."""
-        return re.GA_NAMES if self.ga else re.BETA_NAMES
+        return self._writer.names
 
     # --- user turns ---------------------------------------------------------------------------
 
@@ -380,14 +353,14 @@ class Conversation:
         if queued.input is None and self._untranscribed:
             return  # rule 2: wait for the user's words
         self._queued = None
-        response = _Response(
+        response = OpenResponse(
             self._ids("resp"), queued.settings, queued.out_of_band, queued.metadata
         )
         self.response = response
         self.responses += 1
         history = queued.input if queued.input is not None else self.items
         messages = chat_messages(history, queued.settings.instructions)
-        self._emit(re.ResponseCreated(response=self._render(response, "in_progress")))
+        self._emit(re.ResponseCreated(response=self._writer.render(response, "in_progress")))
         self._act(
             StartResponse(response.id, messages, queued.settings, self.model, queued.turn_ended_at)
         )
@@ -399,95 +372,15 @@ class Conversation:
             return  # rule 4: its response.done is out already
         match out:
             case TextOut(delta=delta):
-                self._text(response, delta)
+                self._writer.text(response, delta)
             case AudioOut():
-                self._audio(response, out)
+                self._writer.audio(response, out)
             case ToolCallOut():
-                self._tool_call(response, out)
+                self._writer.tool_call(response, out)
             case ResponseEnded():
                 self._ended(response, out)
 
-    def _open_message(self, response: _Response) -> Item:
-        item = response.open
-        if item is not None and item.type == "message":
-            return item
-        self._close_open(response, "completed")
-        kind = "audio" if response.settings.audio_out else "text"
-        part: dict[str, Any] = {"kind": kind, ("transcript" if kind == "audio" else "text"): ""}
-        item = Item(id=self._ids("item"), role="assistant", status="in_progress", content=[part])
-        self._open_item(response, item)
-        self._emit(
-            re.ContentPartAdded(
-                response_id=response.id,
-                item_id=item.id,
-                output_index=len(response.output) - 1,
-                content_index=0,
-                part=content_part(part),
-            )
-        )
-        return item
-
-    def _open_item(self, response: _Response, item: Item) -> None:
-        response.output.append(item)
-        response.open = item
-        rendered = render_item(item, self.ga)
-        self._emit(
-            re.OutputItemAdded(
-                response_id=response.id, output_index=len(response.output) - 1, item=rendered
-            )
-        )
-        if not response.out_of_band:
-            previous = self.items[-1].id if self.items else None
-            self.items.append(item)
-            self._emit(self.names.item_added(item=rendered, previous_item_id=previous))
-
-    def _text(self, response: _Response, delta: str) -> None:
-        if not delta:
-            return
-        item = self._open_message(response)
-        part = item.content[0]
-        names = self.names
-        ids = self._part_ids(response, item)
-        if part["kind"] == "audio":
-            part["transcript"] += delta
-            self._emit(names.transcript_delta(delta=delta, **ids))
-        else:
-            part["text"] += delta
-            self._emit(names.text_delta(delta=delta, **ids))
-
-    def _audio(self, response: _Response, out: AudioOut) -> None:
-        item = self._open_message(response)
-        if item.content[0]["kind"] != "audio":
-            return  # a text-only response: the responder does not synthesize
-        item.audio_ms += out.ms
-        item.segments.append(Segment(item.audio_ms, out.upto_chars))
-        self._emit(self.names.audio_delta(delta=out.audio, **self._part_ids(response, item)))
-
-    def _tool_call(self, response: _Response, out: ToolCallOut) -> None:
-        item = response.open
-        if item is None or item.type != "function_call" or item.call_id != out.call_id:
-            self._close_open(response, "completed")
-            item = Item(
-                id=self._ids("item"),
-                type="function_call",
-                status="in_progress",
-                call_id=out.call_id,
-                name=out.name,
-            )
-            self._open_item(response, item)
-        if out.arguments_delta:
-            item.arguments += out.arguments_delta
-            self._emit(
-                re.FunctionCallArgumentsDelta(
-                    response_id=response.id,
-                    item_id=item.id,
-                    output_index=len(response.output) - 1,
-                    call_id=out.call_id,
-                    delta=out.arguments_delta,
-                )
-            )
-
-    def _ended(self, response: _Response, out: ResponseEnded) -> None:
+    def _ended(self, response: OpenResponse, out: ResponseEnded) -> None:
         if out.error is not None:
             details = {
                 "type": "failed",
@@ -500,86 +393,24 @@ class Conversation:
         else:
             self._finish(response, "completed", None, out.usage, out.spear)
 
-    def _cancel(self, response: _Response, reason: str) -> None:
+    def _cancel(self, response: OpenResponse, reason: str) -> None:
         self._finish(response, "cancelled", {"type": "cancelled", "reason": reason}, None, None)
         self._act(CancelResponse(response.id))
 
     def _finish(
         self,
-        response: _Response,
+        response: OpenResponse,
         status: str,
         details: dict[str, Any] | None,
         usage: dict[str, int] | None,
         spear: dict[str, Any] | None,
     ) -> None:
-        self._close_open(response, "completed" if status == "completed" else "incomplete")
+        self._writer.close_open(response, "completed" if status == "completed" else "incomplete")
         self.response = None
-        self._emit(re.ResponseDone(response=self._render(response, status, details, usage, spear)))
-        self._maybe_start()
-
-    def _close_open(self, response: _Response, status: str) -> None:
-        item = response.open
-        if item is None:
-            return
-        response.open = None
-        names = self.names
-        index = response.output.index(item)
-        if item.type == "message":
-            part = item.content[0]
-            ids = self._part_ids(response, item)
-            if part["kind"] == "audio":
-                self._emit(names.audio_done(**ids))
-                self._emit(names.transcript_done(transcript=part["transcript"], **ids))
-            else:
-                self._emit(names.text_done(text=part["text"], **ids))
-            self._emit(re.ContentPartDone(part=content_part(part), **ids))
-        else:
-            self._emit(
-                re.FunctionCallArgumentsDone(
-                    response_id=response.id,
-                    item_id=item.id,
-                    output_index=index,
-                    call_id=item.call_id or "",
-                    name=item.name or "",
-                    arguments=item.arguments,
-                )
-            )
-        item.status = status
-        rendered = render_item(item, self.ga)
-        self._emit(re.OutputItemDone(response_id=response.id, output_index=index, item=rendered))
-        if self.ga and not response.out_of_band and item in self.items:
-            self._emit(se.ItemDone(item=rendered, previous_item_id=self._previous(item)))
-
-    # --- helpers ------------------------------------------------------------------------------
-
-    def _render(
-        self,
-        response: _Response,
-        status: str,
-        details: dict[str, Any] | None = None,
-        usage: dict[str, int] | None = None,
-        spear: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        return render_response(
-            response.id,
-            response.settings,
-            self.ga,
-            status=status,
-            output=[render_item(i, self.ga) for i in response.output],
-            out_of_band=response.out_of_band,
-            status_details=details,
-            usage=_usage(usage) if status != "in_progress" else None,
-            metadata=response.metadata,
-            spear=spear,
+        self._emit(
+            re.ResponseDone(response=self._writer.render(response, status, details, usage, spear))
         )
-
-    def _part_ids(self, response: _Response, item: Item) -> dict[str, Any]:
-        return {
-            "response_id": response.id,
-            "item_id": item.id,
-            "output_index": response.output.index(item),
-            "content_index": 0,
-        }
+        self._maybe_start()
 
     def _find(self, item_id: str) -> Item | None:
         return next((i for i in self.items if i.id == item_id), None)
@@ -598,15 +429,3 @@ class Conversation:
                 "item_id",
             )
         return item
-
-
-def _usage(usage: dict[str, int] | None) -> dict[str, Any]:
-    u = usage or {}
-    inp, out = u.get("input_tokens", 0), u.get("output_tokens", 0)
-    return {
-        "total_tokens": inp + out,
-        "input_tokens": inp,
-        "output_tokens": out,
-        "input_token_details": {"text_tokens": inp, "audio_tokens": 0, "cached_tokens": 0},
-        "output_token_details": {"text_tokens": out, "audio_tokens": 0},
-    }
