@@ -45,6 +45,7 @@ from spear_rt.protocol.conversation_settings import (
     SettingsError,
     conversation_update,
 )
+from spear_rt.protocol.settings import SessionSettings
 from spear_rt.session.conversation_items import Item, chat_messages, item_from_wire, render_item
 from spear_rt.session.response_writer import (
     AudioOut,
@@ -105,12 +106,10 @@ class Conversation:
     def __init__(
         self,
         emit: Callable[[se.ServerEvent], None],
-        act: Callable[[ResponseAction], None],
         error: ErrorSink,
         ids: Callable[[str], str],
     ) -> None:
         self._emit = emit
-        self._act = act
         self._error = error
         self._ids = ids
         self.items: list[Item] = []
@@ -124,6 +123,22 @@ class Conversation:
         self._answer: set[str] = set()  # VAD turns to answer once transcribed
         self._committed_at: dict[str, float] = {}  # untranscribed turn -> when it ended
         self.responses = 0
+        # Actions for the responder, which sets `wake` to hear of them.
+        self.actions: list[ResponseAction] = []
+        self.wake: Callable[[], None] = lambda: None
+
+    def configure(self, session: SessionSettings, ga: bool) -> None:
+        """Take the session's (updated) settings and dialect."""
+        self.ga = ga
+        self.settings = session.conversation
+        self.model = session.model
+        self.auto_respond = (
+            session.turn_detection is not None and session.conversation.create_response
+        )
+
+    def _act(self, action: ResponseAction) -> None:
+        self.actions.append(action)
+        self.wake()
 
     @property
     def busy(self) -> bool:

@@ -27,6 +27,10 @@ Rules:
    returns ``spear.session.resumed`` (seq 0) followed by every event with seq > last_seq, and
    the session is back where it was. The grace running out, or the replay buffer evicting an
    event the detached client never got, closes the session.
+10. A conversation session (kind realtime) also holds a `Conversation` (`session/conversation.py`):
+   conversation client events, committed turns, transcripts and ``speech_started`` go to it;
+   the responder takes its actions and feeds back `response_output`. Draining waits for its
+   response too.
 
 Transitions:
 
@@ -75,7 +79,7 @@ from spear_rt.protocol.settings import (
     apply_update,
     render_session,
 )
-from spear_rt.session.conversation import Conversation, ResponseAction, ResponseOutput
+from spear_rt.session.conversation import Conversation, ResponseOutput
 from spear_rt.session.items import Items
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.replay import ReplayBuffer
@@ -168,14 +172,11 @@ class SessionMachine:
         self._items = Items()
         self._drain_commit_at: float | None = None  # an open manual turn: committed by then
         self._now = 0.0  # event-loop time of the last input that carried one
-        # A conversation session's items and responses; its actions go to the responder,
-        # which sets `wake_responder` to hear of them.
-        self.response_actions: list[ResponseAction] = []
-        self.wake_responder: Callable[[], None] = lambda: None
+        # A conversation session's items and responses (rule 10)
         self.conversation: Conversation | None = None
         if settings.kind is SessionKind.REALTIME:
-            self.conversation = Conversation(self._emit, self._act, self._conversation_error, ids)
-            self._sync_conversation()
+            self.conversation = Conversation(self._emit, self.error, ids)
+            self.conversation.configure(settings, self.dialect is Dialect.GA)
         self._turns = Turns(
             settings.input_format,
             settings.turn_detection,
@@ -461,7 +462,8 @@ class SessionMachine:
             return
         self.settings = settings
         self._turns.reconfigure(settings.input_format, settings.turn_detection)
-        self._sync_conversation()
+        if self.conversation is not None:
+            self.conversation.configure(settings, self.dialect is Dialect.GA)
         session = render_session(settings, self.dialect, self.session_id)
         if self._transcription_beta():
             self._emit(se.TranscriptionSessionUpdated(session=session))
@@ -521,28 +523,6 @@ class SessionMachine:
             and not (self.conversation is not None and self.conversation.busy)
         ):
             self._close(1001, "server draining")
-
-    # --- conversation -------------------------------------------------------------------------
-
-    def _sync_conversation(self) -> None:
-        conversation = self.conversation
-        if conversation is not None:
-            conversation.ga = self.dialect is Dialect.GA
-            conversation.settings = self.settings.conversation
-            conversation.model = self.settings.model
-            conversation.auto_respond = (
-                self.settings.turn_detection is not None
-                and self.settings.conversation.create_response
-            )
-
-    def _act(self, action: ResponseAction) -> None:
-        self.response_actions.append(action)
-        self.wake_responder()
-
-    def _conversation_error(
-        self, code: str, message: str, event_id: str | None, param: str | None
-    ) -> None:
-        self.error(code, message, event_id, param)
 
     # --- outputs ------------------------------------------------------------------------------
 

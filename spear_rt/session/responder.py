@@ -91,7 +91,9 @@ class Responder:
         self._config = config
         self._wakeup = anyio.Event()
         self._scopes: dict[str, anyio.CancelScope] = {}
-        machine.wake_responder = self._wake
+        assert machine.conversation is not None  # a responder serves conversations only
+        self._conversation = machine.conversation
+        self._conversation.wake = self._wake
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -102,7 +104,7 @@ class Responder:
             while True:
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
-                actions, self.machine.response_actions = self.machine.response_actions, []
+                actions, self._conversation.actions = self._conversation.actions, []
                 for action in actions:
                     if isinstance(action, StartResponse):
                         scope = anyio.CancelScope()
