@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
@@ -320,3 +321,25 @@ class StreamingRecognizer(Protocol):
 def words(text: str) -> Sequence[str]:
     """Split a transcript into words the way every transcript comparison here does."""
     return text.split()
+
+
+_LIMITERS: anyio.lowlevel.RunVar[dict[str, anyio.CapacityLimiter]] = anyio.lowlevel.RunVar(
+    "spear_backend_limiters"
+)
+
+
+def loop_limiter(key: str, total: int) -> anyio.CapacityLimiter:
+    """The CapacityLimiter named `key` of the running event loop (created with `total`).
+
+    A kind is one object per process while a limiter belongs to one event loop: tests, and a
+    process that runs loops one after another, would otherwise reuse a dead loop's limiter.
+    """
+    try:
+        limiters = _LIMITERS.get()
+    except LookupError:
+        limiters = {}
+        _LIMITERS.set(limiters)
+    limiter = limiters.get(key)
+    if limiter is None:
+        limiter = limiters[key] = anyio.CapacityLimiter(total)
+    return limiter

@@ -42,7 +42,13 @@ import soundfile  # type: ignore[import-untyped]  # ships no type hints
 from numpy.typing import NDArray
 
 from spear_rt.audio import pcm16_to_bytes, resample
-from spear_rt.backend import InstanceDefaults, InstanceInfo, OneShotRequest, OneShotResponse
+from spear_rt.backend import (
+    InstanceDefaults,
+    InstanceInfo,
+    OneShotRequest,
+    OneShotResponse,
+    loop_limiter,
+)
 from spear_rt.errors import BackendFailure, CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport, Usage
 
@@ -246,20 +252,13 @@ class EspeakKind:
         hosting=Hosting.LOCAL,
     )
 
-    def __init__(self) -> None:
-        # One limiter per instance name, made on first use (inside the event loop).
-        self._limiters: dict[str, anyio.CapacityLimiter] = {}
-
     def unavailable_reason(self, instance: InstanceInfo) -> str | None:
         """Unavailable when the espeak-ng binary is not on PATH."""
         return None if shutil.which("espeak-ng") else MISSING
 
     def _limiter(self, instance: InstanceInfo) -> anyio.CapacityLimiter:
-        limiter = self._limiters.get(instance.name)
-        if limiter is None:
-            total = int_option(instance, "max_processes", os.cpu_count() or 2)
-            limiter = self._limiters[instance.name] = anyio.CapacityLimiter(total)
-        return limiter
+        total = int_option(instance, "max_processes", os.cpu_count() or 2)
+        return loop_limiter(f"espeak:{instance.name}", total)
 
     async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
         """Speak `request.payload["input"]` and answer with audio in the asked format."""

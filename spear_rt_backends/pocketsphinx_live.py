@@ -50,7 +50,6 @@ import anyio
 import anyio.to_thread
 import msgspec
 import numpy as np
-import sniffio
 
 from spear_rt.audio import resample
 from spear_rt.backend import (
@@ -61,6 +60,7 @@ from spear_rt.backend import (
     Pcm16,
     TranscriptionSpec,
     TranscriptionUpstream,
+    loop_limiter,
 )
 from spear_rt.errors import BackendFailure, CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport, Usage
@@ -278,7 +278,6 @@ class PocketsphinxKind:
 
     def __init__(self) -> None:
         self._pools: dict[str, DecoderPool] = {}
-        self._limiters: dict[tuple[str, str], anyio.CapacityLimiter] = {}
 
     def unavailable_reason(self, instance: InstanceInfo) -> str | None:
         """Why the instance cannot serve: the pocketsphinx package is missing, or None."""
@@ -298,11 +297,7 @@ class PocketsphinxKind:
 
     def limiter(self, instance: InstanceInfo) -> anyio.CapacityLimiter:
         """The worker threads all sessions of the instance share (option `workers`)."""
-        key = (instance.name, sniffio.current_async_library())  # a limiter is loop-specific
-        limiter = self._limiters.get(key)
-        if limiter is None:
-            limiter = self._limiters[key] = anyio.CapacityLimiter(_workers(instance))
-        return limiter
+        return loop_limiter(f"pocketsphinx_live:{instance.name}", _workers(instance))
 
     def open_transcription(
         self, instance: InstanceInfo, spec: TranscriptionSpec

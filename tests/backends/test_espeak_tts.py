@@ -208,3 +208,11 @@ async def test_pocketsphinx_hears_the_digits_espeak_spoke() -> None:
         return hyp.hypstr if hyp is not None else ""
 
     assert await anyio.to_thread.run_sync(recognize) == "one two three four five"
+
+
+def test_the_kind_serves_one_event_loop_after_another() -> None:
+    """The kind is one object per process; its process limiter must not outlive a loop (it
+    did: the asyncio run after a trio run failed with "must be called from async context")."""
+    for backend in ("trio", "asyncio", "trio"):
+        response = anyio.run(speak, "hello", backend=backend)
+        assert decode(response, "wav")[0].size > 0
