@@ -496,8 +496,6 @@ class SessionMachine:
             self._emit(se.TranscriptionDelta(item_id=item_id, delta=delta))
 
     def _on_completed(self, item_id: str, transcript: str) -> None:
-        if self.conversation is not None:
-            self.conversation.user_transcript(item_id, transcript)
         pending = self._items.finished(item_id)
         seconds = pending.audio_seconds if pending is not None else 0.0
         self._emit(
@@ -509,6 +507,8 @@ class SessionMachine:
             item = se.input_item(item_id, transcript)
             previous = pending.previous_item_id if pending is not None else None
             self._emit(se.ItemDone(item=item, previous_item_id=previous))
+        if self.conversation is not None:  # after the transcript: the answer follows it
+            self.conversation.user_transcript(item_id, transcript)
         self._maybe_finish_drain()
 
     def _item_finished(self, item_id: str) -> None:

@@ -420,6 +420,41 @@ def sse_events(body: dict[str, Any]) -> list[bytes]:
     return [b"data: " + _json(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + _json(chunk) + b"\n\n"
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def text_events(pieces: list[str]) -> list[bytes]:
+    """A streamed answer made of exactly these content deltas (role chunk first, then stop)."""
+    chunks = [_chunk({"role": "assistant", "content": ""})]
+    chunks += [_chunk({"content": piece}) for piece in pieces]
+    chunks.append(_chunk({}, "stop"))
+    return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+def tool_call_events(call_id: str, name: str, argument_pieces: list[str]) -> list[bytes]:
+    """A streamed answer that calls one tool, its arguments in these pieces (finish tool_calls)."""
+    first = {"index": 0, "id": call_id, "type": "function", "function": {"name": name}}
+    first["function"]["arguments"] = ""
+    chunks = [_chunk({"role": "assistant", "content": None, "tool_calls": [first]})]
+    chunks += [
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        for piece in argument_pieces
+    ]
+    chunks.append(_chunk({}, "tool_calls"))
+    return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
+
+
 def embedding_of(text: str, dim: int) -> list[float]:
     """A deterministic vector for `text` (exact in float32)."""
     digest = b""

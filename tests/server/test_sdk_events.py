@@ -47,6 +47,12 @@ MODELS = {
 }
 # The beta SDK has no model for transcription_session.created (3.57): it is checked as the
 # transcription_session.updated it mirrors (same session object).
+# Events that bring an item into being (a conversation's own and a response's output items).
+ANNOUNCING = {
+    "conversation.item.added",
+    "conversation.item.created",
+    "response.output_item.added",
+}
 STAND_INS = {"transcription_session.created": "transcription_session.updated"}
 
 MANUAL = {
@@ -90,6 +96,8 @@ class Checker:
         self.types.append(kind)
         if kind in (COMMITTED, "input_audio_buffer.speech_started"):
             self.announced.add(event["item_id"])
+        if kind in ANNOUNCING:
+            self.announced.add(event["item"]["id"])
         named = event.get("item_id") or (event.get("item") or {}).get("id")
         assert named is None or named in self.announced, f"unannounced item: {event}"
         if kind.startswith("spear."):
