@@ -290,9 +290,10 @@ class Conversation:
             )
             return
         heard = [s for s in item.segments if s.audio_end_ms <= event.audio_end_ms]
-        upto = heard[-1].text_chars if heard else 0
         part = parts[event.content_index]
-        part["transcript"] = part.get("transcript", "")[:upto]
+        part["transcript"] = _words_upto(
+            part.get("transcript", ""), heard[-1].text_chars if heard else 0
+        )
         item.audio_ms = float(event.audio_end_ms)
         item.segments = heard
         self._emit(
@@ -444,3 +445,13 @@ class Conversation:
                 "item_id",
             )
         return item
+
+
+def _words_upto(text: str, chars: int) -> str:
+    """`text` cut to its first `chars` characters, then back to a whole word."""
+    if chars >= len(text):
+        return text
+    cut = text[:chars]
+    if not text[chars].isspace():
+        cut = cut[: cut.rfind(" ") + 1]  # a word the cut went through was not heard whole
+    return cut.rstrip()
