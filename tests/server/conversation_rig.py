@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import io
 import re
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -172,11 +174,18 @@ def answer_pcm(events: list[dict[str, Any]], delta_type: str) -> NDArray[np.int1
     return np.frombuffer(data, dtype="<i2").astype(np.int16)
 
 
-async def transcribe_back(port: int, pcm: NDArray[np.int16]) -> str:
-    """What the server's local recognizer hears in `pcm` (one-shot, pocketsphinx)."""
+async def transcribe_back(port: int, pcm: NDArray[np.int16], cert: Path | None = None) -> str:
+    """What the server's local recognizer hears in `pcm` (one-shot, pocketsphinx); over TLS
+    trusting `cert` when given."""
     wav = io.BytesIO()
     soundfile.write(wav, pcm, RATE_HZ, format="WAV", subtype="PCM_16")
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    verify: ssl.SSLContext | bool = True
+    scheme = "http"
+    if cert is not None:
+        scheme, verify = "https", ssl.create_default_context(cafile=str(cert))
+    async with httpx.AsyncClient(
+        base_url=f"{scheme}://127.0.0.1:{port}", verify=verify, timeout=60
+    ) as client:
         reply = await client.post(
             "/v1/audio/transcriptions",
             data={"model": "whisper-1", "response_format": "json"},
