@@ -8,7 +8,8 @@ It speaks the wire format of the endpoints spear_rt forwards to, with keep-alive
   POST /v1/embeddings            `dimensions` (default 8) floats per input, derived from the
                                  input's SHA-256; base64 float32 when `encoding_format: base64`
   POST /v1/audio/transcriptions  multipart; {"text": "heard <n> bytes of <filename>"}
-  POST /v1/audio/speech          b"FAKE-AUDIO <format>:<input>", content type of the format
+  POST /v1/audio/speech          b"FAKE-AUDIO <format>:<input>", content type of the format;
+                                 `wav`: a real 24 kHz WAV, 20 ms of tone per input character
   POST /v1/images/generations    `n` 1x1 PNGs as b64_json
   GET  /v1/models                one model, "fake-model"
 
@@ -33,6 +34,7 @@ import anyio
 import anyio.abc
 import h11
 import msgspec
+import numpy as np
 
 CREATED = 1700000000
 MODEL = "fake-model"
@@ -45,6 +47,26 @@ SPEECH_TYPES = {
     "flac": "audio/flac",
     "aac": "audio/aac",
 }
+
+
+SPEECH_RATE_HZ = 24000
+SPEECH_MS_PER_CHAR = 20
+
+
+def speech_samples(text: str) -> int:
+    """How many samples the fake's WAV speech of `text` has."""
+    return len(text) * SPEECH_RATE_HZ * SPEECH_MS_PER_CHAR // 1000
+
+
+def speech_wav(text: str) -> bytes:
+    """A mono 16-bit 24 kHz WAV of a 440 Hz tone, as long as `text` asks."""
+    n = speech_samples(text)
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(n) / SPEECH_RATE_HZ)).astype("<i2")
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + 2 * n, b"WAVE", b"fmt ", 16, 1, 1,
+        SPEECH_RATE_HZ, 2 * SPEECH_RATE_HZ, 2, 16, b"data", 2 * n,
+    )  # fmt: skip
+    return header + tone.tobytes()
 
 
 def _png_1x1() -> bytes:
@@ -273,6 +295,8 @@ class FakeOpenAI:
                 return 200, _json({"text": text}), "application/json"
             case ("POST", "/v1/audio/speech"):
                 fmt = str(body.get("response_format", "mp3"))
+                if fmt == "wav":  # a real WAV: a tone, SPEECH_MS_PER_CHAR per input character
+                    return 200, speech_wav(str(body.get("input", ""))), "audio/wav"
                 audio = f"FAKE-AUDIO {fmt}:{body.get('input', '')}".encode()
                 return 200, audio, SPEECH_TYPES.get(fmt, "application/octet-stream")
             case ("POST", "/v1/images/generations"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import numpy as np
 import soundfile  # type: ignore[import-untyped]
@@ -49,9 +50,10 @@ BETA_NAMES = {
 }
 
 
-def rig_toml(fake: FakeOpenAI) -> tuple[str, str]:
-    """The [conversation] section and the backends of the rig."""
-    conversation = '[conversation]\nchat_backend = "fake"\nspeech_backend = "espeak"\n'
+def rig_toml(fake: FakeOpenAI, speech: str = "espeak") -> tuple[str, str]:
+    """The [conversation] section and the backends of the rig (speech: espeak, or the fake's
+    tones)."""
+    conversation = f'[conversation]\nchat_backend = "fake"\nspeech_backend = "{speech}"\n'
     backends = f"""
 [[backends]]
 name = "fake"
@@ -72,14 +74,16 @@ kind = "pocketsphinx"
 Scenario = Callable[[Server, FakeOpenAI], Awaitable[Any]]
 
 
-def run_rig(backend: str, driver: str, scenario: Scenario, *, realtime: str = "") -> Any:
+def run_rig(
+    backend: str, driver: str, scenario: Scenario, *, realtime: str = "", speech: str = "espeak"
+) -> Any:
     """Run `scenario(server, fake)` on a fresh rig, `driver` on the `backend` loop."""
 
     async def main() -> Any:
         fake = FakeOpenAI()
         async with anyio.create_task_group() as tg:
             await tg.start(fake.serve)
-            conversation, backends = rig_toml(fake)
+            conversation, backends = rig_toml(fake, speech)
             config = make_config(
                 server=f'driver = "{driver}"',
                 realtime=realtime,
@@ -106,10 +110,20 @@ class Talk:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def open(cls, port: int, dialect: str = "ga", **session: Any) -> Talk:
-        """Connect, then apply `session` (GA or beta fields, as given) with session.update."""
+    async def open(
+        cls,
+        port: int,
+        dialect: str = "ga",
+        *,
+        over: anyio.abc.SocketStream | None = None,
+        **session: Any,
+    ) -> Talk:
+        """Connect (on `over`, if given), then apply `session` (GA or beta fields, as given)."""
         headers = BETA if dialect == "beta" else ()
-        ws = await WsClient.connect(port, "/v1/realtime?model=gpt-realtime", headers=headers)
+        path = "/v1/realtime?model=gpt-realtime"
+        if over is None:
+            over = await anyio.connect_tcp("127.0.0.1", port)
+        ws = await WsClient.over(over, port, path, headers=headers)
         talk = cls(ws, dialect)
         assert (await talk.recv())["type"] == "session.created"
         if dialect == "ga":

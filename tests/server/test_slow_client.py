@@ -89,15 +89,20 @@ def wordy_registry(config: Config) -> BackendRegistry:
     return BackendRegistry.build(config, loader=lambda name: WordyKind(), environ={})  # type: ignore[arg-type, return-value]
 
 
-async def starved_client(port: int) -> WsClient:
-    """A session whose socket advertises a tiny receive window and is never read again."""
+async def starved_socket(port: int) -> anyio.abc.SocketStream:
+    """A connection whose socket advertises a tiny receive window."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
     sock.setblocking(False)
     with pytest.raises(BlockingIOError):
         sock.connect(("127.0.0.1", port))
     await anyio.wait_writable(sock)  # type: ignore[attr-defined]
-    stream = await anyio.abc.SocketStream.from_socket(sock)
+    return await anyio.abc.SocketStream.from_socket(sock)
+
+
+async def starved_client(port: int) -> WsClient:
+    """A session whose socket advertises a tiny receive window and is never read again."""
+    stream = await starved_socket(port)
     client = await WsClient.over(stream, port, TRANSCRIPTION, headers=BETA)
     await client.recv()
     await client.send(MANUAL_BETA)

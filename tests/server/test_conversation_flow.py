@@ -1,0 +1,78 @@
+"""Flow control of a spoken answer: a client that stops reading slows the answer down instead
+of growing the server's memory or losing audio (conversation.md, "Flow control").
+
+The bound: the responder waits before each output event while the session's outbound queue
+holds more than `[realtime] max_outbound_bytes`, so at most that much plus one event is queued,
+and at most `[conversation] sentences_ahead` sentences are synthesized ahead of it. Speech comes
+from the fake upstream (tones, 20 ms per character), so audio lengths are known exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from spear_rt.server.app import Server
+from tests.conftest import DRIVERS, IDS
+from tests.fakes.openai_upstream import FakeOpenAI, speech_samples, text_events
+from tests.server.conversation_rig import Talk, run_rig
+from tests.server.test_resume import until
+from tests.server.test_slow_client import starved_socket
+
+MAX_OUTBOUND = 64 * 1024
+SENTENCE = "This sentence is one of many in a long answer that a slow client is given. "
+SENTENCES = 100  # 1.5 s of tone each: 100 x 72 kB of pcm, 9.6 MB as base64 deltas
+AUDIO_EVENT_MAX = 100 * 24 * 2 * 4 // 3 + 512  # a <= 100 ms delta: base64 pcm + its JSON
+
+
+def speech_requests(fake: FakeOpenAI) -> int:
+    return sum(r.path == "/v1/audio/speech" for r in fake.requests)
+
+
+async def slow_reader(server: Server, fake: FakeOpenAI) -> dict[str, Any]:
+    assert server.port is not None
+    fake.slow_stream(text_events([SENTENCE] * SENTENCES)).release(SENTENCES + 3)
+    manual = {"input": {"turn_detection": None}}
+    talk = await Talk.open(server.port, over=await starved_socket(server.port), audio=manual)
+    (session_id,) = server.sessions.sessions
+    machine = server.sessions.sessions[session_id].machine
+    await talk.user_text("Tell me a long story.")
+    await talk.send({"type": "response.create"})
+    peak = 0
+
+    def parked() -> bool:  # the responder waits for room: the queue is over its bound
+        nonlocal peak
+        peak = max(peak, machine.outbound.nbytes)
+        return machine.outbound.nbytes > MAX_OUTBOUND
+
+    await until(parked)
+    asked_while_parked = speech_requests(fake)
+    events = await talk.until("response.done")  # now read it all
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_audio.delta"]
+    audio = sum(len(base64.b64decode(delta)) for delta in deltas)
+    return {
+        "peak": peak,
+        "asked_while_parked": asked_while_parked,
+        "asked": speech_requests(fake),
+        "audio_bytes": audio,
+        "dropped": machine.outbound.dropped,
+        "done": events[-1]["response"],
+    }
+
+
+@pytest.mark.parametrize(("backend", "driver"), DRIVERS, ids=IDS)
+def test_a_slow_reader_slows_the_answer_and_loses_no_audio(backend: str, driver: str) -> None:
+    result = run_rig(
+        backend, driver, slow_reader, speech="fake",
+        realtime=f"max_outbound_bytes = {MAX_OUTBOUND}",
+    )  # fmt: skip
+    # generation stopped while the client did not read: far from every sentence was asked for
+    assert result["asked_while_parked"] < SENTENCES // 2, result
+    assert result["peak"] <= MAX_OUTBOUND + AUDIO_EVENT_MAX
+    # ...and once it read, everything came: every sentence spoken, every sample delivered
+    assert result["asked"] == SENTENCES
+    assert result["audio_bytes"] == 2 * SENTENCES * speech_samples(SENTENCE.strip())
+    assert result["dropped"] == 0
+    assert result["done"]["status"] == "completed"
