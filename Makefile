@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test serve lint bench-realtime clean
+.PHONY: demo demo-voice test install install-test serve lint bench-realtime clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ install-test: $(BIN)/python
 ## Start a server on the embedded default and stream the fixtures through it (live transcript).
 demo: install
 	$(BIN)/spear-rt demo
+
+## Start a server on the embedded default and talk to it: fixtures as spoken turns, answers, latencies.
+demo-voice: install
+	$(BIN)/spear-rt demo-voice
 
 ## Install everything the tests need and run the whole suite.
 test: install-test

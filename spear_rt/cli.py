@@ -1,4 +1,4 @@
-"""`spear-rt serve | stream | demo`: the command line.
+"""`spear-rt serve | stream | demo | talk | demo-voice`: the command line.
 
 Errors a user can fix (bad config, unreadable audio file, server not reachable) print one
 line and exit 2; nothing here prints a traceback for them.
@@ -146,6 +146,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_cli(args)
 
 
+def _cmd_talk(args: argparse.Namespace) -> int:
+    from spear_rt.client.talk import talk_cli
+
+    return talk_cli(args)
+
+
+def _cmd_demo_voice(args: argparse.Namespace) -> int:
+    from spear_rt.client.talk_demo import demo_voice_cli
+
+    return demo_voice_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="spear-rt", description="spear_rt realtime voice gateway")
@@ -190,6 +202,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("files", nargs="*", help="audio files (default: fixtures/audio speech clips)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "talk", help="talk to a server: each audio file is a spoken turn; prints and saves answers"
+    )
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="audio files (any format soundfile reads)"
+    )
+    p.add_argument(
+        "--url", default="ws://127.0.0.1:8787", help="server; /v1/realtime is added to a bare URL"
+    )
+    p.add_argument("--model", default="gpt-realtime", help="the session's model (?model=)")
+    p.add_argument("--out", default=".", metavar="DIR", help="where answer-N.wav files go")
+    p.add_argument("--instructions", metavar="TEXT", help="the assistant's instructions")
+    p.add_argument("--voice", metavar="V", help="the assistant's voice")
+    p.add_argument("--text-only", action="store_true", help="answers in text only (no audio)")
+    p.add_argument("--fast", action="store_true", help="send audio as fast as the socket takes it")
+    p.add_argument("--key", help="client key (default: $SPEAR_RT_CLIENT_KEY)")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="end instead of resuming the session when the connection drops",
+    )
+    p.set_defaults(func=_cmd_talk)
+
+    p = sub.add_parser(
+        "demo-voice", help="start a server on the embedded default and talk to it with fixtures"
+    )
+    p.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP)
+    p.add_argument("--fast", action="store_true", help="send audio faster than real time")
+    p.add_argument("--out", metavar="DIR", help="where answer-N.wav go (default: a new temp dir)")
+    p.add_argument("files", nargs="*", help="audio files (default: three speech fixtures)")
+    p.set_defaults(func=_cmd_demo_voice)
 
     from spear_rt.hostcalls.cli import add_parser as add_run_wasm_parser
 
