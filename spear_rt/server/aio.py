@@ -41,7 +41,7 @@ from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
 from spear_rt.errors import BackendFailure
 from spear_rt.server.ws import BudgetedServerProtocol, Message, MessageAssembler
 from spear_rt.session import runner as task_runner
-from spear_rt.session.machine import SessionMachine
+from spear_rt.session.machine import SessionMachine, State
 from spear_rt.session.responder import Responder, ResponseHost
 from spear_rt.session.runner import CLOSE_GRACE_S, NOT_READING, fail_session, handle_message
 
@@ -211,6 +211,7 @@ class CallbackRunner:
         self.machine = machine
         self._responder = responder(self) if responder is not None else None
         self._room = anyio.Event()  # set each time flush empties the outbound queue
+        self.parked = False  # the responder waits for a resume (the session is detached)
         self.connection: ConnectionProtocol | None = connection
         self.ws = ws
         self.upstream = upstream
@@ -455,11 +456,18 @@ class CallbackRunner:
             self._crashed()
 
     async def wait_room(self) -> None:
-        """Return once the outbound queue is back under its bound (or the session closes)."""
+        """Return once the outbound queue is back under its bound (or the session closes);
+        while detached, once a resume attached a connection (see `SessionRunner`)."""
         machine = self.machine
-        while machine.outbound.nbytes > machine.outbound.max_bytes and machine.close is None:
+        while machine.close is None and (
+            machine.state is State.DETACHED or machine.outbound.nbytes > machine.outbound.max_bytes
+        ):
             self._room = anyio.Event()
-            await self._room.wait()
+            self.parked = machine.state is State.DETACHED
+            try:
+                await self._room.wait()
+            finally:
+                self.parked = False
 
     def _abort(self) -> None:
         connection = self.connection

@@ -54,6 +54,7 @@ from spear_rt.server.realtime import REALTIME_PATH, upgrade_to_session
 from spear_rt.server.tls import accept_tls, server_ssl_context
 from spear_rt.server.ws import FrameBudget
 from spear_rt.session.manager import SessionManager
+from spear_rt.session.responder import ConversationMetrics
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Server:
         admin = AdminApi(self, self.reload)
         self.oneshot = OneShotApi(self)
         self.sessions.executor = self.oneshot.executor
+        self.sessions.conversation_metrics = ConversationMetrics(self.metrics)
         self._routes: dict[tuple[bytes, str], Handler] = {
             (b"GET", "/healthz"): self._healthz,
             (b"GET", "/v1/backends"): self._backends,

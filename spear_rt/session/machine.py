@@ -574,6 +574,7 @@ class SessionMachine:
             "pending_items": len(self._items.pending),
             "upstream_reconnects": self.upstream_reconnects,
             "replay_buffer_bytes": self.replay.nbytes if self.replay is not None else 0,
+            "responses": self.conversation.responses if self.conversation is not None else 0,
         }
 
 

@@ -47,7 +47,7 @@ from spear_rt.session.machine import ResumeError, SessionMachine, State, Timeout
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.reconnect import Opener, ReconnectPolicy, reconnecting_upstream
 from spear_rt.session.replay import ReplayBuffer
-from spear_rt.session.responder import Responder, ResponseHost
+from spear_rt.session.responder import ConversationMetrics, Responder, ResponseHost
 from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
 from spear_rt.session.stages import RoutedStages
 
@@ -110,6 +110,7 @@ class SessionManager:
         self._config = config
         self._router = router
         self.executor: Executor | None = None  # the server's: conversations route through it
+        self.conversation_metrics: ConversationMetrics | None = None
         self._reconnect = reconnect_policy(config)
         self.sessions: dict[str, Runner] = {}
         self._owners: dict[str, str | None] = {}  # session id -> client key id
@@ -338,7 +339,7 @@ class SessionManager:
         stages = RoutedStages(self._router, executor, config, req.client_key_id)
 
         def responder(host: ResponseHost) -> Responder:
-            return Responder(machine, stages, host, config)
+            return Responder(machine, stages, host, config, self.conversation_metrics)
 
         return responder
 

@@ -32,6 +32,7 @@ from spear_rt.audio import InputFormat, encode_audio, resample
 from spear_rt.backend import Pcm16
 from spear_rt.config import ConversationConfig
 from spear_rt.errors import BackendFailure, CanonicalFailure
+from spear_rt.metrics import MetricsRegistry
 from spear_rt.session.conversation import (
     AudioOut,
     CancelResponse,
@@ -84,8 +85,10 @@ class Responder:
         stages: Stages,
         host: ResponseHost,
         config: ConversationConfig,
+        metrics: ConversationMetrics | None = None,
     ) -> None:
         self.machine = machine
+        self._metrics = metrics
         self._stages = stages
         self._host = host
         self._config = config
@@ -120,22 +123,30 @@ class Responder:
         self._host.after()
 
     async def _respond(self, action: StartResponse, scope: anyio.CancelScope) -> None:
+        timing = _Timing(action.turn_ended_at or anyio.current_time())
+        status = "cancelled"  # unless the scope runs to its end
         with scope:
             try:
-                ended = await self._cascade(action)
-            except (BackendFailure, CanonicalFailure, TimeoutError) as exc:
-                ended = ResponseEnded(action.response_id, error=_one_line(exc))
-            except Exception:
-                log.exception("session %s: a response failed", self.machine.session_id)
-                ended = ResponseEnded(
-                    action.response_id, error="the server failed to compose the response",
-                    code="internal_error",
-                )  # fmt: skip
+                ended = await self._cascade(action, timing)
+                status = "incomplete" if ended.incomplete_reason else "completed"
+            except Exception as exc:  # the speech task's failure comes in a group
+                ended, status = self._failed(action.response_id, _leaf(exc)), "failed"
             self._out(ended)
         self._scopes.pop(action.response_id, None)
+        if self._metrics is not None:
+            self._metrics.observe(status, timing, self._stages.names())
 
-    async def _cascade(self, action: StartResponse) -> ResponseEnded:
-        timing = _Timing(action.turn_ended_at or anyio.current_time())
+    def _failed(self, response_id: str, exc: BaseException) -> ResponseEnded:
+        if isinstance(exc, (BackendFailure, CanonicalFailure, TimeoutError)):
+            return ResponseEnded(response_id, error=_one_line(exc))
+        log.error(
+            "session %s: a response failed", self.machine.session_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )  # fmt: skip
+        message = "the server failed to compose the response"
+        return ResponseEnded(response_id, error=message, code="internal_error")
+
+    async def _cascade(self, action: StartResponse, timing: _Timing) -> ResponseEnded:
         send, receive = anyio.create_memory_object_stream[tuple[str, int]](
             self._config.sentences_ahead
         )
@@ -224,6 +235,34 @@ class Responder:
                 covered = upto
 
 
+class ConversationMetrics:
+    """The Prometheus series of conversation responses (one set per server)."""
+
+    def __init__(self, registry: MetricsRegistry) -> None:
+        self.responses = registry.counter(
+            "spear_conversation_responses_total", "Responses by how they ended", ("status",)
+        )
+        self.first_text = registry.histogram(
+            "spear_conversation_first_text_seconds",
+            "End of the user's turn (or response.create) to the answer's first text",
+            ("chat_instance",),
+        )
+        self.voice_to_voice = registry.histogram(
+            "spear_conversation_voice_to_voice_seconds",
+            "End of the user's turn (or response.create) to the answer's first audio",
+            ("chat_instance", "speech_instance"),
+        )
+
+    def observe(self, status: str, timing: _Timing, served: dict[str, str]) -> None:
+        """Count one response; its latencies when it got that far."""
+        self.responses.inc(status)
+        chat = served.get("chat", "none")
+        if (text := timing.seconds("first_text")) is not None:
+            self.first_text.observe(text, chat)
+        if (audio := timing.seconds("first_audio")) is not None:
+            self.voice_to_voice.observe(audio, chat, served.get("speech", "none"))
+
+
 class _Timing:
     """When a response's first text and audio went out, from the end of the user's turn."""
 
@@ -236,11 +275,22 @@ class _Timing:
         if name not in self.marks:
             self.marks[name] = anyio.current_time()
 
+    def seconds(self, name: str) -> float | None:
+        at = self.marks.get(name)
+        return at - self.since if at is not None else None
+
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"output_audio_seconds": round(self.audio_ms / 1000, 3)}
         for name, at in self.marks.items():
             out[f"{name}_ms"] = round((at - self.since) * 1000, 1)
         return out
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -155,6 +155,7 @@ class SessionRunner:
         self._link_done = anyio.Event()
         self._timer_sleep: anyio.CancelScope | None = None  # cancel to recompute the deadline
         self._room = anyio.Event()  # set by the writer each time it empties the outbound queue
+        self.parked = False  # the responder waits for a resume (the session is detached)
 
     async def run(self) -> None:
         """Run until the session closes (it may outlive this first connection)."""
@@ -195,6 +196,7 @@ class SessionRunner:
 
     async def _serve_link(self, conn: ClientLink, first: Sequence[bytes]) -> None:
         self.conn = conn
+        self._room.set()  # a responder parked while the session was detached goes on
         self._link_done = anyio.Event()
         try:
             with anyio.CancelScope() as self._link_scope:
@@ -307,9 +309,23 @@ class SessionRunner:
     # --- helpers ------------------------------------------------------------------------------
 
     async def _wait_room(self) -> None:
-        """Wait until the writer has taken the outbound queue (or the session is closing)."""
+        """Wait until the writer has taken the outbound queue (or the session is closing).
+
+        While the session is detached nobody reads: this waits for a resume (a link sets
+        `_room`), so an answer does not outgrow the replay buffer; the grace ends it otherwise.
+        """
         machine = self.machine
-        while machine.outbound.nbytes > machine.outbound.max_bytes and machine.close is None:
+        while machine.close is None:
+            if machine.state is State.DETACHED:
+                self._room = anyio.Event()
+                self.parked = True
+                try:
+                    await self._room.wait()
+                finally:
+                    self.parked = False
+                continue
+            if machine.outbound.nbytes <= machine.outbound.max_bytes:
+                return
             self._room = anyio.Event()
             self._after()
             with anyio.move_on_after(WRITE_STALL_S) as stalled:

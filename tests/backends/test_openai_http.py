@@ -21,7 +21,7 @@ from spear_rt.backend import AudioInput, InstanceInfo, OneShotRequest, OneShotRe
 from spear_rt.errors import BackendFailure
 from spear_rt.ir import Feature, Hosting, Operation, Transport, Usage
 from spear_rt_backends.openai_http import KIND, aclose_clients
-from tests.fakes.openai_upstream import PNG, FakeOpenAI, embedding_of, sse_events
+from tests.fakes.openai_upstream import PNG, FakeOpenAI, embedding_of, speech_wav, sse_events
 
 KEY = "sk-test-0123456789abcdef"
 BOUND_S = 10  # no test comes near this; it only turns a hang into a failure
@@ -185,7 +185,7 @@ async def test_speech_returns_the_upstream_audio_and_its_type(
     payload = {"model": "tts-1", "input": "say this", "voice": "alloy", "response_format": "wav"}
     response = await call(instance, OneShotRequest(Operation.TEXT_TO_SPEECH, payload))
     assert fake.requests[-1].path == "/v1/audio/speech"
-    assert response.body == b"FAKE-AUDIO wav:say this"
+    assert response.body == speech_wav("say this")
     assert response.content_type == "audio/wav"
     assert response.usage == Usage(characters=8)
 

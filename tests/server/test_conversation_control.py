@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from spear_rt.server.app import Server
@@ -99,8 +100,19 @@ async def cancel(server: Server, fake: FakeOpenAI) -> dict[str, Any]:
     error = (await talk.until("error"))[-1]
     await talk.send({"type": "response.create"})
     done = (await talk.until("response.done"))[-1]
+    await talk.send({"type": "spear.metrics.request"})
+    session_metrics = (await talk.until("spear.metrics"))[-1]["metrics"]
     await talk.close()
-    return {"cancelled": cancelled, "error": error, "done": done, "events": talk.events}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        metrics = (await http.get("/metrics")).text
+    return {
+        "cancelled": cancelled,
+        "error": error,
+        "done": done,
+        "events": talk.events,
+        "metrics": metrics,
+        "session_metrics": session_metrics,
+    }
 
 
 @pytest.mark.parametrize(("backend", "driver"), DRIVERS, ids=IDS)
@@ -114,6 +126,16 @@ def test_response_cancel_aborts_the_upstream_and_the_session_goes_on(
     assert result["error"]["error"]["event_id"] == "again"
     assert response_events(after(result["events"], result["cancelled"]), cancelled["id"]) == []
     assert result["done"]["response"]["status"] == "completed"
+    # /metrics: one response of each ending, and the completed one's latencies per instance
+    metrics = result["metrics"]
+    assert 'spear_conversation_responses_total{status="cancelled"} 1' in metrics
+    assert 'spear_conversation_responses_total{status="completed"} 1' in metrics
+    assert (
+        'spear_conversation_voice_to_voice_seconds_count{chat_instance="fake",'
+        'speech_instance="espeak"} 1'
+    ) in metrics
+    assert 'spear_conversation_first_text_seconds_count{chat_instance="fake"} 2' in metrics
+    assert result["session_metrics"]["responses"] == 2
 
 
 # --- truncate ------------------------------------------------------------------------------
@@ -347,3 +369,26 @@ def test_items_are_inserted_retrieved_and_deleted_in_order() -> None:
     assert users == ["first", "second"]
     users = [m["content"] for m in after_delete["messages"] if m["role"] == "user"]
     assert users == ["second"]
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+async def unknown_voice(server: Server, fake: FakeOpenAI) -> dict[str, Any]:
+    assert server.port is not None
+    audio = {"input": {"turn_detection": None}, "output": {"voice": "nosuchvoice"}}
+    talk = await Talk.open(server.port, audio=audio)
+    await talk.user_text("hello")
+    await talk.send({"type": "response.create"})
+    done = (await talk.until("response.done"))[-1]
+    await talk.close()
+    return done
+
+
+def test_a_stage_refusing_the_request_fails_the_response_with_its_reason() -> None:
+    """espeak refuses the voice: response.done says so (it said "the server failed")."""
+    response = run_rig("trio", "auto", unknown_voice)["response"]
+    assert response["status"] == "failed"
+    error = response["status_details"]["error"]
+    assert "nosuchvoice" in error["message"] and "\n" not in error["message"]
+    assert error["code"] == "response_failed"

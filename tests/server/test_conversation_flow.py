@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from spear_rt.server.app import Server
-from tests.conftest import DRIVERS, IDS
+from tests.conftest import DRIVERS, IDS, WsClient
 from tests.fakes.openai_upstream import FakeOpenAI, speech_samples, text_events
 from tests.server.conversation_rig import Talk, run_rig
-from tests.server.test_resume import until
+from tests.server.test_resume import drop, until
 from tests.server.test_slow_client import starved_socket
 
 MAX_OUTBOUND = 64 * 1024
@@ -76,3 +76,52 @@ def test_a_slow_reader_slows_the_answer_and_loses_no_audio(backend: str, driver:
     assert result["audio_bytes"] == 2 * SENTENCES * speech_samples(SENTENCE.strip())
     assert result["dropped"] == 0
     assert result["done"]["status"] == "completed"
+
+
+async def resume_mid_answer(server: Server, fake: FakeOpenAI) -> dict[str, Any]:
+    """The socket drops during an answer longer than the replay buffer holds: the responder
+    waits for the resume instead of filling the buffer, and the client hears all of it."""
+    assert server.port is not None
+    count = 30  # 30 x 1.5 s of tone: 2.9 MB of deltas, > 10x the replay buffer
+    fake.slow_stream(text_events([SENTENCE] * count)).release(count + 3)
+    talk = await Talk.open(server.port, audio={"input": {"turn_detection": None}})
+    created = talk.events[0]
+    (session_id,) = server.sessions.sessions
+    runner = server.sessions.sessions[session_id]
+    await talk.user_text("Tell me a long story.")
+    await talk.send({"type": "response.create"})
+    await talk.until("response.output_audio.delta")
+    await drop(talk.ws, reset=False)
+    await until(lambda: runner.parked or runner.machine.close is not None)
+    closed_while_away = runner.machine.close
+    token = created["spear"]["resume_token"]
+    last_seq = talk.events[-1]["seq"]
+    path = f"/v1/realtime?model=gpt-realtime&session_id={session_id}&last_seq={last_seq}"
+    again = Talk(
+        await WsClient.connect(server.port, path, headers=[("Spear-Resume-Token", token)]), "ga"
+    )
+    again.checker.announced = talk.checker.announced
+    assert (await again.recv())["type"] == "spear.session.resumed"
+    events = talk.events + await again.until("response.done")
+    await again.close()
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_audio.delta"]
+    return {
+        "closed_while_away": closed_while_away,
+        "audio_bytes": sum(len(base64.b64decode(d)) for d in deltas),
+        "seqs": [e["seq"] for e in events],
+        "done": events[-1]["response"],
+        "count": count,
+    }
+
+
+@pytest.mark.parametrize(("backend", "driver"), DRIVERS, ids=IDS)
+def test_a_dropped_client_resumes_and_hears_the_whole_answer(backend: str, driver: str) -> None:
+    result = run_rig(
+        backend, driver, resume_mid_answer, speech="fake",
+        realtime="resume_grace_seconds = 30.0\nreplay_buffer_bytes = 262144",
+    )  # fmt: skip
+    assert result["closed_while_away"] is None
+    assert result["done"]["status"] == "completed"
+    assert result["audio_bytes"] == 2 * result["count"] * speech_samples(SENTENCE.strip())
+    seqs = result["seqs"]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # nothing lost, nothing twice

@@ -27,7 +27,7 @@ from spear_rt.config import Config
 from spear_rt.server.app import Server
 from spear_rt_backends.openai_http import aclose_clients
 from tests.conftest import FIXTURES, make_config
-from tests.fakes.openai_upstream import PNG, FakeOpenAI, embedding_of
+from tests.fakes.openai_upstream import PNG, FakeOpenAI, embedding_of, speech_wav
 
 openai = pytest.importorskip("openai")
 
@@ -403,7 +403,7 @@ def test_every_endpoint_through_openai_http(upstream: Running) -> None:
     assert out["base64"].parse().data[0].embedding == pytest.approx(embedding_of("hello", 8))
     assert out["dims"].parse().data[0].embedding == pytest.approx(embedding_of("hello", 4))
     assert out["stt"].parse().text == f"heard {len(wav)} bytes of speech.wav"
-    assert out["tts"].content == b"FAKE-AUDIO wav:say this"
+    assert out["tts"].content == speech_wav("say this")
     assert out["tts"].headers["content-type"] == "audio/wav"
     assert base64.b64decode(out["images"].parse().data[0].b64_json) == PNG
     assert [m.id for m in out["models"].parse().data] == ["upstream"]
