@@ -34,11 +34,28 @@ def _names(routing: RoutingHints, inst: RegisteredInstance) -> bool:
     )
 
 
-def static_rejection(inst: RegisteredInstance, req: CanonicalRequestEnvelope) -> str | None:
-    """Why `inst` can never take a request shaped like `req` (under this registry), or None."""
+def model_named_instance(
+    instances: Sequence[RegisteredInstance], req: CanonicalRequestEnvelope
+) -> str | None:
+    """The only-when-named instance a request's `model` names (`"model": "stub"`): asked for
+    by name, it takes the request alone, not a real engine that answers any model name."""
+    model = req.routing.model
+    if model is None:
+        return None
+    found = any(i.name == model and i.config.only_when_named for i in instances)
+    return model if found else None
+
+
+def static_rejection(
+    inst: RegisteredInstance, req: CanonicalRequestEnvelope, named: str | None = None
+) -> str | None:
+    """Why `inst` can never take a request shaped like `req` (under this registry), or None;
+    `named`: the instance the request's model names (`model_named_instance`)."""
     routing = req.routing
     if routing.backend is not None and inst.name != routing.backend:
         return f"not the requested backend {routing.backend!r}"
+    if named is not None and inst.name != named:
+        return f"the model names instance {named!r}"
     if routing.allowlist is not None and inst.name not in routing.allowlist:
         return "not in the request's allowlist"
     if inst.name in routing.denylist:
@@ -91,11 +108,12 @@ def rejection(
     now: float = 0.0,
     excluded: Collection[str] = (),
     outliers: OutlierDetector | None = None,
+    named: str | None = None,
 ) -> str | None:
     """Why `inst` cannot take `req` at `now`, or None when it can."""
     if inst.name in excluded:
         return EXCLUDED
-    return static_rejection(inst, req) or dynamic_rejection(inst, now, outliers)
+    return static_rejection(inst, req, named) or dynamic_rejection(inst, now, outliers)
 
 
 def _tiers(
@@ -121,8 +139,9 @@ def filter_candidates(
     """Split `instances` into the eligible ones of the best priority tier and the rejected."""
     eligible: list[RegisteredInstance] = []
     rejected: dict[str, str] = {}
+    named = model_named_instance(instances, req)
     for inst in instances:
-        reason = rejection(inst, req, now, excluded, outliers)
+        reason = rejection(inst, req, now, excluded, outliers, named)
         if reason is None:
             eligible.append(inst)
         else:
@@ -144,7 +163,8 @@ class _Shape:
     ) -> None:
         self.instances = instances
         self.position = {inst.name: n for n, inst in enumerate(instances)}
-        rows = [(inst, static_rejection(inst, req)) for inst in instances]
+        named = model_named_instance(instances, req)
+        rows = [(inst, static_rejection(inst, req, named)) for inst in instances]
         self.static = {inst.name: reason for inst, reason in rows if reason is not None}
         passing = [inst for inst, reason in rows if reason is None]
         # What each passing instance needs looked at per decision.

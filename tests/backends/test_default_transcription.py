@@ -153,6 +153,9 @@ def test_the_default_config_never_answers_with_a_stub_it_was_not_asked_for() -> 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=BOUND_S) as c:
             return {
                 "chat": await c.post("/v1/chat/completions", json=CHAT),
+                "chat_no_engine": await c.post(
+                    "/v1/chat/completions", json=CHAT, headers={"spear-deny": "smollm2"}
+                ),
                 "named": await c.post(
                     "/v1/chat/completions", json=CHAT, headers={"spear-backend": "stub"}
                 ),
@@ -161,7 +164,13 @@ def test_the_default_config_never_answers_with_a_stub_it_was_not_asked_for() -> 
             }
 
     answers = run_on("trio", default_config(), scenario)
-    for name in ("chat", "no_engine"):
+    # chat comes from the real local model (the `llama` extra, which `make test` installs)
+    chat = answers["chat"]
+    assert chat.status_code == 200, chat.text[:300]
+    assert chat.headers["x-spear-instance"] == "smollm2"
+    assert "x-spear-stub" not in chat.headers
+    assert not chat.json()["choices"][0]["message"]["content"].startswith("stub:")
+    for name in ("chat_no_engine", "no_engine"):
         answer = answers[name]
         assert answer.status_code == 503, (name, answer.text[:300])
         error = answer.json()["error"]
