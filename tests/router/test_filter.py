@@ -56,9 +56,7 @@ async def test_route_by_model_keeps_instances_serving_the_model_or_any() -> None
 async def test_a_model_naming_an_only_when_named_instance_goes_to_it_alone() -> None:
     """`"model": "stub"` asks for the stub by name: a real engine that answers any model name
     (and outranks it) does not take it; other model names leave the stub out as before."""
-    reg = registry(
-        backend("stub", only_when_named=True, priority=0), backend("real", priority=10)
-    )
+    reg = registry(backend("stub", only_when_named=True, priority=0), backend("real", priority=10))
     assert reasons(reg, request(model="stub")) == {"real": "the model names instance 'stub'"}
     assert set(reasons(reg, request(model="gpt-4o-mini"))) == {"stub"}
 
