@@ -18,13 +18,14 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 import anyio
 import anyio.abc
 import msgspec
 
+from spear_rt.backend import OneShotResponse
 from spear_rt.config import HedgeConfig, MirrorConfig, RetryConfig
 from spear_rt.errors import BackendFailure, CanonicalFailure
 from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode
@@ -209,9 +210,23 @@ class Executor:
                 continue
             router.count_mirror(req.operation)
             try:
-                await router.attempt(instance, call, req.operation)
+                result = await router.attempt(instance, call, req.operation)
+                if isinstance(result, OneShotResponse) and result.stream is not None:
+                    await _drain(result.stream)
             except Exception:
                 pass
+
+
+async def _drain(stream: AsyncIterator[bytes]) -> None:
+    """Read a mirrored stream to its end and close it: the shadow does all the work of the
+    request, and its upstream connection is released (it leaked while left unread)."""
+    try:
+        async for _chunk in stream:
+            pass
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class _HedgeRace(Generic[T]):

@@ -8,12 +8,14 @@ router tries `a`, then `b`, then `c`...
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from spear_rt.backend import OneShotResponse
 from spear_rt.config import HedgeConfig, MirrorConfig, RetryConfig
 from spear_rt.errors import BackendFailure, CanonicalFailure
 from spear_rt.ir import ErrorCode, Operation
@@ -439,6 +441,33 @@ async def test_the_caller_never_waits_for_the_mirror(
     assert backends.finished.count("shadow") == 2
     assert reg.instances["shadow"].runtime.inflight == 0
     assert rt.metrics.mirrors.get("chat_completions") == 2
+
+
+async def test_a_mirrored_stream_is_read_to_its_end_and_closed(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A streamed answer of the shadow is consumed and closed by the worker (it was dropped
+    unread: the upstream request of openai_http stayed open)."""
+    ex, _, _ = mirrored()
+    nursery.start_soon(ex.mirror_worker)
+    read: list[bytes] = []
+    closed = trio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            for chunk in (b"data: 1\n\n", b"data: [DONE]\n\n"):
+                yield chunk
+                read.append(chunk)
+        finally:
+            closed.set()
+
+    async def call(inst: RegisteredInstance) -> OneShotResponse:
+        return OneShotResponse(stream=chunks() if inst.name == "shadow" else None)
+
+    await ex.run(request(), call, idempotent=True)
+    with trio.fail_after(5):
+        await closed.wait()
+    assert read == [b"data: 1\n\n", b"data: [DONE]\n\n"]
 
 
 async def test_mirror_failures_never_reach_the_caller(
