@@ -96,6 +96,11 @@ class ConversationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     answers say they are a stub).
     """
 
+    # A session's instructions until it sets its own (shown in session.created; "" for none):
+    # small local models ramble without them.
+    instructions: str = (
+        "You are a helpful voice assistant. Answer briefly, in one or two short sentences."
+    )
     chat_model: str | None = None
     chat_backend: str | None = None
     speech_model: str | None = None

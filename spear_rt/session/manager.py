@@ -39,6 +39,7 @@ from spear_rt.ir import (
     Transport,
 )
 from spear_rt.protocol import server_events as se
+from spear_rt.protocol.conversation_settings import ConversationSettings
 from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
 from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
@@ -294,7 +295,12 @@ class SessionManager:
             session_id=new_id("sess"),
             upstream_rate_hz=upstream.input_rate_hz,
             settings=SessionSettings(
-                kind=req.kind, model=req.model, transcription=TranscriptionSettings()
+                kind=req.kind,
+                model=req.model,
+                transcription=TranscriptionSettings(),
+                conversation=ConversationSettings(
+                    instructions=self._config.conversation.instructions or None
+                ),
             ),
             dialect=req.dialect,
             outbound=OutboundQueue(realtime.max_outbound_bytes),

@@ -15,6 +15,7 @@ import anyio
 import httpx
 import pytest
 
+from spear_rt.config import ConversationConfig
 from spear_rt.server.app import Server
 from tests.conftest import DRIVERS, IDS, load_fixture_24k
 from tests.fakes.openai_upstream import FakeOpenAI, text_events, tool_call_events
@@ -392,3 +393,21 @@ def test_a_stage_refusing_the_request_fails_the_response_with_its_reason() -> No
     error = response["status_details"]["error"]
     assert "nosuchvoice" in error["message"] and "\n" not in error["message"]
     assert error["code"] == "response_failed"
+
+
+async def default_instructions(server: Server, fake: FakeOpenAI) -> dict[str, Any]:
+    assert server.port is not None
+    talk = await Talk.open(server.port, **MANUAL)
+    await talk.user_text("hi")
+    await talk.send({"type": "response.create"})
+    await talk.until("response.done")
+    await talk.close()
+    return {"created": talk.events[0], "chat": chat_requests(fake)}
+
+
+def test_a_session_without_instructions_gets_the_configured_default() -> None:
+    """Small local models ramble without a system prompt: `[conversation] instructions`."""
+    result = run_rig("trio", "auto", default_instructions)
+    default = ConversationConfig().instructions
+    assert result["created"]["session"]["instructions"] == default
+    assert result["chat"][0]["messages"][0] == {"role": "system", "content": default}
