@@ -123,6 +123,7 @@ class Conversation:
         self._answer: set[str] = set()  # VAD turns to answer once transcribed
         self._committed_at: dict[str, float] = {}  # untranscribed turn -> when it ended
         self.responses = 0
+        self.latest_ms: dict[str, float] = {}  # the last finished response's latencies
         # Actions for the responder, which sets `wake` to hear of them.
         self.actions: list[ResponseAction] = []
         self.wake: Callable[[], None] = lambda: None
@@ -397,6 +398,9 @@ class Conversation:
                 self._ended(response, out)
 
     def _ended(self, response: OpenResponse, out: ResponseEnded) -> None:
+        for name in ("first_text_ms", "first_audio_ms"):  # for spear.metrics
+            if out.spear is not None and isinstance(out.spear.get(name), int | float):
+                self.latest_ms[name] = out.spear[name]
         if out.error is not None:
             details = {
                 "type": "failed",

@@ -575,6 +575,7 @@ class SessionMachine:
             "upstream_reconnects": self.upstream_reconnects,
             "replay_buffer_bytes": self.replay.nbytes if self.replay is not None else 0,
             "responses": self.conversation.responses if self.conversation is not None else 0,
+            **({} if self.conversation is None else self.conversation.latest_ms),
         }
 
 

@@ -136,7 +136,9 @@ def test_response_cancel_aborts_the_upstream_and_the_session_goes_on(
         'speech_instance="espeak"} 1'
     ) in metrics
     assert 'spear_conversation_first_text_seconds_count{chat_instance="fake"} 2' in metrics
-    assert result["session_metrics"]["responses"] == 2
+    session = result["session_metrics"]
+    assert session["responses"] == 2
+    assert 0 < session["first_text_ms"] <= session["first_audio_ms"]  # of the last response
 
 
 # --- truncate ------------------------------------------------------------------------------
