@@ -28,6 +28,11 @@ Rules:
 7. ``conversation.item.truncate`` cuts an assistant audio item to ``audio_end_ms`` (no longer
    than what was sent) and its transcript to the words whose audio was sent before that point.
    An item of the response in progress cannot be truncated or deleted.
+8. A stage failing after the answer began (an upstream dropped mid-stream) ends the response
+   ``incomplete``, ``status_details.error.code`` ``upstream_disconnected``; what was said stays
+   in the conversation and the response is created again, once, with the same settings and
+   input (unless a user turn already waits to be answered). A failure before any output is
+   the router's to retry on another instance; if none can, the response ends ``failed``.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class _Queued(msgspec.Struct):
     input: list[Item] | None = None
     metadata: dict[str, str] | None = None
     turn_ended_at: float | None = None
+    retries: int = 0
 
 
 ErrorSink = Callable[[str, str, "str | None", "str | None"], None]
@@ -371,8 +377,9 @@ class Conversation:
             return  # rule 2: wait for the user's words
         self._queued = None
         response = OpenResponse(
-            self._ids("resp"), queued.settings, queued.out_of_band, queued.metadata
-        )
+            self._ids("resp"), queued.settings, queued.out_of_band, queued.metadata,
+            queued.input, queued.retries,
+        )  # fmt: skip
         self.response = response
         self.responses += 1
         history = queued.input if queued.input is not None else self.items
@@ -401,7 +408,9 @@ class Conversation:
         for name in ("first_text_ms", "first_audio_ms"):  # for spear.metrics
             if out.spear is not None and isinstance(out.spear.get(name), int | float):
                 self.latest_ms[name] = out.spear[name]
-        if out.error is not None:
+        if out.interrupted is not None:
+            self._interrupted(response, out)
+        elif out.error is not None:
             details = {
                 "type": "failed",
                 "error": {"type": "server_error", "code": out.code, "message": out.error},
@@ -412,6 +421,18 @@ class Conversation:
             self._finish(response, "incomplete", details, out.usage, out.spear)
         else:
             self._finish(response, "completed", None, out.usage, out.spear)
+
+    def _interrupted(self, response: OpenResponse, out: ResponseEnded) -> None:
+        """Rule 8: incomplete, saying why, and created again (once) unless a turn waits."""
+        code, message = "upstream_disconnected", out.interrupted
+        error = {"type": "server_error", "code": code, "message": message}
+        if response.retries == 0 and self._queued is None:
+            self._queued = _Queued(
+                response.settings, response.out_of_band, response.input, response.metadata,
+                retries=1,
+            )  # fmt: skip
+        details = {"type": "incomplete", "error": error}
+        self._finish(response, "incomplete", details, out.usage, out.spear)
 
     def _cancel(self, response: OpenResponse, reason: str) -> None:
         self._finish(response, "cancelled", {"type": "cancelled", "reason": reason}, None, None)

@@ -130,13 +130,16 @@ class Responder:
                 ended = await self._cascade(action, timing)
                 status = "incomplete" if ended.incomplete_reason else "completed"
             except Exception as exc:  # the speech task's failure comes in a group
-                ended, status = self._failed(action.response_id, _leaf(exc)), "failed"
+                ended = self._failed(action.response_id, _leaf(exc), timing)
+                status = "incomplete" if ended.interrupted else "failed"
             self._out(ended)
         self._scopes.pop(action.response_id, None)
         if self._metrics is not None:
             self._metrics.observe(status, timing, self._stages.names())
 
-    def _failed(self, response_id: str, exc: BaseException) -> ResponseEnded:
+    def _failed(self, response_id: str, exc: BaseException, timing: _Timing) -> ResponseEnded:
+        if isinstance(exc, BackendFailure) and exc.retryable and "first_text" in timing.marks:
+            return ResponseEnded(response_id, interrupted=_one_line(exc))  # mid-answer
         if isinstance(exc, (BackendFailure, CanonicalFailure, TimeoutError)):
             return ResponseEnded(response_id, error=_one_line(exc))
         log.error(

@@ -66,6 +66,8 @@ class ResponseEnded(msgspec.Struct, frozen=True):
     error: str | None = None
     code: str = "response_failed"
     incomplete_reason: str | None = None
+    # a stage failed after the answer had begun: ends incomplete and is created again, once
+    interrupted: str | None = None
     spear: dict[str, Any] | None = None
 
 
@@ -79,6 +81,8 @@ class OpenResponse(msgspec.Struct):
     settings: ConversationSettings
     out_of_band: bool
     metadata: dict[str, str] | None
+    input: list[Item] | None = None  # the response's own input (else: the conversation)
+    retries: int = 0  # times it was created again after its stage failed mid-answer
     output: list[Item] = msgspec.field(default_factory=list)
     open: Item | None = None  # the output item being written
 

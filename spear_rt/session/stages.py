@@ -117,8 +117,10 @@ def parse_chunk(data: bytes) -> ChatChunk | None:
 
 
 async def sse_chunks(stream: AsyncIterator[bytes]) -> AsyncIterator[ChatChunk]:
-    """Parse SSE bytes (any framing) into ChatChunks, up to `[DONE]`."""
+    """Parse SSE bytes (any framing) into ChatChunks, up to `[DONE]`; a stream that ends
+    before it (and before a finish_reason) is a retryable BackendFailure, never an answer."""
     buffer = b""
+    finished = False
     async for data in stream:
         buffer += data
         if len(buffer) > MAX_SSE_LINE_BYTES and b"\n" not in buffer:
@@ -130,7 +132,10 @@ async def sse_chunks(stream: AsyncIterator[bytes]) -> AsyncIterator[ChatChunk]:
             chunk = parse_chunk(line[5:])
             if chunk is None:
                 return
+            finished = finished or chunk.finish_reason is not None
             yield chunk
+    if not finished:
+        raise BackendFailure("the chat stream ended before its end ([DONE])", retryable=True)
 
 
 class RoutedStages:

@@ -139,8 +139,9 @@ class SlowStream:
     `events`, when given, are sent instead of the echo's events (raw bytes, one write each).
     """
 
-    def __init__(self, events: list[bytes] | None = None) -> None:
+    def __init__(self, events: list[bytes] | None = None, *, cut: bool = False) -> None:
         self.events = events
+        self.cut = cut  # after the last event, drop the connection mid-body (an upstream crash)
         self.allowed = 0
         self.sent = 0
         self.disconnected = anyio.Event()
@@ -198,9 +199,10 @@ class FakeOpenAI:
         self._script.append(stall)
         return stall
 
-    def slow_stream(self, events: list[bytes] | None = None) -> SlowStream:
-        """Send the next streamed answer (or `events`) one event per release."""
-        slow = SlowStream(events)
+    def slow_stream(self, events: list[bytes] | None = None, *, cut: bool = False) -> SlowStream:
+        """Send the next streamed answer (or `events`) one event per release; `cut`: then
+        drop the connection before the body ends."""
+        slow = SlowStream(events, cut=cut)
         self._script.append(slow)
         return slow
 
@@ -359,13 +361,14 @@ class FakeOpenAI:
                 await slow.wait_allowed()
                 slow.sent += 1
                 await stream.send(conn.send(h11.Data(data=event)))
-            await stream.send(conn.send(h11.EndOfMessage()))
+            if not slow.cut:
+                await stream.send(conn.send(h11.EndOfMessage()))
 
         if await _hold(stream, conn, send_slowly):
             slow.disconnected.set()
             self.disconnects += 1
             return False
-        return True
+        return not slow.cut  # a cut stream: the connection closes without ending the body
 
 
 # --- answers -----------------------------------------------------------------------------

@@ -413,3 +413,32 @@ def test_a_session_without_instructions_gets_the_configured_default() -> None:
     default = ConversationConfig().instructions
     assert result["created"]["session"]["instructions"] == default
     assert result["chat"][0]["messages"][0] == {"role": "system", "content": default}
+
+
+async def stage_drops(server: Server, fake: FakeOpenAI, cut: bool) -> dict[str, Any]:
+    assert server.port is not None
+    partial = text_events(ANSWER)[:3]  # role, "The weather ", "is nice today. "; no end
+    fake.slow_stream(partial, cut=cut).release(len(partial))
+    talk = await Talk.open(server.port, **MANUAL)
+    await talk.user_text("How is the weather?")
+    await talk.send({"type": "response.create"})
+    first = (await talk.until("response.done"))[-1]["response"]
+    again = (await talk.until("response.done"))[-1]["response"]  # created again by itself
+    await talk.close()
+    return {"first": first, "again": again, "events": talk.events, "chat": chat_requests(fake)}
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["connection-dropped", "ended-early"])
+def test_a_chat_stream_cut_mid_answer_ends_incomplete_and_is_created_again(cut: bool) -> None:
+    """Never a partial answer presented as complete: the response says why it is incomplete,
+    what was said stays, and the same response is created again (the fake answers whole)."""
+    result = run_rig("trio", "auto", lambda s, f: stage_drops(s, f, cut), speech="fake")
+    first, again = result["first"], result["again"]
+    assert first["status"] == "incomplete"
+    assert first["status_details"]["error"]["code"] == "upstream_disconnected"
+    assert first["output"][0]["content"][0]["transcript"] == "The weather is nice today. "
+    assert again["status"] == "completed" and again["id"] != first["id"]
+    assert again["output"][0]["content"][0]["transcript"] == "echo: How is the weather?"
+    assert "error" not in [e["type"] for e in result["events"]]
+    retry = result["chat"][1]["messages"]
+    assert retry[-1] == {"role": "assistant", "content": "The weather is nice today. "}
