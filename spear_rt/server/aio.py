@@ -462,7 +462,8 @@ class CallbackRunner:
         while machine.close is None and (
             machine.state is State.DETACHED or machine.outbound.nbytes > machine.outbound.max_bytes
         ):
-            self._room = anyio.Event()
+            if self._room.is_set():  # others may wait on the current one: share it
+                self._room = anyio.Event()
             self.parked = machine.state is State.DETACHED
             try:
                 await self._room.wait()

@@ -26,9 +26,10 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import numpy as np
 
-from spear_rt.audio import InputFormat, encode_audio, resample
+from spear_rt.audio import AudioFormat, InputFormat, encode_audio, resample
 from spear_rt.backend import Pcm16
 from spear_rt.config import ConversationConfig
 from spear_rt.errors import BackendFailure, CanonicalFailure
@@ -50,6 +51,7 @@ from spear_rt.session.stages import ChatChunk, Stages
 log = logging.getLogger(__name__)
 
 CHUNK_MS = 100  # output audio delta size (at most)
+INLINE = 96_000  # samples of pcm16 at the output rate chunked on the loop (~0.1 ms); else a thread
 
 
 class ResponseHost(Protocol):
@@ -99,6 +101,18 @@ class Responder:
         self._conversation.wake = self._wake
 
     def _wake(self) -> None:
+        # Cancel at once, not when this task next runs: the machine has sent response.done,
+        # and a speech task made runnable this tick must not start a request after it.
+        actions = self._conversation.actions
+        cancelled = {a.response_id for a in actions if isinstance(a, CancelResponse)}
+        for response_id in cancelled:
+            scope = self._scopes.pop(response_id, None)
+            if scope is not None:
+                scope.cancel()
+        # a response cancelled before it started never starts
+        self._conversation.actions = [
+            a for a in actions if isinstance(a, StartResponse) and a.response_id not in cancelled
+        ]
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -113,10 +127,6 @@ class Responder:
                         scope = anyio.CancelScope()
                         self._scopes[action.response_id] = scope
                         tg.start_soon(self._respond, action, scope)
-                    elif isinstance(action, CancelResponse):
-                        cancelled = self._scopes.pop(action.response_id, None)
-                        if cancelled is not None:
-                            cancelled.cancel()
 
     def _out(self, out: ResponseOutput) -> None:
         self.machine.response_output(out)
@@ -222,13 +232,16 @@ class Responder:
         covered = 0
         async with sentences:
             async for sentence, upto in sentences:
+                await anyio.lowlevel.checkpoint_if_cancelled()  # handed over, then cancelled
                 if not any(c.isalnum() for c in sentence):
                     covered = upto
                     continue
                 pcm, rate = await self._stages.speech(sentence.strip(), settings.voice)
-                chunks = await anyio.to_thread.run_sync(
-                    audio_chunks, pcm, rate, settings.output_format
-                )
+                fmt = settings.output_format
+                if rate == fmt.rate_hz and fmt.format is AudioFormat.PCM16 and pcm.size <= INLINE:
+                    chunks = audio_chunks(pcm, rate, fmt)  # base64 only: less than a thread hop
+                else:
+                    chunks = await anyio.to_thread.run_sync(audio_chunks, pcm, rate, fmt)
                 for i, (audio, ms) in enumerate(chunks, 1):
                     await self._host.wait_room()
                     timing.mark("first_audio")

@@ -317,7 +317,8 @@ class SessionRunner:
         machine = self.machine
         while machine.close is None:
             if machine.state is State.DETACHED:
-                self._room = anyio.Event()
+                if self._room.is_set():  # others may wait on the current one: share it
+                    self._room = anyio.Event()
                 self.parked = True
                 try:
                     await self._room.wait()
@@ -326,7 +327,8 @@ class SessionRunner:
                 continue
             if machine.outbound.nbytes <= machine.outbound.max_bytes:
                 return
-            self._room = anyio.Event()
+            if self._room.is_set():  # others may wait on the current one: share it
+                self._room = anyio.Event()
             self._after()
             with anyio.move_on_after(WRITE_STALL_S) as stalled:
                 await self._room.wait()

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
-from spear_rt.audio.files import AudioLimits, decode_audio_bytes
+from spear_rt.audio.files import AudioLimits, decode_audio_bytes, pcm16_wav
 from spear_rt.backend import OneShotResponse, Pcm16
 from spear_rt.config import ConversationConfig
 from spear_rt.errors import BackendFailure, CanonicalFailure
@@ -228,6 +228,9 @@ class RoutedStages:
         body = response.body
         if len(body) > MAX_SPEECH_BYTES:
             raise BackendFailure("the speech backend answered more audio than a sentence needs")
+        plain = pcm16_wav(body)  # the usual answer: no decoder, no thread hop
+        if plain is not None:
+            return plain
         try:
             return await anyio.to_thread.run_sync(
                 decode_audio_bytes, body, "speech.wav", _SPEECH_LIMITS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import soundfile  # type: ignore[import-untyped]
 
 from spear_rt.audio import AudioFormatError, frames, load_audio
+from spear_rt.audio.files import AudioLimits, decode_audio_bytes, pcm16_wav
 from tests.audio.manifest import FIXTURES, MANIFEST
 
 RAMP = (np.arange(-16000, 16000, 8, dtype=np.int16) * 2).astype(np.int16)
@@ -140,3 +142,26 @@ def test_a_file_claiming_a_rate_outside_8_to_96_khz_is_refused_before_reading(
     soundfile.write(path, np.zeros(1000, dtype=np.int16), 1, subtype="PCM_16")
     with pytest.raises(AudioFormatError, match=r"one_hz\.wav.*1 Hz.*8000 to 96000"):
         load_audio(path)
+
+
+def _wav(pcm: np.ndarray, rate: int, subtype: str = "PCM_16", channels: int = 1) -> bytes:
+    out = io.BytesIO()
+    data = np.repeat(pcm[:, None], channels, axis=1) if channels > 1 else pcm
+    soundfile.write(out, data, rate, format="WAV", subtype=subtype)
+    return out.getvalue()
+
+
+def test_pcm16_wav_reads_plain_wavs_exactly_and_declines_the_rest() -> None:
+    """The speech stage's fast path: same samples as the decoder, None when it is not sure."""
+    pcm = (np.arange(4801) % 2000 - 1000).astype(np.int16)
+    plain = _wav(pcm, 24000)
+    samples, rate = pcm16_wav(plain) or (None, 0)
+    assert rate == 24000 and samples is not None and np.array_equal(samples, pcm)
+    assert np.array_equal(samples, decode_audio_bytes(plain, "a.wav", AudioLimits())[0])
+    assert pcm16_wav(_wav(pcm, 24000, "FLOAT")) is None
+    assert pcm16_wav(_wav(pcm, 24000, channels=2)) is None
+    assert pcm16_wav(_wav(pcm, 4000)) is None  # outside the rates we take
+    assert pcm16_wav(b"RIFF\x00\x00\x00\x00WAVE") is None
+    assert pcm16_wav(b"ID3 not a wav at all") is None
+    cut = pcm16_wav(plain[:-3])  # a body shorter than its header says: the whole samples
+    assert cut is not None and np.array_equal(cut[0], pcm[:-2])
