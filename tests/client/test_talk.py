@@ -33,6 +33,7 @@ from spear_rt.client.talk import (
 )
 from spear_rt.client.talk_demo import DEMO_FIXTURES, demo_voice
 from spear_rt.client.talk_turns import Answered, Heard, TalkBook, Unanswered
+from spear_rt.config import load_config
 from spear_rt.server.app import Server
 from tests.client import FIXTURES
 from tests.client.test_stream_resume import Sockets
@@ -304,6 +305,28 @@ async def test_demo_voice_talks_to_its_own_server_over_the_demo_fixtures(tmp_pat
     assert text.count(", voice-to-voice ") == len(DEMO_FIXTURES)
     assert f"summary: {len(DEMO_FIXTURES)} turns from {len(DEMO_FIXTURES)} files" in text
     assert len(list(tmp_path.glob("answer-*.wav"))) == len(DEMO_FIXTURES)
+
+
+async def test_the_embedded_default_converses_offline_with_a_real_model(tmp_path: Path) -> None:
+    """pocketsphinx hears, SmolLM2 (the `llama` extra, installed by `make test`) answers,
+    espeak-ng speaks: no stub, no network."""
+    out = io.StringIO()
+    with trio.fail_after(90):
+        status = await demo_voice(
+            load_config(None),
+            [str(FIXTURES / "speech_open_window.wav")],
+            pace="fast",
+            out_dir=tmp_path,
+            out=out,
+            err=io.StringIO(),
+        )
+    text = out.getvalue()
+    assert status == 0, text
+    assert "answered by chat smollm2, speech espeak" in text
+    answer = next(line for line in text.splitlines() if line.startswith("  assistant: "))
+    assert len(answer) > len("  assistant: ") + 2 and "stub:" not in answer
+    with wave.open(str(tmp_path / "answer-1.wav")) as wav:
+        assert wav.getnframes() > 24000 // 4  # a spoken answer, not a click
 
 
 @pytest.mark.parametrize(
