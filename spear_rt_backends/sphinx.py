@@ -57,6 +57,7 @@ from spear_rt.backend import (
     TranscriptionSpec,
     UpstreamCommand,
     UpstreamEvent,
+    loop_limiter,
 )
 from spear_rt.errors import CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport
@@ -251,8 +252,9 @@ class SphinxTranscription:
         self._events.close()
 
 
-_limiters: dict[str, anyio.CapacityLimiter] = {}
-_warmed: set[tuple[str, int]] = set()  # (instance, event loop) whose workers were started
+# Instances whose workers this event loop has started (a RunVar: ids of dead loops' tokens
+# are reused, so a set keyed by id() mixed loops up).
+_warmed: anyio.lowlevel.RunVar[set[str]] = anyio.lowlevel.RunVar("sphinx_warmed")
 
 
 async def _warm(instance: InstanceInfo, limiter: anyio.CapacityLimiter) -> None:
@@ -265,11 +267,7 @@ async def _warm(instance: InstanceInfo, limiter: anyio.CapacityLimiter) -> None:
 def _limiter(instance: InstanceInfo) -> anyio.CapacityLimiter:
     # A limiter belongs to one event loop (a process that ran trio, then asyncio, must not
     # share one between them: that was a 500 on the second loop).
-    key = f"{instance.name}@{id(anyio.lowlevel.current_token())}"
-    limiter = _limiters.get(key)
-    if limiter is None:
-        limiter = _limiters[key] = anyio.CapacityLimiter(int(instance.options.get("workers", 2)))
-    return limiter
+    return loop_limiter(f"pocketsphinx:{instance.name}", int(instance.options.get("workers", 2)))
 
 
 def _check_language(language: str | None) -> None:
@@ -322,9 +320,13 @@ class SphinxKind:
             max_pending_ms=int(options.get("max_pending_ms", MAX_PENDING_MS)),
         )
         async with anyio.create_task_group() as tg:
-            key = (instance.name, id(anyio.lowlevel.current_token()))
-            if key not in _warmed:  # workers are per event loop
-                _warmed.add(key)
+            try:
+                warmed = _warmed.get()
+            except LookupError:
+                warmed = set()
+                _warmed.set(warmed)
+            if instance.name not in warmed:  # workers are per event loop
+                warmed.add(instance.name)
                 tg.start_soon(_warm, instance, limiter)
             tg.start_soon(upstream.decode_loop)
             try:

@@ -6,6 +6,7 @@ import itertools
 import threading
 from typing import Any
 
+import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -65,3 +66,25 @@ async def test_one_shot_resampling_runs_in_a_worker_thread(
         answer = await load_kind(kind).call(InstanceInfo(name=f"{kind}-resample"), request)
     assert msgspec.json.decode(answer.body)["text"]
     assert threads and threading.get_ident() not in threads
+
+
+
+def test_the_kind_serves_one_event_loop_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its worker limiter belongs to the loop that made it. It was keyed by id() of the loop's
+    token, which a later loop can reuse (a 500, "must be called from async context", in CI):
+    here every object has the same id in the kind's module, as after such a reuse."""
+    from spear_rt_backends import sphinx
+
+    monkeypatch.setattr(sphinx, "id", lambda _: 1, raising=False)
+    pcm, _ = load_audio(FIXTURES / "speech_go_forward.wav")
+    audio = AudioInput(b"", "t.wav", "audio/wav", pcm=pcm, rate_hz=16000)
+    request = OneShotRequest(Operation.SPEECH_TO_TEXT, {"model": "m"}, audio=audio)
+    instance = InstanceInfo(name="pocketsphinx-loops", options={"workers": 1})
+
+    async def transcribe() -> str:
+        with anyio.fail_after(60):
+            answer = await load_kind("pocketsphinx").call(instance, request)
+        return str(msgspec.json.decode(answer.body)["text"])
+
+    texts = [anyio.run(transcribe, backend=backend) for backend in ("trio", "asyncio")]
+    assert texts[0] and texts[0] == texts[1]
