@@ -10,14 +10,14 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[local-asr,uvloop,llama]'
+	$(BIN)/pip install -q -e '.[local-asr,uvloop,llama,whisper]'
 
 install-test: $(BIN)/python
 	@command -v espeak-ng >/dev/null 2>&1 || { \
 	  echo "installing espeak-ng (used by tests that synthesize speech)"; \
 	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null 2>&1 || \
 	  echo "warning: could not install espeak-ng; its tests will fail"; }
-	$(BIN)/pip install -q -e '.[test,uvloop,llama]'
+	$(BIN)/pip install -q -e '.[test,uvloop,llama,whisper]'
 	@command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --prefix tests/node >/dev/null || \
 	  echo "warning: npm ci --prefix tests/node failed; the Node SDK tests will fail"
 

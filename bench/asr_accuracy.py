@@ -10,6 +10,12 @@ goforward.raw, jfk.flac) and every fixture in fixtures/audio:
 
 Prints a markdown table (WER of each, whether the words are identical, time to `completed`)
 and writes JSON to bench/results/. Usage: python bench/asr_accuracy.py [--shared ../shared]
+
+`--kind whisper` measures the whisper kind instead (one-shot only, as it has no realtime path
+yet): direct is faster-whisper called on the 16 kHz float32 samples with the kind's defaults
+(tiny.en, beam 1, language en); gateway is the recording uploaded as a 24 kHz WAV to
+`/v1/audio/transcriptions` (json). WER there is normalized (`normalized`: lowercase,
+punctuation stripped, hyphens as spaces, numbers as words, on both sides).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import numpy as np
 from websockets.asyncio.client import connect
 
@@ -30,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spear_rt.audio import frames, load_audio, resample  # noqa: E402
+from spear_rt.backend import InstanceInfo  # noqa: E402
 from spear_rt.client.demo import transcript_words, word_error_rate  # noqa: E402
 from spear_rt.config import parse_config  # noqa: E402
 from spear_rt.server.app import Server  # noqa: E402
@@ -41,6 +49,40 @@ CONFIG = '[server]\nlisten = "127.0.0.1:0"\n[[backends]]\nname = "asr"\nkind = "
 def wer(reference: str, hypothesis: str) -> float:
     """Word error rate, as the demo computes it."""
     return word_error_rate(reference, hypothesis)[0]
+
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+_ONES += "fifteen sixteen seventeen eighteen nineteen"
+ONES = _ONES.split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """An integer below a million as English words (`105` -> "one hundred five")."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else " " + ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return ONES[n // 100] + " hundred" + (" " + number_words(rest) if rest else "")
+    if n < 1_000_000:
+        rest = n % 1000
+        return number_words(n // 1000) + " thousand" + (" " + number_words(rest) if rest else "")
+    return " ".join(ONES[int(d)] for d in str(n))
+
+
+def normalized(text: str) -> str:
+    """Lowercase, hyphens as spaces, punctuation stripped, numbers as words (the issue's rule)."""
+    text = re.sub(r"[-–—/]", " ", text.lower())
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 1,000 -> 1000
+    text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} ", text)
+    return " ".join(re.findall(r"[a-z']+", text))
+
+
+def normalized_wer(reference: str, hypothesis: str) -> float:
+    """WER after `normalized` on both sides."""
+    return word_error_rate(normalized(reference), normalized(hypothesis))[0]
 
 
 def items(shared: Path) -> list[tuple[str, Path, str]]:
@@ -105,6 +147,68 @@ async def through_gateway(port: int, pcm24k: np.ndarray) -> tuple[str, float]:
                 raise RuntimeError(event["error"]["message"])
 
 
+WHISPER_CONFIG = '[server]\nlisten = "127.0.0.1:0"\n[[backends]]\nname = "asr"\nkind = "whisper"\n'
+
+
+def whisper_direct(pcm16: np.ndarray) -> str:
+    """faster-whisper on the 16 kHz samples, the kind's defaults (runs in a thread)."""
+    from spear_rt_backends import whisper
+
+    model = whisper.load_model(whisper.settings_of(InstanceInfo(name="direct")))
+    segments, _ = model.transcribe(whisper.to_float16k(pcm16, 16000), language="en", beam_size=1)
+    return " ".join(" ".join(s.text.split()) for s in segments)
+
+
+async def whisper_gateway(port: int, pcm24k: np.ndarray) -> tuple[str, float]:
+    """Upload a 24 kHz WAV to /v1/audio/transcriptions: (text, seconds to the answer)."""
+    import io
+
+    import httpx
+    import soundfile
+
+    wav = io.BytesIO()
+    soundfile.write(wav, pcm24k, 24000, format="WAV", subtype="PCM_16")
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        answer = await client.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", wav.getvalue(), "audio/wav")},
+            data={"model": "whisper-1"},
+        )
+    answer.raise_for_status()
+    return str(answer.json()["text"]), time.perf_counter() - started
+
+
+async def run_whisper(shared: Path) -> list[dict[str, object]]:
+    server = Server(parse_config(WHISPER_CONFIG, "bench"))
+    rows = []
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.serve)
+        for label, path, reference in items(shared):
+            pcm, rate = load_audio(path, raw_rate_hz=16000)
+            direct = await anyio.to_thread.run_sync(whisper_direct, resample(pcm, rate, 16000))
+            via, latency = await whisper_gateway(port, resample(pcm, rate, 24000))
+            rows.append(
+                {
+                    "file": label,
+                    "seconds": round(pcm.size / rate, 2),
+                    "wer_direct": round(normalized_wer(reference, direct), 3),
+                    "wer_gateway": round(normalized_wer(reference, via), 3),
+                    "same_words": normalized(direct) == normalized(via),
+                    "commit_to_completed_ms": round(latency * 1000, 1),
+                    "direct": direct,
+                    "gateway": via,
+                    "reference": reference,
+                }
+            )
+            print(
+                f"  {label}: WER direct {rows[-1]['wer_direct']} gateway {rows[-1]['wer_gateway']}",
+                file=sys.stderr,
+            )
+        tg.cancel_scope.cancel()
+    return rows
+
+
 async def run(shared: Path) -> list[dict[str, object]]:
     server = Server(parse_config(CONFIG, "bench"))
     rows = []
@@ -140,9 +244,12 @@ def main() -> None:
     """Run, print the table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--kind", choices=("pocketsphinx", "whisper"), default="pocketsphinx")
     args = parser.parse_args()
-    rows = anyio.run(run, Path(args.shared), backend="asyncio")
-    print("| file | audio s | WER direct | WER gateway | same words | commit→completed ms |")
+    runner = run_whisper if args.kind == "whisper" else run
+    rows = anyio.run(runner, Path(args.shared), backend="asyncio")
+    last = "upload→answer ms" if args.kind == "whisper" else "commit→completed ms"
+    print(f"| file | audio s | WER direct | WER gateway | same words | {last} |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -162,7 +269,9 @@ def main() -> None:
                 f"{np.mean([r['wer_gateway'] for r in group]):.3f}, identical words "
                 f"{sum(bool(r['same_words']) for r in group)}/{len(group)}"
             )
-    out = ROOT / "bench/results" / f"asr_accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = "-whisper" if args.kind == "whisper" else ""
+    out = ROOT / "bench/results" / f"asr_accuracy{suffix}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
     print(f"\nwrote {out}")
