@@ -11,17 +11,15 @@ from __future__ import annotations
 import io
 import socket
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.abc
 import pytest
 import trio
 
 from spear_rt.cli import main
-from spear_rt.client import RealtimeClient, ResumePolicy, ServerError
+from spear_rt.client import ResumePolicy, ServerError
 from spear_rt.client import talk as talk_module
 from spear_rt.client.talk import (
     Speech,
@@ -36,7 +34,7 @@ from spear_rt.client.talk_turns import Answered, Heard, TalkBook, Unanswered
 from spear_rt.config import load_config
 from spear_rt.server.app import Server
 from tests.client import FIXTURES
-from tests.client.test_stream_resume import Sockets
+from tests.client.conftest import Sockets
 from tests.conftest import load_fixture_24k, make_config, running_server
 
 TIMEOUT_S = 20
@@ -173,26 +171,6 @@ def _killer(
                 sockets.kill_latest()
 
     return on_event
-
-
-@pytest.fixture
-def sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sockets]:
-    """Record the client's TCP streams, and kill one before a chosen client event if asked."""
-    record = Sockets()
-    real_connect, real_send = anyio.connect_tcp, RealtimeClient.send_raw
-
-    async def connect_tcp(*args: Any, **kwargs: Any) -> anyio.abc.SocketStream:
-        stream = await real_connect(*args, **kwargs)
-        record.streams.append(stream)
-        return stream
-
-    async def send_raw(self: RealtimeClient, message: bytes) -> None:
-        record.sending(message)
-        await real_send(self, message)
-
-    monkeypatch.setattr(anyio, "connect_tcp", connect_tcp)
-    monkeypatch.setattr(RealtimeClient, "send_raw", send_raw)
-    yield record
 
 
 def _outcome(turns: list[Any]) -> list[tuple[Any, ...]]:

@@ -419,20 +419,8 @@ def sse_events(body: dict[str, Any]) -> list[bytes]:
     """The SSE events of a streamed completion, each `data: ...\\n\\n`."""
     content = "echo: " + last_user_text(body)
     model = body.get("model", MODEL)
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion.chunk",
-            "created": CREATED,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        }
-
     words = content.split(" ")
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    chunks += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
-    chunks.append(chunk({}, "stop"))
+    chunks = _answer_chunks([w if i == 0 else " " + w for i, w in enumerate(words)], model)
     if (body.get("stream_options") or {}).get("include_usage"):
         chunks.append(
             {
@@ -444,29 +432,34 @@ def sse_events(body: dict[str, Any]) -> list[bytes]:
                 "usage": _chat_usage(body, content),
             }
         )
-    return [b"data: " + _json(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+    return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + _json(chunk) + b"\n\n"
 
 
-def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+def _chunk(delta: dict[str, Any], finish: str | None = None, model: str = MODEL) -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": CREATED,
-        "model": MODEL,
+        "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
     }
 
 
+def _answer_chunks(pieces: list[str], model: str) -> list[dict[str, Any]]:
+    """Role chunk, one chunk per content piece, then the stop chunk."""
+    chunks = [_chunk({"role": "assistant", "content": ""}, model=model)]
+    chunks += [_chunk({"content": piece}, model=model) for piece in pieces]
+    chunks.append(_chunk({}, "stop", model))
+    return chunks
+
+
 def text_events(pieces: list[str]) -> list[bytes]:
     """A streamed answer made of exactly these content deltas (role chunk first, then stop)."""
-    chunks = [_chunk({"role": "assistant", "content": ""})]
-    chunks += [_chunk({"content": piece}) for piece in pieces]
-    chunks.append(_chunk({}, "stop"))
-    return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
+    return [_sse(c) for c in _answer_chunks(pieces, MODEL)] + [b"data: [DONE]\n\n"]
 
 
 def tool_call_events(call_id: str, name: str, argument_pieces: list[str]) -> list[bytes]:

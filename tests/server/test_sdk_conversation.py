@@ -30,7 +30,6 @@ import pytest
 from spear_rt.server.app import Server
 from tests.conftest import b64, load_fixture_24k, make_config
 from tests.fakes.openai_upstream import FakeOpenAI, text_events
-from tests.node_sdk import NODE_DIR, install_node_sdk
 from tests.selfsigned import make_cert
 from tests.server.conversation_rig import heard_fraction, rig_toml, transcribe_back
 
@@ -151,14 +150,6 @@ def test_beta_python_sdk_holds_a_spoken_conversation() -> None:
     with serving() as (port, _fake):
         result = asyncio.run(main(port))
         check_conversation(result, port, "response.audio_transcript.delta")
-
-
-@pytest.fixture(scope="module")
-def node_sdk() -> Path:
-    missing = install_node_sdk()
-    if missing is not None:
-        pytest.skip(missing)
-    return NODE_DIR
 
 
 def test_node_sdk_holds_a_spoken_conversation_over_tls(tmp_path: Path, node_sdk: Path) -> None:

@@ -37,7 +37,6 @@ from spear_rt.errors import ConfigError
 from spear_rt.server.app import Server
 from spear_rt.server.tls import server_ssl_context
 from tests.conftest import WsClient, b64, make_config, noise_pcm
-from tests.node_sdk import NODE_DIR, install_node_sdk
 from tests.selfsigned import make_cert
 from tests.server.test_realtime import BETA, MANUAL_BETA, TRANSCRIPTION
 from tests.server.test_slow_client import MAX_OUTBOUND, WORDY_DELTA, wordy_registry
@@ -252,15 +251,6 @@ def handshake(sock: socket.socket, context: ssl.SSLContext) -> None:
 
 
 # --- the Node SDK -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def node_sdk() -> Path:
-    """tests/node with the pinned openai + ws packages installed (`npm ci`, once)."""
-    missing = install_node_sdk()
-    if missing is not None:
-        pytest.skip(missing)
-    return NODE_DIR
 
 
 @pytest.mark.parametrize(
