@@ -24,6 +24,7 @@ from spear_rt.audio.codecs import (
 from spear_rt.audio.files import frames, load_audio
 from spear_rt.audio.resample import StreamResampler, resample
 from spear_rt.audio.vad import (
+    Detector,
     SpeechStarted,
     SpeechStopped,
     VadConfig,
@@ -34,6 +35,7 @@ from spear_rt.audio.vad import (
 __all__ = [
     "AudioFormat",
     "AudioFormatError",
+    "Detector",
     "InputFormat",
     "SpeechStarted",
     "SpeechStopped",

@@ -33,6 +33,9 @@ Transitions (`pad` is prefix_padding_ms, `hold` is silence_duration_ms):
 
 Events are emitted when they become certain, so `SpeechStarted` arrives ~120 ms after the
 onset it reports and `SpeechStopped` `silence_duration_ms` after the end it reports.
+
+`spear_rt.audio.silero.SileroVad` is the neural alternative with the same interface
+(`Detector`), settings and events; `VadConfig.detector` says which one a session runs.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -47,7 +51,16 @@ from numpy.typing import NDArray
 
 from spear_rt.errors import ConfigError
 
-__all__ = ["SpeechStarted", "SpeechStopped", "VadConfig", "VadEvent", "VoiceActivityDetector"]
+__all__ = [
+    "DETECTORS",
+    "EAGERNESS",
+    "Detector",
+    "SpeechStarted",
+    "SpeechStopped",
+    "VadConfig",
+    "VadEvent",
+    "VoiceActivityDetector",
+]
 
 FRAME_MS = 10
 _SILENCE_DB = -100.0  # level reported for digital silence (log of zero)
@@ -57,15 +70,36 @@ _MIN_SPEECH_MS = 120  # loud audio needed to start speech: rejects clicks
 _ONSET_WINDOW_MS = 200  # ...within this much audio, so a short dip in an onset is tolerated
 _HYSTERESIS_DB = 6.0
 
+# What decides speech: this module's energy rule, or the Silero network (spear_rt.audio.silero)
+DETECTORS = ("energy", "silero")
+EAGERNESS = ("low", "medium", "high", "auto")  # OpenAI semantic_vad's values
+
 
 class VadConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`server_vad` turn detection settings (OpenAI names and defaults)."""
+    """`server_vad` turn detection settings (OpenAI names and defaults).
+
+    `detector` picks what decides speech (`DETECTORS`); `eagerness` is set only when the client
+    asked for OpenAI's `semantic_vad` (run by the silero detector with a silence_duration_ms
+    that follows it) and is None for `server_vad`.
+    """
 
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
+    detector: str = "energy"
+    eagerness: str | None = None
 
     def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(
+                "turn_detection.spear.detector",
+                f"must be one of {', '.join(DETECTORS)}, got {self.detector!r}",
+            )
+        if self.eagerness is not None and self.eagerness not in EAGERNESS:
+            raise ConfigError(
+                "turn_detection.eagerness",
+                f"must be one of {', '.join(EAGERNESS)}, got {self.eagerness!r}",
+            )
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(
                 "turn_detection.threshold", f"must be between 0.0 and 1.0, got {self.threshold}"
@@ -106,6 +140,23 @@ class SpeechStopped:
 
 
 VadEvent = SpeechStarted | SpeechStopped
+
+
+class Detector(Protocol):
+    """What the turn logic needs of a detector (`VoiceActivityDetector`, `SileroVad`)."""
+
+    @property
+    def in_speech(self) -> bool: ...
+
+    @property
+    def config(self) -> VadConfig: ...
+
+    @property
+    def audio_ms(self) -> int: ...
+
+    def process(self, pcm: NDArray[np.int16]) -> list[VadEvent]: ...
+
+    def reset(self) -> None: ...
 
 
 class VoiceActivityDetector:

@@ -2,7 +2,8 @@
 
 With ``turn_detection: null`` a turn opens at the first appended audio and ends at the client's
 commit. With server VAD a turn opens at speech start (audio from ``audio_start_ms``, prefix
-padding included) and commits itself at speech stop. Each turn's audio goes upstream
+padding included) and commits itself at speech stop; the detector is the one the settings name
+(`detector_for`). Each turn's audio goes upstream
 resampled to the upstream's rate, as commands handed to `send` (in order); what the client
 must be told comes back from `append` as `TurnEvent`s, in order.
 """
@@ -13,7 +14,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from spear_rt.audio import InputFormat, StreamResampler, VadConfig, VoiceActivityDetector
+from spear_rt.audio import Detector, InputFormat, StreamResampler, VadConfig, VoiceActivityDetector
+from spear_rt.audio.silero import SileroVad
 from spear_rt.audio.vad import SpeechStarted as VadStarted
 from spear_rt.audio.vad import SpeechStopped as VadStopped
 from spear_rt.backend import AppendAudio, BeginTurn, Clear, Commit, Pcm16, UpstreamCommand
@@ -44,6 +46,15 @@ class TurnCommitted(msgspec.Struct, frozen=True):
 TurnEvent = SpeechBegan | SpeechEnded | TurnCommitted
 
 
+def detector_for(config: VadConfig, sample_rate_hz: int) -> Detector:
+    """The server VAD detector `config.detector` names, for audio at `sample_rate_hz`."""
+    match config.detector:
+        case "silero":
+            return SileroVad(config, sample_rate_hz)
+        case _:
+            return VoiceActivityDetector(config, sample_rate_hz)
+
+
 class Turns:
     """The current turn and the audio path to the upstream (module docstring)."""
 
@@ -65,7 +76,7 @@ class Turns:
         self._ids = ids
         self._samples_in = 0
         self._resampler: StreamResampler | None = None
-        self._vad: VoiceActivityDetector | None = None
+        self._vad: Detector | None = None
         self._history: AudioHistory | None = None
         self._reset_detector()
 
@@ -182,6 +193,6 @@ class Turns:
             self._vad = None
             self._history = None
         else:
-            self._vad = VoiceActivityDetector(turn, rate)
+            self._vad = detector_for(turn, rate)
             # enough to reach back over the prefix padding plus the detector's own delay
             self._history = AudioHistory(rate * (turn.prefix_padding_ms + 2000) // 1000)
