@@ -21,11 +21,17 @@ MAX_EVENT_ID_CHARS = 128  # longer client event ids are cut to this (they are ec
 _MAX_ECHO_CHARS = 64  # of an unknown event type named in an error message
 
 
-class TurnDetectionWire(msgspec.Struct, forbid_unknown_fields=True):
-    """`turn_detection` object; only `server_vad` is implemented (others are refused).
+class TurnDetectionSpearWire(msgspec.Struct, forbid_unknown_fields=True):
+    """`turn_detection.spear`: spear's own turn detection options."""
 
-    `create_response`, `interrupt_response`, `idle_timeout_ms` and `eagerness` are accepted
-    for compatibility and have no effect (transcription sessions create no responses).
+    detector: str | None = None  # "energy" (the default) | "silero"
+
+
+class TurnDetectionWire(msgspec.Struct, forbid_unknown_fields=True):
+    """`turn_detection` object: `server_vad`, or `semantic_vad` (run by the silero detector).
+
+    `create_response` and `interrupt_response` matter in conversations only; `idle_timeout_ms`
+    is accepted for compatibility and has no effect, and so is `eagerness` with `server_vad`.
     """
 
     type: str = "server_vad"
@@ -36,6 +42,7 @@ class TurnDetectionWire(msgspec.Struct, forbid_unknown_fields=True):
     interrupt_response: bool | None = None
     idle_timeout_ms: int | None = None
     eagerness: str | None = None
+    spear: TurnDetectionSpearWire | None = None
 
 
 class TranscriptionWire(msgspec.Struct, forbid_unknown_fields=True):

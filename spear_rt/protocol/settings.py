@@ -19,7 +19,10 @@ from spear_rt.audio import (
     VadConfig,
     input_format_from_wire,
     input_format_to_wire,
+    silero,
 )
+from spear_rt.audio.vad import DETECTORS
+from spear_rt.errors import echo
 from spear_rt.protocol.client_events import SessionWire, TranscriptionWire, TurnDetectionWire
 from spear_rt.protocol.conversation_settings import (
     ConversationSettings,
@@ -69,28 +72,88 @@ class SessionSettings(msgspec.Struct, frozen=True):
 
 _MAX_SILENCE_MS = 10_000
 _MAX_PADDING_MS = 5_000
+# OpenAI's semantic_vad waits for the end of a thought; spear has no model of that, so it runs
+# the silero detector with a silence that follows the eagerness ("auto" is "medium").
+SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 500, "high": 250, "auto": 500}
+_SERVER_VAD_ONLY = ("threshold", "prefix_padding_ms", "silence_duration_ms")
 
 
 def _vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadConfig:
-    if wire.type != "server_vad":
-        raise SettingsError(
-            f"{param}.type",
-            f"turn detection {wire.type!r} is not supported; use "
-            "'server_vad' or null for manual commit",
-        )
+    """The detector settings `wire` asks for; fields it leaves out keep `current`'s value when
+    the type stays the same (a change of type starts from that type's defaults)."""
+    semantic = current is not None and current.eagerness is not None
+    match wire.type:
+        case "server_vad":
+            config = _server_vad(wire, None if semantic else current, param)
+            where = f"{param}.spear.detector"
+        case "semantic_vad":
+            config = _semantic_vad(wire, current if semantic else None, param)
+            where = f"{param}.type"
+        case _:
+            raise SettingsError(
+                f"{param}.type",
+                f"turn detection {echo(wire.type)} is not supported; use 'server_vad', "
+                "'semantic_vad' or null for manual commit",
+            )
+    if config.detector == "silero":
+        try:
+            silero.require()
+        except silero.DetectorUnavailable as exc:
+            raise SettingsError(where, str(exc)) from None
+    return config
+
+
+def _server_vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadConfig:
     base = current or VadConfig()
     threshold = base.threshold if wire.threshold is None else wire.threshold
     padding = base.prefix_padding_ms if wire.prefix_padding_ms is None else wire.prefix_padding_ms
     silence = (
         base.silence_duration_ms if wire.silence_duration_ms is None else wire.silence_duration_ms
     )
+    detector = base.detector
+    if wire.spear is not None and wire.spear.detector is not None:
+        detector = wire.spear.detector
+    if detector not in DETECTORS:
+        raise SettingsError(
+            f"{param}.spear.detector",
+            f"unknown detector {echo(detector)}; use one of {', '.join(DETECTORS)}",
+        )
     if not 0.0 <= threshold <= 1.0:
         raise SettingsError(f"{param}.threshold", f"threshold must be within 0..1, got {threshold}")
     if not 0 <= padding <= _MAX_PADDING_MS:
         raise SettingsError(f"{param}.prefix_padding_ms", f"must be 0..{_MAX_PADDING_MS}")
     if not 0 <= silence <= _MAX_SILENCE_MS:
         raise SettingsError(f"{param}.silence_duration_ms", f"must be 0..{_MAX_SILENCE_MS}")
-    return VadConfig(threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence)
+    return VadConfig(
+        threshold=threshold,
+        prefix_padding_ms=padding,
+        silence_duration_ms=silence,
+        detector=detector,
+    )
+
+
+def _semantic_vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadConfig:
+    for name in _SERVER_VAD_ONLY:
+        if getattr(wire, name) is not None:
+            raise SettingsError(
+                f"{param}.{name}",
+                f"semantic_vad has no {name} (it follows eagerness); use server_vad with "
+                'spear.detector "silero" to set it',
+                "unknown_parameter",
+            )
+    if wire.spear is not None and wire.spear.detector not in (None, "silero"):
+        raise SettingsError(
+            f"{param}.spear.detector", "semantic_vad always runs the silero detector"
+        )
+    eagerness = wire.eagerness or (current.eagerness if current else None) or "auto"
+    if eagerness not in SEMANTIC_SILENCE_MS:
+        raise SettingsError(
+            f"{param}.eagerness",
+            f"eagerness must be one of {', '.join(SEMANTIC_SILENCE_MS)}, got {echo(eagerness)}",
+        )
+    return VadConfig(
+        silence_duration_ms=SEMANTIC_SILENCE_MS[eagerness], detector="silero", eagerness=eagerness
+    )
 
 
 def _transcription(
@@ -233,12 +296,18 @@ def _turn_wire(settings: SessionSettings) -> dict[str, Any] | None:
     turn = settings.turn_detection
     if turn is None:
         return None
-    wire: dict[str, Any] = {
-        "type": "server_vad",
-        "threshold": turn.threshold,
-        "prefix_padding_ms": turn.prefix_padding_ms,
-        "silence_duration_ms": turn.silence_duration_ms,
-    }
+    wire: dict[str, Any]
+    if turn.eagerness is not None:
+        wire = {"type": "semantic_vad", "eagerness": turn.eagerness}
+    else:
+        wire = {
+            "type": "server_vad",
+            "threshold": turn.threshold,
+            "prefix_padding_ms": turn.prefix_padding_ms,
+            "silence_duration_ms": turn.silence_duration_ms,
+        }
+        if turn.detector != "energy":  # the default is not shown (as before the choice)
+            wire["spear"] = {"detector": turn.detector}
     if settings.kind is SessionKind.REALTIME:
         wire["create_response"] = settings.conversation.create_response
         wire["interrupt_response"] = settings.conversation.interrupt_response

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgspec
 import pytest
 
-from spear_rt.audio import AudioFormat, InputFormat, VadConfig
+from spear_rt.audio import AudioFormat, InputFormat, VadConfig, silero
 from spear_rt.protocol.client_events import SessionWire
 from spear_rt.protocol.settings import (
     Dialect,
@@ -74,7 +75,27 @@ def test_ga_format_objects() -> None:
             {"audio": {"input": {"format": {"type": "audio/pcmu", "rate": 24000}}}},
             "session.audio.input.format",
         ),
-        ({"turn_detection": {"type": "semantic_vad"}}, "session.turn_detection.type"),
+        ({"turn_detection": {"type": "magic_vad"}}, "session.turn_detection.type"),
+        (
+            {"turn_detection": {"spear": {"detector": "webrtc"}}},
+            "session.turn_detection.spear.detector",
+        ),
+        (
+            {"audio": {"input": {"turn_detection": {"spear": {"detector": "vad"}}}}},
+            "session.audio.input.turn_detection.spear.detector",
+        ),
+        (
+            {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}},
+            "session.turn_detection.eagerness",
+        ),
+        (
+            {"turn_detection": {"type": "semantic_vad", "silence_duration_ms": 200}},
+            "session.turn_detection.silence_duration_ms",
+        ),
+        (
+            {"turn_detection": {"type": "semantic_vad", "spear": {"detector": "energy"}}},
+            "session.turn_detection.spear.detector",
+        ),
         ({"turn_detection": {"threshold": 1.5}}, "session.turn_detection.threshold"),
         ({"turn_detection": {"prefix_padding_ms": -1}}, "session.turn_detection.prefix_padding_ms"),
         (
@@ -266,3 +287,112 @@ def test_conversation_settings_refuse_what_cannot_be_honoured(
     with pytest.raises(SettingsError) as refused:
         update(session, SessionSettings(kind=SessionKind.REALTIME))
     assert (refused.value.param, refused.value.code) == (param, "invalid_value")
+
+
+# --- turn detection: which detector ---------------------------------------------------------
+
+
+def test_server_vad_takes_the_silero_detector_from_its_spear_object() -> None:
+    """spear.detector picks the detector; the rest of server_vad keeps OpenAI's meaning."""
+    settings = update(
+        {
+            "turn_detection": {
+                "type": "server_vad",
+                "threshold": 0.6,
+                "spear": {"detector": "silero"},
+            }
+        }
+    )
+    assert settings.turn_detection == VadConfig(threshold=0.6, detector="silero")
+    again = update({"turn_detection": {"silence_duration_ms": 700}}, settings)
+    assert again.turn_detection == VadConfig(
+        threshold=0.6, silence_duration_ms=700, detector="silero"
+    )
+    back = update({"turn_detection": {"spear": {"detector": "energy"}}}, again)
+    assert back.turn_detection is not None and back.turn_detection.detector == "energy"
+
+
+@pytest.mark.parametrize(
+    ("eagerness", "silence_ms"),
+    [(None, 500), ("auto", 500), ("medium", 500), ("low", 1000), ("high", 250)],
+)
+def test_semantic_vad_is_silero_with_a_silence_that_follows_eagerness(
+    eagerness: str | None, silence_ms: int
+) -> None:
+    td: dict[str, Any] = {"type": "semantic_vad"}
+    if eagerness is not None:
+        td["eagerness"] = eagerness
+    for session in ({"turn_detection": td}, {"audio": {"input": {"turn_detection": td}}}):
+        turn = update(session).turn_detection
+        assert turn == VadConfig(
+            silence_duration_ms=silence_ms, detector="silero", eagerness=eagerness or "auto"
+        )
+
+
+def test_a_change_of_turn_detection_type_starts_from_that_types_defaults() -> None:
+    tuned = update({"turn_detection": {"threshold": 0.8, "silence_duration_ms": 900}})
+    semantic = update({"turn_detection": {"type": "semantic_vad", "eagerness": "low"}}, tuned)
+    assert semantic.turn_detection == VadConfig(
+        silence_duration_ms=1000, detector="silero", eagerness="low"
+    )
+    assert update({"turn_detection": {"type": "semantic_vad"}}, semantic) == semantic
+    plain = update({"turn_detection": {"type": "server_vad"}}, semantic)
+    assert plain.turn_detection == VadConfig()
+
+
+@pytest.mark.parametrize("dialect", list(Dialect))
+def test_render_shows_the_detector_choice(dialect: Dialect) -> None:
+    """semantic_vad is shown as such (OpenAI's shape); server_vad names a non-default
+    detector in its spear object; the energy default looks as it always did."""
+
+    def shown(session: dict[str, Any]) -> dict[str, Any]:
+        rendered = render_session(update(session), dialect, "s")
+        if dialect is Dialect.GA:
+            return rendered["audio"]["input"]["turn_detection"]  # type: ignore[no-any-return]
+        return rendered["turn_detection"]  # type: ignore[no-any-return]
+
+    assert shown({"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}) == {
+        "type": "semantic_vad",
+        "eagerness": "high",
+    }
+    silero_vad = shown({"turn_detection": {"spear": {"detector": "silero"}}})
+    assert silero_vad["type"] == "server_vad" and silero_vad["spear"] == {"detector": "silero"}
+    assert "spear" not in shown({"turn_detection": {"threshold": 0.4}})
+
+
+@pytest.mark.parametrize(
+    "td",
+    [
+        {"type": "semantic_vad", "eagerness": "low"},
+        {"type": "server_vad", "silence_duration_ms": 800, "spear": {"detector": "silero"}},
+    ],
+)
+def test_render_of_a_detector_choice_round_trips(td: dict[str, Any]) -> None:
+    settings = update({"turn_detection": td})
+    for dialect in Dialect:
+        shown = render_session(settings, dialect, "s")
+        shown.pop("object"), shown.pop("id")
+        assert update(shown) == settings
+
+
+@pytest.mark.parametrize(
+    ("td", "param"),
+    [
+        (
+            {"type": "server_vad", "spear": {"detector": "silero"}},
+            "session.turn_detection.spear.detector",
+        ),
+        ({"type": "semantic_vad"}, "session.turn_detection.type"),
+    ],
+)
+def test_silero_unavailable_is_refused_naming_the_install(
+    monkeypatch: pytest.MonkeyPatch, td: dict[str, Any], param: str
+) -> None:
+    """Without onnxruntime, choosing silero is an invalid_value naming the field and the extra."""
+    monkeypatch.setattr(silero, "_session", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(SettingsError) as refused:
+        update({"turn_detection": td})
+    assert (refused.value.param, refused.value.code) == (param, "invalid_value")
+    assert "pip install 'spear-rt[whisper]'" in str(refused.value)
+    assert update({"turn_detection": {"type": "server_vad"}}).turn_detection == VadConfig()

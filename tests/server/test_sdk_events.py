@@ -76,7 +76,7 @@ BAD_FRAMES = [
     '{"type": "session.update", "session": {"instructions": "hi", "type": "transcription"}}',
     '{"type": "transcription_session.update", "session": {"voice": "alloy"}}',
     '{"type": "session.update", "session": {"audio": {"input": {"turn_detection": '
-    '{"type": "semantic_vad"}}}}}',
+    '{"type": "server_vad", "spear": {"detector": "webrtc"}}}}}}',
     '{"type": "response.create"}',
     "[" * 1500 + "]" * 1500,
 ]
@@ -241,3 +241,115 @@ def test_a_realtime_session_and_a_drain_validate_too(dialect: str) -> None:
         return checker
 
     run_on("trio", "auto", scenario)
+
+
+# A session that picks the silero detector: by name (server_vad + spear.detector) or as
+# OpenAI's semantic_vad; a conversation (create_response off: the stub answers nothing) and a
+# transcription session, in both dialects.
+SILERO = {
+    "ga-realtime-semantic": (
+        "ga",
+        "/v1/realtime",
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {
+                    "input": {
+                        "turn_detection": {
+                            "type": "semantic_vad",
+                            "eagerness": "medium",
+                            "create_response": False,
+                        }
+                    }
+                },
+            },
+        },
+    ),
+    "beta-realtime-server-vad": (
+        "beta",
+        "/v1/realtime",
+        {
+            "type": "session.update",
+            "session": {
+                "turn_detection": {
+                    "type": "server_vad",
+                    "create_response": False,
+                    "spear": {"detector": "silero"},
+                }
+            },
+        },
+    ),
+    "ga-transcription-server-vad": (
+        "ga",
+        TRANSCRIPTION,
+        {
+            "type": "session.update",
+            "session": {
+                "type": "transcription",
+                "audio": {"input": {"turn_detection": {"spear": {"detector": "silero"}}}},
+            },
+        },
+    ),
+    "beta-transcription-semantic": (
+        "beta",
+        TRANSCRIPTION,
+        {
+            "type": "transcription_session.update",
+            "session": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SILERO))
+def test_a_silero_vad_session_makes_two_turns_and_validates(case: str) -> None:
+    """A bad detector is an error naming the field (the session lives on); then the silero
+    detector on two utterances: speech_started, speech_stopped and a committed item per turn,
+    the choice shown in session.updated, every event valid for the SDK."""
+    dialect, path, update = SILERO[case]
+
+    async def scenario(server: Server) -> Checker:
+        assert server.port is not None
+        checker = Checker(dialect)
+        client = await connect(server.port, dialect, path)
+        await checker.recv(client)
+        session = update["session"]
+        target = session["audio"]["input"] if "audio" in session else session
+        bad = {**target["turn_detection"], "spear": {"detector": "webrtc"}}
+        await client.send(
+            {**update, "session": {**session, **_with_turn(session, bad)}, "event_id": "bad"}
+        )
+        error = await checker.recv(client)
+        assert error["type"] == "error" and error["error"]["event_id"] == "bad"
+        assert error["error"]["param"].endswith("turn_detection.spear.detector")
+        await client.send(update)
+        updated = await checker.recv(client)
+        shown = updated["session"]
+        shown = shown["audio"]["input"] if "audio" in shown else shown
+        td = target["turn_detection"]
+        assert shown["turn_detection"]["type"] == td.get("type", "server_vad")
+        if shown["turn_detection"]["type"] == "server_vad":
+            assert shown["turn_detection"]["spear"] == {"detector": "silero"}
+        pcm = load_fixture_24k("speech_two_utterances.wav")
+        for start in range(0, len(pcm), 480):
+            await client.send(
+                {"type": "input_audio_buffer.append", "audio": b64(pcm[start : start + 480])}
+            )
+        await checker.recv_until(client, COMPLETED)
+        await checker.recv_until(client, COMPLETED)
+        await client.close()
+        return checker
+
+    checker = run_on("trio", "auto", scenario)
+    for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"):
+        assert checker.types.count(kind) == 2
+    assert checker.types.count(COMMITTED) == 2
+    assert checker.types.count("error") == 1
+
+
+def _with_turn(session: dict[str, Any], turn_detection: dict[str, Any]) -> dict[str, Any]:
+    """`session`'s fields with its turn_detection (beta, or GA audio.input) replaced."""
+    if "audio" in session:
+        return {"audio": {"input": {**session["audio"]["input"], "turn_detection": turn_detection}}}
+    return {"turn_detection": turn_detection}

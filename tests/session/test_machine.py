@@ -266,18 +266,30 @@ def test_session_update_cannot_change_session_type() -> None:
     assert h.machine.settings.kind is SessionKind.TRANSCRIPTION
 
 
-def test_session_update_with_unsupported_turn_detection_is_an_error() -> None:
-    """turn_detection type other than server_vad is refused; settings stay as they were."""
+@pytest.mark.parametrize(
+    ("turn_detection", "param"),
+    [
+        ({"type": "magic_vad"}, "session.turn_detection.type"),
+        ({"spear": {"detector": "webrtc"}}, "session.turn_detection.spear.detector"),
+        ({"type": "semantic_vad", "eagerness": "eager"}, "session.turn_detection.eagerness"),
+    ],
+)
+def test_session_update_with_unsupported_turn_detection_is_an_error(
+    turn_detection: dict[str, Any], param: str
+) -> None:
+    """An unknown turn detection type, detector or eagerness is refused naming the field;
+    settings stay as they were and the session carries on."""
     h = Harness(vad=True)
     h.start()
     before = h.machine.settings
-    events = h.send(
-        {"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}
-    )
+    events = h.send({"type": "session.update", "session": {"turn_detection": turn_detection}})
     assert types(events) == ["error"]
     assert events[0]["error"]["type"] == "invalid_request_error"
-    assert events[0]["error"]["param"] == "session.turn_detection.type"
+    assert events[0]["error"]["param"] == param
     assert h.machine.settings == before
+    assert "input_audio_buffer.speech_started" in types(
+        h.stream(load_fixture_24k("speech_go_forward.wav"))
+    )
 
 
 # --- manual commit ----------------------------------------------------------------------------
@@ -538,6 +550,39 @@ def test_manual_commit_during_vad_speech_leaves_no_dangling_item() -> None:
     assert set(started) <= set(committed)
     assert completed == committed
     assert "error" not in types(events)
+
+
+@pytest.mark.parametrize(
+    "turn_detection",
+    [{"type": "server_vad", "spear": {"detector": "silero"}}, {"type": "semantic_vad"}],
+)
+def test_silero_vad_turns_two_utterances_into_two_items(turn_detection: dict[str, Any]) -> None:
+    """The silero detector (chosen by name or as semantic_vad) drives turns like the energy one:
+    started/stopped/committed per utterance, each turn's audio from audio_start_ms upstream."""
+    h = Harness(dialect=Dialect.BETA, vad=True)
+    h.start()
+    updated = h.send(
+        {"type": "transcription_session.update", "session": {"turn_detection": turn_detection}}
+    )
+    assert updated[0]["session"]["turn_detection"]["type"] == turn_detection["type"]
+    events = h.stream(load_fixture_24k("speech_two_utterances.wav"))
+    kinds = [t for t in types(events) if t != DELTA]
+    one_turn = [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        COMMITTED,
+        "conversation.item.created",
+        COMPLETED,
+    ]
+    assert kinds == one_turn * 2
+    started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    stopped = [e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    for (start_ms, end_ms), begin, end in zip(
+        [(500, 2426), (3625, 5138)], started, stopped, strict=True
+    ):
+        assert abs(begin["audio_start_ms"] - (start_ms - 300)) <= 150
+        assert abs(end["audio_end_ms"] - end_ms) <= 200
+        assert begin["item_id"] == end["item_id"]
 
 
 @pytest.mark.parametrize("name", ["silence.wav", "noise.wav"])
