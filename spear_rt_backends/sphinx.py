@@ -38,6 +38,7 @@ import anyio.lowlevel
 import anyio.to_process
 import numpy as np
 
+from spear_rt import redecode
 from spear_rt.audio import VadConfig, VoiceActivityDetector
 from spear_rt.audio.vad import SpeechStopped
 from spear_rt.backend import (
@@ -112,14 +113,7 @@ async def transcribe_pcm16(pcm16_16k: Pcm16, limiter: anyio.CapacityLimiter | No
 def quietest_cut(audio: Pcm16, window: int) -> int:
     """Where to cut `audio`: the middle of its quietest 20 ms frame among the last `window`
     samples (the latest of equals), or its end when it is shorter than a frame."""
-    frames = min(window, audio.size) // _FRAME
-    if not frames:
-        return int(audio.size)
-    start = audio.size - frames * _FRAME
-    tail = audio[start:].astype(np.float32).reshape(frames, _FRAME)
-    energy = np.einsum("ij,ij->i", tail, tail)
-    quietest = frames - 1 - int(np.argmin(energy[::-1]))
-    return int(start + quietest * _FRAME + _FRAME // 2)
+    return redecode.quietest_cut(audio, window, _FRAME)
 
 
 class SphinxTranscription:
