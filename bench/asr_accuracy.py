@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from spear_rt.audio import frames, load_audio, resample  # noqa: E402
 from spear_rt.backend import InstanceInfo  # noqa: E402
-from spear_rt.client.demo import transcript_words, word_error_rate  # noqa: E402
+from spear_rt.client import scoring  # noqa: E402
+from spear_rt.client.scoring import normalized, transcript_words, word_error_rate  # noqa: E402
 from spear_rt.config import parse_config  # noqa: E402
 from spear_rt.server.app import Server  # noqa: E402
 from spear_rt_backends.sphinx import transcribe_pcm16  # noqa: E402
@@ -51,38 +52,9 @@ def wer(reference: str, hypothesis: str) -> float:
     return word_error_rate(reference, hypothesis)[0]
 
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-_ONES += "fifteen sixteen seventeen eighteen nineteen"
-ONES = _ONES.split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_words(n: int) -> str:
-    """An integer below a million as English words (`105` -> "one hundred five")."""
-    if n < 20:
-        return ONES[n]
-    if n < 100:
-        return TENS[n // 10] + ("" if n % 10 == 0 else " " + ONES[n % 10])
-    if n < 1000:
-        rest = n % 100
-        return ONES[n // 100] + " hundred" + (" " + number_words(rest) if rest else "")
-    if n < 1_000_000:
-        rest = n % 1000
-        return number_words(n // 1000) + " thousand" + (" " + number_words(rest) if rest else "")
-    return " ".join(ONES[int(d)] for d in str(n))
-
-
-def normalized(text: str) -> str:
-    """Lowercase, hyphens as spaces, punctuation stripped, numbers as words (the issue's rule)."""
-    text = re.sub(r"[-–—/]", " ", text.lower())
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 1,000 -> 1000
-    text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} ", text)
-    return " ".join(re.findall(r"[a-z']+", text))
-
-
 def normalized_wer(reference: str, hypothesis: str) -> float:
-    """WER after `normalized` on both sides."""
-    return word_error_rate(normalized(reference), normalized(hypothesis))[0]
+    """WER after `normalized` on both sides (the issue's rule)."""
+    return scoring.normalized_wer(reference, hypothesis)[0]
 
 
 def items(shared: Path) -> list[tuple[str, Path, str]]:

@@ -2,9 +2,10 @@
 
 With no file arguments the clips are the speech fixtures of the source tree
 (``fixtures/audio/manifest.json``), each with its reference transcript; the demo prints the live
-transcript, the reference, the word error rate and how long the final transcript took after
-the commit. It says which backend serves transcription, and says so plainly when that is the
-deterministic stub (its words are not a recognition, so its WER means nothing).
+transcript, the reference, the word error rate (normalized: `spear_rt.client.scoring`) and how
+long the final transcript took after the commit. It says which backend serves transcription,
+and says so plainly when that is the deterministic stub (its words are not a recognition, so
+its WER means nothing).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 import spear_rt
+from spear_rt.client.scoring import normalized_wer
 from spear_rt.client.stream import RATE_HZ, LivePrinter, Pace, load_pcm24k, transcribe
 from spear_rt.config import Config, load_config
 from spear_rt.errors import SpearError
@@ -36,7 +37,6 @@ __all__ = [
     "demo_cli",
     "describe_transcription_backend",
     "fixture_dir",
-    "word_error_rate",
 ]
 
 
@@ -72,23 +72,6 @@ def _clips(files: list[str]) -> list[Clip]:
             )
         return fixture_clips(folder)
     return [Clip(Path(f), known.get(Path(f).name)) for f in files]
-
-
-def transcript_words(text: str) -> list[str]:
-    """Lowercase words without punctuation: how transcripts and references are compared."""
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> tuple[float, int, int]:
-    """(WER, word edits, reference words): word-level Levenshtein over the reference length."""
-    ref, hyp = transcript_words(reference), transcript_words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    edits = row[-1]
-    return (edits / len(ref) if ref else float(edits > 0)), edits, len(ref)
 
 
 def describe_transcription_backend(server: Server) -> tuple[str, bool]:
@@ -135,7 +118,7 @@ async def _run_clip(
     if clip.reference is None:
         out.write(f"  reference: (none)\n  completed {latency}\n")
         return None
-    wer, edits, n = word_error_rate(clip.reference, hypothesis)
+    wer, edits, n = normalized_wer(clip.reference, hypothesis)
     out.write(
         f"  reference: {clip.reference}\n  WER {wer:.2f} ({edits}/{n} words), completed {latency}\n"
     )

@@ -1,8 +1,9 @@
 """The embedded default config answers honestly: real engines or a clear error, never a stub
 it was not asked for.
 
-* `/v1/audio/transcriptions` in every `response_format` is served by pocketsphinx (word timings
-  from the engine), with SubRip for `srt` and WebVTT for `vtt`;
+* transcription, one-shot and realtime, is Whisper's (the `whisper` extra `make test` installs);
+* with Whisper denied, `/v1/audio/transcriptions` in every `response_format` falls back to
+  pocketsphinx (word timings from the engine), with SubRip for `srt` and WebVTT for `vtt`;
 * a request no real engine can serve is a 503 naming why, unless it names the stub (then the
   answer carries `x-spear-stub: true`);
 * a config that lists the stub itself has it serve as configured, answers still marked.
@@ -21,9 +22,12 @@ import anyio
 import httpx
 import pytest
 
+from spear_rt.client.scoring import normalized
+from spear_rt.client.stream import Transcript
+from spear_rt.client.stream import transcribe as stream_transcribe
 from spear_rt.config import Config, load_config
 from spear_rt.server.app import Server
-from tests.conftest import FIXTURES, make_config
+from tests.conftest import FIXTURES, load_fixture_24k, make_config
 
 DRIVERS = [("trio", "auto"), ("asyncio", "auto"), ("asyncio", "anyio")]
 IDS = ["trio", "asyncio-callbacks", "asyncio-tasks"]
@@ -72,14 +76,17 @@ def seconds(h: str, m: str, s: str, ms: str) -> float:
     return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
 
 
+SPHINX_ONLY = {"spear-deny": "whisper"}  # the fallback, through the default config
+
+
 def all_formats(formats: tuple[str, ...]) -> Callable[[int], Awaitable[dict[str, httpx.Response]]]:
-    """A scenario posting the fixture once per format, side by side (two engine workers)."""
+    """A scenario posting the fixture to pocketsphinx once per format, side by side."""
 
     async def scenario(port: int) -> dict[str, httpx.Response]:
         answers: dict[str, httpx.Response] = {}
 
         async def one(c: httpx.AsyncClient, fmt: str) -> None:
-            answers[fmt] = await transcribe(c, fmt)
+            answers[fmt] = await transcribe(c, fmt, **SPHINX_ONLY)
 
         async with (
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=BOUND_S) as c,
@@ -109,7 +116,7 @@ def test_srt_and_vtt_are_text_on_the_asyncio_drivers(backend: str, driver: str) 
 
 
 @pytest.mark.slow
-def test_every_response_format_comes_from_pocketsphinx() -> None:
+def test_with_whisper_denied_every_response_format_comes_from_pocketsphinx() -> None:
     answers = run_on("trio", default_config(), all_formats(FORMATS))
     for fmt, answer in answers.items():
         assert answer.status_code == 200, (fmt, answer.text[:300])
@@ -148,6 +155,25 @@ def test_every_response_format_comes_from_pocketsphinx() -> None:
     assert [c[8] for c in vtt] == [s["text"] for s in verbose["segments"]]
 
 
+def test_the_default_config_transcribes_with_whisper_live_and_one_shot() -> None:
+    """Whisper (the `whisper` extra, installed by `make test`) serves both paths by default."""
+
+    async def scenario(port: int) -> tuple[list[dict[str, Any]], list[Transcript], httpx.Response]:
+        events: list[dict[str, Any]] = []
+        url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
+        pcm = load_fixture_24k("speech_open_window.wav")
+        live = await stream_transcribe(url, pcm, pace="fast", on_event=events.append)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=BOUND_S) as c:
+            return events, live, await transcribe(c, "json")
+
+    events, live, one_shot = run_on("trio", default_config(), scenario)
+    created = next(e for e in events if e["type"].endswith("session.created"))
+    assert created["spear"]["backend"] == "whisper"
+    assert [normalized(t.text) for t in live] == ["open the window"]
+    assert one_shot.status_code == 200 and one_shot.headers["x-spear-instance"] == "whisper"
+    assert normalized(one_shot.json()["text"]).endswith("then call my sister")
+
+
 def test_the_default_config_never_answers_with_a_stub_it_was_not_asked_for() -> None:
     async def scenario(port: int) -> dict[str, httpx.Response]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=BOUND_S) as c:
@@ -160,7 +186,9 @@ def test_the_default_config_never_answers_with_a_stub_it_was_not_asked_for() -> 
                     "/v1/chat/completions", json=CHAT, headers={"spear-backend": "stub"}
                 ),
                 "model": await c.post("/v1/chat/completions", json={**CHAT, "model": "stub"}),
-                "no_engine": await transcribe(c, "verbose_json", **{"spear-deny": "pocketsphinx"}),
+                "no_engine": await transcribe(
+                    c, "verbose_json", **{"spear-deny": "whisper,pocketsphinx"}
+                ),
             }
 
     answers = run_on("trio", default_config(), scenario)

@@ -17,9 +17,9 @@ import httpx
 import msgspec
 import pytest
 
-from bench.asr_accuracy import normalized_wer
 from spear_rt.audio import load_audio
 from spear_rt.backend import AudioInput, InstanceInfo, OneShotRequest
+from spear_rt.client.scoring import normalized_wer
 from spear_rt.ir import Operation
 from spear_rt.registry import load_kind
 from spear_rt.server.app import Server
@@ -82,7 +82,7 @@ def test_the_fixtures_are_transcribed_within_the_measured_wer() -> None:
     for name, reference, answer in run(scenario):
         assert answer.status_code == 200, (name, answer.text[:300])
         assert answer.headers["x-spear-instance"] == "whisper"
-        rates.append(normalized_wer(reference, answer.json()["text"]))
+        rates.append(normalized_wer(reference, answer.json()["text"])[0])
     assert sum(rates) / len(rates) <= FIXTURE_WER_BOUND, rates
     assert rates[0] == 0.0  # "Go forward 10 meters." is exactly the reference, numbers as words
 
@@ -106,7 +106,7 @@ def test_every_response_format_is_well_formed() -> None:
         assert "x-spear-stub" not in answer.headers
     text = answers["json"].json()["text"]
     assert answers["json"].headers["content-type"].startswith("application/json")
-    assert normalized_wer("then call my sister", text.split(".")[-2]) == 0.0
+    assert normalized_wer("then call my sister", text.split(".")[-2])[0] == 0.0
     assert answers["text"].headers["content-type"].startswith("text/plain")
     assert answers["text"].text == text + "\n"
 

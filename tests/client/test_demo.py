@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from spear_rt.audio import AudioFormatError
-from spear_rt.client.demo import demo, fixture_clips, word_error_rate
+from spear_rt.client.demo import demo, fixture_clips
+from spear_rt.client.scoring import normalized_wer, word_error_rate
 from spear_rt.config import BackendConfig
 from tests.client import FIXTURES, stub_config
 
@@ -34,6 +35,23 @@ def test_word_error_rate_is_word_levenshtein_over_reference_length(
     reference: str, hypothesis: str, expected: tuple[float, int, int]
 ) -> None:
     assert word_error_rate(reference, hypothesis) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "expected"),
+    [
+        ("go forward ten meters", "Go forward 10 meters.", (0.0, 0, 4)),
+        ("five five five one two three four", "5-5-5-1-2-3-4", (0.0, 0, 7)),
+        ("one hundred five", "105", (0.0, 0, 3)),
+        ("twenty one thousand", "21,000", (0.0, 0, 3)),
+        ("a well known fact", "a well-known fact", (0.0, 0, 4)),
+        ("go forward ten meters", "go forward 11 meters", (0.25, 1, 4)),
+    ],
+)
+def test_normalized_wer_reads_numbers_as_words_and_hyphens_as_spaces(
+    reference: str, hypothesis: str, expected: tuple[float, int, int]
+) -> None:
+    assert normalized_wer(reference, hypothesis) == pytest.approx(expected)
 
 
 async def test_demo_on_the_stub_prints_transcript_and_reference_for_every_fixture() -> None:
