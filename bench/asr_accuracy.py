@@ -15,7 +15,7 @@ and writes JSON to bench/results/. Usage: python bench/asr_accuracy.py [--shared
 lowercase, punctuation stripped, hyphens as spaces, numbers as words, on both sides):
 
 * one-shot direct: faster-whisper on the 16 kHz float32 samples with the kind's defaults
-  (tiny.en, beam 1, language en); one-shot gateway: the recording uploaded as a WAV at its own
+  (tiny.en, beam 3, language en); one-shot gateway: the recording uploaded as a WAV at its own
   rate to `/v1/audio/transcriptions` (json);
 * live direct and live gateway, first delta, completed after commit and RTF: see
   `bench/whisper_live.py` (realtime pace, server_vad).
@@ -139,8 +139,10 @@ def whisper_direct(pcm16: np.ndarray) -> str:
     """faster-whisper on the 16 kHz samples, the kind's defaults (runs in a thread)."""
     from spear_rt_backends import whisper
 
-    model = whisper.load_model(whisper.settings_of(InstanceInfo(name="direct")))
-    segments, _ = model.transcribe(whisper.to_float16k(pcm16, 16000), language="en", beam_size=1)
+    settings = whisper.settings_of(InstanceInfo(name="direct"))
+    model = whisper.load_model(settings)
+    audio = whisper.to_float16k(pcm16, 16000)
+    segments, _ = model.transcribe(audio, language="en", beam_size=settings.beam_size)
     return " ".join(" ".join(s.text.split()) for s in segments)
 
 

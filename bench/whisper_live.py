@@ -28,7 +28,11 @@ from spear_rt.backend import InstanceInfo, TranscriptCompleted, TranscriptDelta
 from spear_rt.client.stream import transcribe
 from spear_rt.redecode import Redecoder
 from spear_rt_backends import whisper
-from spear_rt_backends.whisper_live import RATE_HZ, continue_window, redecode_config
+from spear_rt_backends.whisper_live import (
+    RATE_HZ,
+    continue_window,
+    redecode_config,
+)
 
 FRAME = RATE_HZ // 50
 PREFIX_PADDING_MS = 300  # server_vad default: audio_start_ms is onset minus this
@@ -87,13 +91,16 @@ async def live_session(port: int, pcm24k: np.ndarray) -> tuple[str, SessionLog]:
 def direct_live(pcm16k: np.ndarray, options: dict[str, Any]) -> str:
     """The Redecoder rule with the engine in-process, every requested decode run at once."""
     instance = InstanceInfo(name="direct", options=options)
-    model = whisper.load_model(whisper.settings_of(instance))
+    settings = whisper.settings_of(instance)
+    model = whisper.load_model(settings)
     machine = Redecoder(redecode_config(instance))
     texts: list[str] = []
 
     def drain() -> None:
         while (request := machine.next_request()) is not None:
-            text = continue_window(model, request.audio, request.prefix, request.context)
+            text = continue_window(
+                model, request.audio, request.prefix, request.context, settings.beam_size
+            )
             for event in machine.decoded(text):
                 if isinstance(event, TranscriptCompleted):
                     texts.append(event.transcript)

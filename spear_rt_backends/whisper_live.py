@@ -116,13 +116,15 @@ def _features(model: Any, audio: Pcm16, frames: int) -> np.ndarray:
     return np.ascontiguousarray(mel[None], dtype=np.float32)
 
 
-def _generate(model: Any, features: np.ndarray, prompt: list[int], max_new: int) -> Any:
+def _generate(
+    model: Any, features: np.ndarray, prompt: list[int], max_new: int, beam_size: int
+) -> Any:
     import ctranslate2
 
     return model.model.generate(
         ctranslate2.StorageView.from_array(features),
         [prompt],
-        beam_size=1,
+        beam_size=beam_size,
         max_length=min(MAX_TOKENS, len(prompt) + max_new),
         return_scores=True,
         return_no_speech_prob=True,
@@ -131,9 +133,9 @@ def _generate(model: Any, features: np.ndarray, prompt: list[int], max_new: int)
     )[0]
 
 
-def continue_window(model: Any, audio: Pcm16, prefix: str, context: str) -> str:
+def continue_window(model: Any, audio: Pcm16, prefix: str, context: str, beam_size: int = 1) -> str:
     """Whisper's continuation of `prefix` for `audio` (16 kHz int16), conditioned on `context`
-    (a worker thread; greedy, no timestamps, encoder input cut short, module docstring)."""
+    (a worker thread; no timestamps, encoder input cut short, module docstring)."""
     tokenizer = _vocabulary(model).tokenizer
     previous = tokenizer.encode(" " + context.strip()) if context.strip() else []
     prefix_ids = tokenizer.encode(" " + prefix.strip()) if prefix.strip() else []
@@ -144,7 +146,7 @@ def continue_window(model: Any, audio: Pcm16, prefix: str, context: str) -> str:
     needed = audio.size // HOP + PAD_FRAMES
     for frames in (max(MIN_FRAMES, needed), MAX_FRAMES):
         frames = min(MAX_FRAMES, frames + frames % 2)  # the encoder halves the frame count
-        result = _generate(model, _features(model, audio, frames), prompt, max_new)
+        result = _generate(model, _features(model, audio, frames), prompt, max_new, beam_size)
         ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
         if ids[: len(prefix_ids)] == prefix_ids:
             ids = ids[len(prefix_ids) :]
@@ -169,8 +171,10 @@ class WhisperTranscription:
         limiter: anyio.CapacityLimiter,
         config: RedecodeConfig,
         max_pending_ms: int = MAX_PENDING_MS,
+        beam_size: int = 1,
     ) -> None:
         self._load = model_source  # () -> model, run in a thread
+        self._beam = beam_size
         self._limiter = limiter
         self._machine = Redecoder(config)
         self._max_pending = RATE_HZ * max_pending_ms // 1000
@@ -227,7 +231,12 @@ class WhisperTranscription:
         try:
             async with self._limiter:
                 text = await anyio.to_thread.run_sync(
-                    continue_window, model, request.audio, request.prefix, request.context
+                    continue_window,
+                    model,
+                    request.audio,
+                    request.prefix,
+                    request.context,
+                    self._beam,
                 )
         except Exception as exc:
             log.warning("whisper: a live decode failed", exc_info=exc)
@@ -260,11 +269,11 @@ def redecode_config(instance: InstanceInfo) -> RedecodeConfig:
 
 @asynccontextmanager
 async def open_transcription(
-    instance: InstanceInfo, spec: TranscriptionSpec, load: Any, workers: int
+    instance: InstanceInfo, spec: TranscriptionSpec, load: Any, workers: int, beam_size: int
 ) -> AsyncIterator[WhisperTranscription]:
     """A live upstream for one session; `load()` returns the model (called in a thread)."""
     limiter = loop_limiter(f"whisper:{instance.name}", workers)
-    upstream = WhisperTranscription(load, limiter, redecode_config(instance))
+    upstream = WhisperTranscription(load, limiter, redecode_config(instance), beam_size=beam_size)
     async with anyio.create_task_group() as tg:
         tg.start_soon(upstream.decode_loop)
         try:

@@ -19,7 +19,7 @@ import pytest
 
 from spear_rt.audio import load_audio
 from spear_rt.backend import AudioInput, InstanceInfo, OneShotRequest
-from spear_rt.client.scoring import normalized_wer
+from spear_rt.client.scoring import normalized, normalized_wer
 from spear_rt.ir import Operation
 from spear_rt.registry import load_kind
 from spear_rt.server.app import Server
@@ -33,10 +33,10 @@ BOUND_S = 30
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 SPEECH = [m for m in MANIFEST if m["kind"] == "speech"]
 TWO = (FIXTURES / "speech_two_utterances.wav").read_bytes()
-# Measured mean normalized WER of tiny.en on the seven espeak-ng fixtures: 0.186 (it drops "set a
-# timer for", hears "two cups of" as "to cup some" in noise, "dog" as "nard"); the bound allows
-# nothing worse than that.
-FIXTURE_WER_BOUND = 0.20
+# Measured mean normalized WER of tiny.en on the seven espeak-ng fixtures, uploaded: 0.112 with
+# the kind's beam of 3 (0.186 greedy); it hears "two cups of" as "to cup some" in noise and
+# "dog" as "town". The bound allows one more slip, not greedy decoding's errors.
+FIXTURE_WER_BOUND = 0.14
 
 
 def backend(options: str = "workers = 1") -> str:
@@ -106,7 +106,7 @@ def test_every_response_format_is_well_formed() -> None:
         assert "x-spear-stub" not in answer.headers
     text = answers["json"].json()["text"]
     assert answers["json"].headers["content-type"].startswith("application/json")
-    assert normalized_wer("then call my sister", text.split(".")[-2])[0] == 0.0
+    assert normalized(text).endswith("then call my sister"), text
     assert answers["text"].headers["content-type"].startswith("text/plain")
     assert answers["text"].text == text + "\n"
 
