@@ -143,12 +143,18 @@ def test_a_turn_without_pauses_is_cut_at_max_window_so_no_decode_grows_past_it()
     assert heard == sorted(heard, key=lambda w: int(w[1:])) and len(heard) >= 55
 
 
-def test_one_decode_in_flight_and_closed_windows_go_first() -> None:
+def two_windows_unread(second_words: int) -> Redecoder:
+    """A machine fed a turn with a pause (one window cut, one open), no decode asked for yet."""
     machine = Redecoder(RedecodeConfig(rate_hz=RATE))
     machine.begin("a")
-    pcm = np.concatenate([speech(0, 3), silence(900), speech(3, 4)])
+    pcm = np.concatenate([speech(0, 3), silence(900), speech(3, second_words)])
     for start in range(0, pcm.size, FRAME):
         machine.append(pcm[start : start + FRAME])
+    return machine
+
+
+def test_one_decode_in_flight_and_closed_windows_go_first() -> None:
+    machine = two_windows_unread(second_words=4)
     request = machine.next_request()
     assert request is not None and request.final  # the cut window, not a partial of the open one
     assert machine.busy and machine.next_request() is None
@@ -218,11 +224,7 @@ def test_a_silent_turn_completes_at_once_and_silence_is_not_kept() -> None:
 
 
 def test_pending_samples_count_undecoded_audio() -> None:
-    machine = Redecoder(RedecodeConfig(rate_hz=RATE))
-    machine.begin("a")
-    pcm = np.concatenate([speech(0, 3), silence(900), speech(3, 3)])
-    for start in range(0, pcm.size, FRAME):
-        machine.append(pcm[start : start + FRAME])
+    machine = two_windows_unread(second_words=3)
     before = machine.pending_samples
     assert before >= speech(0, 3).size
     request = machine.next_request()
