@@ -68,7 +68,6 @@ async def test_one_shot_resampling_runs_in_a_worker_thread(
     assert threads and threading.get_ident() not in threads
 
 
-
 def test_the_kind_serves_one_event_loop_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its worker limiter belongs to the loop that made it. It was keyed by id() of the loop's
     token, which a later loop can reuse (a 500, "must be called from async context", in CI):
