@@ -25,8 +25,10 @@ from typing import Any
 import msgspec
 
 from spear_rt.audio import AudioFormat, AudioFormatError, InputFormat, input_format_to_wire
+from spear_rt.errors import ConfigError
 from spear_rt.hostcalls.abi import EACCES, EINVAL, EPERM
 from spear_rt.protocol.client_events import TurnDetectionWire
+from spear_rt.protocol.settings import SettingsError, turn_detection_config
 
 DEFAULT_QUEUE_BYTES = 1 << 20
 MIN_QUEUE_BYTES = 4096
@@ -187,9 +189,8 @@ def _set_turn(params: FdParams, value: Any) -> int:
         return 0
     try:
         wire = msgspec.convert(value, TurnDetectionWire)
-    except msgspec.ValidationError:
-        return -EINVAL
-    if wire.type != "server_vad":
+        turn_detection_config(wire)  # what a session.update would refuse is refused here
+    except (msgspec.ValidationError, SettingsError, ConfigError):
         return -EINVAL
     params.turn_detection = {k: v for k, v in msgspec.structs.asdict(wire).items() if v is not None}
     params.turn_set = True

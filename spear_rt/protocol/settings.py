@@ -78,6 +78,12 @@ SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 500, "high": 250, "auto": 500}
 _SERVER_VAD_ONLY = ("threshold", "prefix_padding_ms", "silence_duration_ms")
 
 
+def turn_detection_config(wire: TurnDetectionWire, param: str = "turn_detection") -> VadConfig:
+    """The detector settings a fresh session would take from `wire` (SettingsError or
+    ConfigError naming the bad field)."""
+    return _vad(wire, None, param)
+
+
 def _vad(wire: TurnDetectionWire, current: VadConfig | None, param: str) -> VadConfig:
     """The detector settings `wire` asks for; fields it leaves out keep `current`'s value when
     the type stays the same (a change of type starts from that type's defaults)."""

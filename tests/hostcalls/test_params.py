@@ -70,7 +70,11 @@ def test_values_carrying_a_url_or_a_key_are_eacces(key: str, value: Any) -> None
         ("input_sample_rate_hz", "16000"),
         ("input_sample_rate_hz", True),
         ("input_sample_rate_hz", 1),
-        ("turn_detection", {"type": "semantic_vad"}),
+        ("turn_detection", {"type": "semantic_vad", "threshold": 0.5}),  # follows eagerness
+        ("turn_detection", {"type": "semantic_vad", "eagerness": "eager"}),
+        ("turn_detection", {"type": "server_vad", "threshold": 2.0}),
+        ("turn_detection", {"type": "server_vad", "spear": {"detector": "psychic"}}),
+        ("turn_detection", {"type": "push_to_talk"}),
         ("turn_detection", "server_vad"),
         ("max_recv_queue_bytes", 100),
         ("max_send_queue_bytes", True),
@@ -122,6 +126,20 @@ def test_format_and_rate_must_agree() -> None:
     assert apply("input_audio_format", "pcm16", params=params) == 0
     assert apply("input_sample_rate_hz", 16000, params=params) == 0
     assert params.input_format.rate_hz == 16000
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"type": "semantic_vad", "eagerness": "low"},
+        {"type": "server_vad", "spear": {"detector": "silero"}},
+    ],
+)
+def test_turn_detection_takes_what_a_session_update_takes(value: dict[str, Any]) -> None:
+    params = FdParams(DEFAULT_POLICY)
+    assert apply("turn_detection", value, params=params) == 0
+    update = json.loads(session_update(params) or b"")
+    assert update["session"]["turn_detection"] == value
 
 
 def test_session_update_carries_only_what_was_set() -> None:
