@@ -11,6 +11,8 @@ realtime pace with `server_vad` and takes each item's `completed` transcript.
 * **commit to completed**: from the item's `input_audio_buffer.committed` to its `completed`;
 * **RTF**: the server process's CPU seconds during the run over the seconds of audio (the
   client is in the same process; it costs ~1 % of that);
+* **loop lag** (capacity runs): the worst lateness of a 10 ms timer on the event loop the
+  server and its clients share, while decodes run in worker threads;
 * **direct live**: the same `Redecoder` rule driven in-process with the engine, every decode
   it asks for run at once (a recognizer that always keeps up): what the gateway's live words
   would be with no network and no waiting for a worker.
@@ -126,13 +128,24 @@ async def capacity(port: int, pcm24k: np.ndarray, sessions: int) -> dict[str, An
     logs: list[SessionLog] = []
     cpu, wall = time.process_time(), time.perf_counter()
 
+    lag = [0.0]  # the event loop's worst lateness for a 10 ms timer (server and clients share it)
+
     async def one(delay: float) -> None:
         await anyio.sleep(delay)
         logs.append((await live_session(port, pcm24k))[1])
 
+    async def ticker() -> None:
+        while True:
+            due = anyio.current_time() + 0.01
+            await anyio.sleep(0.01)
+            lag[0] = max(lag[0], anyio.current_time() - due)
+
     async with anyio.create_task_group() as tg:
-        for n in range(sessions):
-            tg.start_soon(one, n * 0.1)
+        tg.start_soon(ticker)
+        async with anyio.create_task_group() as runs:
+            for n in range(sessions):
+                runs.start_soon(one, n * 0.1)
+        tg.cancel_scope.cancel()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     first = [s for log in logs for s in log.first_delta_s()]
     done = [s for log in logs for s in log.completed_after_commit_s()]
@@ -145,4 +158,5 @@ async def capacity(port: int, pcm24k: np.ndarray, sessions: int) -> dict[str, An
         "completed_p99_ms": round(percentile(done, 99)),
         "cpu_per_audio_s": round(cpu / (sessions * pcm24k.size / 24000), 3),
         "wall_s": round(wall, 1),
+        "max_loop_lag_ms": round(lag[0] * 1000, 1),
     }
