@@ -100,9 +100,8 @@ def direct_live(pcm16k: np.ndarray, options: dict[str, Any]) -> str:
 
     def drain() -> None:
         while (request := machine.next_request()) is not None:
-            text = continue_window(
-                model, request.audio, request.prefix, request.context, settings.beam_size
-            )
+            beam = settings.beam_size if request.final else 1  # as the gateway decodes
+            text = continue_window(model, request.audio, request.prefix, request.context, beam)
             for event in machine.decoded(text):
                 if isinstance(event, TranscriptCompleted):
                     texts.append(event.transcript)

@@ -29,6 +29,7 @@ Per session::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import zlib
 from collections.abc import AsyncIterator
@@ -106,6 +107,13 @@ def repetitive(text: str) -> bool:
     return len(data) > 24 and len(data) / len(zlib.compress(data)) > COMPRESSION_RATIO
 
 
+def repeats_tail(text: str) -> bool:
+    """A short loop the ratio misses: the last 2+ words repeat the ones just before them
+    ("10 of close 10 of close"). People say that too, so it earns a retry, not a drop."""
+    said = [re.sub(r"[^\w']", "", w.lower()) for w in text.split()]
+    return any(said[-2 * n : -n] == said[-n:] for n in range(2, len(said) // 2 + 1))
+
+
 def _features(model: Any, audio: Pcm16, frames: int) -> np.ndarray:
     """Log-mel of `audio` followed by silence, `frames` frames (the encoder's input)."""
     samples = int16_to_float32(audio)
@@ -151,7 +159,7 @@ def continue_window(model: Any, audio: Pcm16, prefix: str, context: str, beam_si
         if ids[: len(prefix_ids)] == prefix_ids:
             ids = ids[len(prefix_ids) :]
         text = " ".join(str(tokenizer.decode(ids)).split())
-        if not repetitive(text):
+        if not repetitive(text) and (frames == MAX_FRAMES or not repeats_tail(text)):
             break
     else:
         return ""  # looping even on a full 30 s input: no hypothesis is better than that
@@ -236,7 +244,7 @@ class WhisperTranscription:
                     request.audio,
                     request.prefix,
                     request.context,
-                    self._beam,
+                    self._beam if request.final else 1,  # partials greedy (see BEAM_SIZE)
                 )
         except Exception as exc:
             log.warning("whisper: a live decode failed", exc_info=exc)

@@ -20,7 +20,7 @@ from spear_rt.client.stream import transcribe
 from spear_rt.errors import BackendFailure
 from spear_rt.redecode import RedecodeConfig
 from spear_rt_backends import whisper as whisper_kind
-from spear_rt_backends.whisper_live import redecode_config
+from spear_rt_backends.whisper_live import redecode_config, repeats_tail
 from tests.conftest import (
     ServerFactory,
     WsClient,
@@ -116,3 +116,18 @@ def test_bad_live_options_are_one_line_errors_naming_the_option(
     with pytest.raises(BackendFailure) as caught:
         redecode_config(InstanceInfo(name="w", options=options))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "loops"),
+    [
+        ("10 of close 10 of close", True),
+        ("ten of clubs, ten of clubs.", True),
+        ("and so my fellow americans", False),
+        ("very very good", False),  # one word twice is speech, not a loop
+        ("go go", False),
+        ("", False),
+    ],
+)
+def test_a_repeated_tail_of_two_or_more_words_is_a_loop(text: str, loops: bool) -> None:
+    assert repeats_tail(text) is loops
