@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import msgspec
 import numpy as np
@@ -198,6 +199,51 @@ class EventQueue:
         self._closed = True
         self._ready.set()
         self._space.set()
+
+
+class QueuedUpstream:
+    """`send` and `receive` of an in-process upstream whose `send_nowait` applies a command at
+    once (or returns False, having done nothing) and whose events wait in `_events`."""
+
+    _events: EventQueue
+
+    def send_nowait(self, command: UpstreamCommand) -> bool:
+        """Apply `command` now; False while the upstream is behind (a subclass decides)."""
+        raise NotImplementedError
+
+    async def send(self, command: UpstreamCommand) -> None:
+        """Like `send_nowait`, waiting while the upstream is behind: nothing is dropped."""
+        while not self.send_nowait(command):
+            await self._events.wait_space()
+
+    async def receive(self) -> UpstreamEvent:
+        """Next transcript event; EndOfStream once closed."""
+        return await self._events.get()
+
+
+class Decoder(Protocol):
+    """An upstream whose decodes run in its own `decode_loop` task until it is closed."""
+
+    async def decode_loop(self) -> None:
+        """Run decodes as work arrives, forever."""
+        ...
+
+    def close(self) -> None:
+        """End the event stream."""
+        ...
+
+
+@asynccontextmanager
+async def decoding(upstream: Decoder) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """Run `upstream.decode_loop` while the block runs (its task group is yielded, for other
+    per-session tasks); then close the upstream's events and stop the loop."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(upstream.decode_loop)
+        try:
+            yield tg
+        finally:
+            upstream.close()
+            tg.cancel_scope.cancel()
 
 
 class TranscriptionUpstream(Protocol):

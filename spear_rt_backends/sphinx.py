@@ -52,12 +52,13 @@ from spear_rt.backend import (
     OneShotRequest,
     OneShotResponse,
     Pcm16,
+    QueuedUpstream,
     TranscriptCompleted,
     TranscriptDelta,
     TranscriptFailed,
     TranscriptionSpec,
     UpstreamCommand,
-    UpstreamEvent,
+    decoding,
     loop_limiter,
 )
 from spear_rt.errors import CanonicalFailure, echo
@@ -116,7 +117,7 @@ def quietest_cut(audio: Pcm16, window: int) -> int:
     return redecode.quietest_cut(audio, window, _FRAME)
 
 
-class SphinxTranscription:
+class SphinxTranscription(QueuedUpstream):
     """One session's pocketsphinx upstream: buffers the turn, decodes segments in order."""
 
     input_rate_hz = RATE_HZ
@@ -177,11 +178,6 @@ class SphinxTranscription:
                 self._reset("")
         return True
 
-    async def send(self, command: UpstreamCommand) -> None:
-        """Like `send_nowait`, waiting while the decoder is behind."""
-        while not self.send_nowait(command):
-            await self._events.wait_space()
-
     def _cut(self, *, ends_turn: bool) -> None:
         audio = np.concatenate(self._chunks) if self._chunks else None
         self._chunks = []
@@ -198,10 +194,6 @@ class SphinxTranscription:
         self._open_samples = int(rest.size)  # the cut part stays pending, as a segment
         self._segments.append((self._item_id, audio[:cut], False))
         self._work.set()
-
-    async def receive(self) -> UpstreamEvent:
-        """Next transcript event; EndOfStream once closed."""
-        return await self._events.get()
 
     def _segment_done(self, audio: Pcm16 | None) -> None:
         self._segments.popleft()
@@ -313,7 +305,7 @@ class SphinxKind:
             max_segment_ms=int(options.get("max_segment_ms", MAX_SEGMENT_MS)),
             max_pending_ms=int(options.get("max_pending_ms", MAX_PENDING_MS)),
         )
-        async with anyio.create_task_group() as tg:
+        async with decoding(upstream) as tg:
             try:
                 warmed = _warmed.get()
             except LookupError:
@@ -322,12 +314,7 @@ class SphinxKind:
             if instance.name not in warmed:  # workers are per event loop
                 warmed.add(instance.name)
                 tg.start_soon(_warm, instance, limiter)
-            tg.start_soon(upstream.decode_loop)
-            try:
-                yield upstream
-            finally:
-                upstream.close()
-                tg.cancel_scope.cancel()
+            yield upstream
 
     async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
         """One-shot transcription of an uploaded file, every `response_format` with timings."""

@@ -25,12 +25,12 @@ from spear_rt.backend import (
     InstanceInfo,
     OneShotRequest,
     OneShotResponse,
+    QueuedUpstream,
     TranscriptCompleted,
     TranscriptDelta,
     TranscriptionSpec,
     TranscriptionUpstream,
     UpstreamCommand,
-    UpstreamEvent,
 )
 from spear_rt.ir import Feature, Hosting, Operation, Transport
 
@@ -45,7 +45,7 @@ STUB_RATE_HZ = 24000
 EVENT_BUFFER = 256  # events; the session reads them as fast as they come
 
 
-class StubTranscription:
+class StubTranscription(QueuedUpstream):
     """One session's stub transcription upstream (in-loop, deterministic)."""
 
     input_rate_hz = STUB_RATE_HZ
@@ -73,15 +73,6 @@ class StubTranscription:
             case Clear():
                 self._reset("")
         return True
-
-    async def send(self, command: UpstreamCommand) -> None:
-        """Apply one command; waits only while EVENT_BUFFER events are unread."""
-        while not self.send_nowait(command):
-            await self._events.wait_space()
-
-    async def receive(self) -> UpstreamEvent:
-        """Next transcript event; EndOfStream once closed."""
-        return await self._events.get()
 
     def _reset(self, item_id: str) -> None:
         self._item_id = item_id

@@ -49,9 +49,11 @@ from spear_rt.backend import (
     EventQueue,
     InstanceInfo,
     Pcm16,
+    QueuedUpstream,
     TranscriptionSpec,
     UpstreamCommand,
     UpstreamEvent,
+    decoding,
     loop_limiter,
 )
 from spear_rt.errors import BackendFailure
@@ -168,7 +170,7 @@ def continue_window(model: Any, audio: Pcm16, prefix: str, context: str, beam_si
     return text
 
 
-class WhisperTranscription:
+class WhisperTranscription(QueuedUpstream):
     """One session's live Whisper upstream (module docstring)."""
 
     input_rate_hz = RATE_HZ
@@ -209,15 +211,6 @@ class WhisperTranscription:
                 self._machine.clear()
         self._work.set()
         return True
-
-    async def send(self, command: UpstreamCommand) -> None:
-        """Like `send_nowait`, waiting while the decoder is behind."""
-        while not self.send_nowait(command):
-            await self._events.wait_space()
-
-    async def receive(self) -> UpstreamEvent:
-        """Next transcript event; EndOfStream once closed."""
-        return await self._events.get()
 
     def _put(self, events: list[UpstreamEvent]) -> None:
         for event in events:
@@ -282,10 +275,5 @@ async def open_transcription(
     """A live upstream for one session; `load()` returns the model (called in a thread)."""
     limiter = loop_limiter(f"whisper:{instance.name}", workers)
     upstream = WhisperTranscription(load, limiter, redecode_config(instance), beam_size=beam_size)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(upstream.decode_loop)
-        try:
-            yield upstream
-        finally:
-            upstream.close()
-            tg.cancel_scope.cancel()
+    async with decoding(upstream):
+        yield upstream
