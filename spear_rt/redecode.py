@@ -174,8 +174,7 @@ class Redecoder:
         self._pause = VadConfig(
             threshold=_PAUSE_THRESHOLD, prefix_padding_ms=0, silence_duration_ms=config.pause_ms
         )
-        self._closed: deque[_Window] = deque()
-        self._closed_samples = 0
+        self._closed: deque[_Window] = deque()  # awaiting their final decode, in order
         self._context = ""
         self._in_flight: _Window | None = None
         self._in_flight_final = False
@@ -187,7 +186,7 @@ class Redecoder:
     @property
     def pending_samples(self) -> int:
         """Audio not yet covered by a final decode."""
-        return self._closed_samples + self._open.samples
+        return sum(w.samples for w in self._closed) + self._open.samples
 
     @property
     def busy(self) -> bool:
@@ -225,16 +224,14 @@ class Redecoder:
         """End the turn as `item_id`: its last window is queued for the final decode."""
         self._turn.item_id = item_id
         self._open.ends_turn = True
-        events = self._close_open(self._open.samples)
+        events = self._close_open()
         self._new_turn("")
         return events
 
     def clear(self) -> None:
         """Drop the open turn (rule 6)."""
         self._turn.dropped = True
-        for window in [w for w in self._closed if w.turn is self._turn]:
-            self._closed.remove(window)
-            self._closed_samples -= window.samples
+        self._drop_queued(self._turn)
         self._new_turn("")
 
     # --- decodes -----------------------------------------------------------------------------
@@ -282,9 +279,7 @@ class Redecoder:
         if turn.dropped or turn.failed:
             return []
         turn.failed = True
-        for queued in [w for w in self._closed if w.turn is turn]:
-            self._closed.remove(queued)
-            self._closed_samples -= queued.samples
+        self._drop_queued(turn)
         return [TranscriptFailed(turn.item_id, reason)]
 
     # --- internals ---------------------------------------------------------------------------
@@ -296,8 +291,11 @@ class Redecoder:
         self._in_flight = None
         if self._in_flight_final and self._closed and self._closed[0] is window:
             self._closed.popleft()
-            self._closed_samples -= window.samples
         return window
+
+    def _drop_queued(self, turn: _Turn) -> None:
+        """Forget `turn`'s windows that await their final decode."""
+        self._closed = deque(w for w in self._closed if w.turn is not turn)
 
     def _emit(self, turn: _Turn, delta: str) -> list[UpstreamEvent]:
         text = joined(list(words(delta)), after_text=bool(turn.text))
@@ -318,20 +316,19 @@ class Redecoder:
         rest = audio[at:]
         window.chunks = [audio[:at]]
         window.samples = at
-        self._close_open(at)
+        self._close_open()
         self._open = _Window(self._turn, self.config)
         self._open.speech = self._vad.in_speech
         if rest.size:
             self._open.append(rest)
 
-    def _close_open(self, samples: int) -> list[UpstreamEvent]:
+    def _close_open(self) -> list[UpstreamEvent]:
         window = self._open
         turn = window.turn
         if turn.failed or turn.dropped:
             return []
         if window.loud or window.prefix.committed:
             self._closed.append(window)
-            self._closed_samples += samples
             return []
         if not window.ends_turn:
             return []  # digital silence: nothing to decode
