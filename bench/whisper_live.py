@@ -32,7 +32,7 @@ from spear_rt.redecode import Redecoder
 from spear_rt_backends import whisper
 from spear_rt_backends.whisper_live import (
     RATE_HZ,
-    continue_window,
+    decode,
     redecode_config,
 )
 
@@ -100,8 +100,7 @@ def direct_live(pcm16k: np.ndarray, options: dict[str, Any]) -> str:
 
     def drain() -> None:
         while (request := machine.next_request()) is not None:
-            beam = settings.beam_size if request.final else 1  # as the gateway decodes
-            text = continue_window(model, request.audio, request.prefix, request.context, beam)
+            text = decode(model, request, settings.beam_size)  # as the gateway decodes
             for event in machine.decoded(text):
                 if isinstance(event, TranscriptCompleted):
                     texts.append(event.transcript)

@@ -174,7 +174,9 @@ class Redecoder:
         self._pause = VadConfig(
             threshold=_PAUSE_THRESHOLD, prefix_padding_ms=0, silence_duration_ms=config.pause_ms
         )
-        self._closed: deque[_Window] = deque()  # awaiting their final decode, in order
+        # Awaiting their final decode, in order; bounded by the caller through pending_samples
+        # (rule 8: it stops taking audio past its bound), so never more than that audio.
+        self._closed: deque[_Window] = deque()
         self._context = ""
         self._in_flight: _Window | None = None
         self._in_flight_final = False

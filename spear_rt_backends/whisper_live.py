@@ -170,6 +170,13 @@ def continue_window(model: Any, audio: Pcm16, prefix: str, context: str, beam_si
     return text
 
 
+def decode(model: Any, request: DecodeRequest, beam_size: int) -> str:
+    """Run one of the Redecoder's requests: a final decode with `beam_size`, a partial greedy
+    (beam-3 partials made live WER worse through the gateway: see `whisper.BEAM_SIZE`)."""
+    beam = beam_size if request.final else 1
+    return continue_window(model, request.audio, request.prefix, request.context, beam)
+
+
 class WhisperTranscription(QueuedUpstream):
     """One session's live Whisper upstream (module docstring)."""
 
@@ -231,14 +238,7 @@ class WhisperTranscription(QueuedUpstream):
     async def _decode(self, model: Any, request: DecodeRequest) -> list[UpstreamEvent]:
         try:
             async with self._limiter:
-                text = await anyio.to_thread.run_sync(
-                    continue_window,
-                    model,
-                    request.audio,
-                    request.prefix,
-                    request.context,
-                    self._beam if request.final else 1,  # partials greedy (see BEAM_SIZE)
-                )
+                text = await anyio.to_thread.run_sync(decode, model, request, self._beam)
         except Exception as exc:
             log.warning("whisper: a live decode failed", exc_info=exc)
             return self._machine.failed(f"whisper failed ({type(exc).__name__})")
