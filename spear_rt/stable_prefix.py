@@ -79,7 +79,7 @@ class StablePrefix:
         self.min_stable_ms = min_stable_ms
         self.agreement = agreement
         self.hold_back = hold_back
-        self._key = key
+        self._key = key or _as_given
         self._committed: list[str] = []  # as emitted
         self._committed_keys: list[str] = []  # as compared
         self._recent: deque[list[str]] = deque(maxlen=agreement)  # distinct hypotheses' keys
@@ -110,7 +110,7 @@ class StablePrefix:
         now = audio_ms if audio_ms is not None else 0.0
         if hypothesis is not None:
             given = list(words(hypothesis))
-            current = [self._key(w) for w in given] if self._key else given
+            current = list(map(self._key, given))
             self._latest = given
             previous = self._recent[-1] if self._recent else []
             if current != previous or not self._recent:
@@ -132,7 +132,7 @@ class StablePrefix:
     def finish(self, final: str) -> tuple[str, str]:
         """Take the final hypothesis; return (last delta, full transcript) and reset."""
         final_words = list(words(final))
-        keys = [self._key(w) for w in final_words] if self._key else final_words
+        keys = list(map(self._key, final_words))
         self._diverged = keys[: len(self._committed)] != self._committed_keys
         delta = self._commit(final_words[len(self._committed) :])
         transcript = self.committed
@@ -145,9 +145,12 @@ class StablePrefix:
         text = " ".join(new_words)
         delta = " " + text if self._committed else text
         self._committed.extend(new_words)
-        key = self._key
-        self._committed_keys.extend(map(key, new_words) if key else new_words)
+        self._committed_keys.extend(map(self._key, new_words))
         return delta
+
+
+def _as_given(word: str) -> str:
+    return word
 
 
 def _common_prefix_len(hypotheses: Iterable[list[str]]) -> int:
