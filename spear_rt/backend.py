@@ -106,7 +106,55 @@ class Clear(msgspec.Struct, frozen=True):
     """Drop the current turn's audio."""
 
 
-UpstreamCommand = BeginTurn | AppendAudio | Commit | Clear
+# Conversation commands, for a speech-to-speech upstream (`ConversationUpstream`). Items and
+# session fields are GA-shaped wire dicts (ids are the session's); the upstream renders them
+# in its own dialect.
+
+
+class UpdateConversation(msgspec.Struct, frozen=True):
+    """The conversation's settings now (instructions, voice, tools, output format...)."""
+
+    session: dict[str, Any]
+
+
+class CreateItem(msgspec.Struct, frozen=True):
+    """Add `item` (its `id` is ours) after `previous_item_id` (None: last)."""
+
+    item: dict[str, Any]
+    previous_item_id: str | None = None
+
+
+class DeleteItem(msgspec.Struct, frozen=True):
+    """Remove item `item_id` from the upstream's conversation."""
+
+    item_id: str
+
+
+class TruncateItem(msgspec.Struct, frozen=True):
+    """Cut assistant item `item_id`'s audio at `audio_end_ms` (what the user heard)."""
+
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+class CreateResponse(msgspec.Struct, frozen=True):
+    """Generate response `response_id` (ours) with `response` overrides (GA-shaped)."""
+
+    response_id: str
+    response: dict[str, Any]
+
+
+class StopResponse(msgspec.Struct, frozen=True):
+    """Stop generating `response_id` (ours); nothing more of it is wanted."""
+
+    response_id: str
+
+
+ConversationCommand = (
+    UpdateConversation | CreateItem | DeleteItem | TruncateItem | CreateResponse | StopResponse
+)
+UpstreamCommand = BeginTurn | AppendAudio | Commit | Clear | ConversationCommand
 
 
 # --- events: upstream -> session --------------------------------------------------------------
@@ -143,7 +191,55 @@ class UpstreamReconnected(msgspec.Struct, frozen=True):
     replayed_items: tuple[str, ...] = ()  # turns whose audio was sent again
 
 
-UpstreamEvent = TranscriptDelta | TranscriptCompleted | TranscriptFailed | UpstreamReconnected
+# The output of a response, from a responder (cascade) or a speech-to-speech upstream.
+
+
+class TextOut(msgspec.Struct, frozen=True):
+    """Text (or the transcript of audio to come) of the current response."""
+
+    response_id: str
+    delta: str
+    item_id: str | None = None  # the output item it belongs to (None: the writer names it)
+
+
+class AudioOut(msgspec.Struct, frozen=True):
+    """A chunk of output audio, base64 in the output format; it covers the transcript's
+    first `upto_chars` characters once played."""
+
+    response_id: str
+    audio: str
+    ms: float
+    upto_chars: int
+    item_id: str | None = None
+
+
+class ToolCallOut(msgspec.Struct, frozen=True):
+    """A tool call of the current response (arguments arrive in pieces)."""
+
+    response_id: str
+    call_id: str
+    name: str
+    arguments_delta: str = ""
+    item_id: str | None = None
+
+
+class ResponseEnded(msgspec.Struct, frozen=True):
+    """The responder finished `response_id` (error: it failed)."""
+
+    response_id: str
+    usage: dict[str, int] | None = None
+    error: str | None = None
+    code: str = "response_failed"
+    incomplete_reason: str | None = None
+    # a stage failed after the answer had begun: ends incomplete and is created again, once
+    interrupted: str | None = None
+    spear: dict[str, Any] | None = None
+
+
+ResponseOutput = TextOut | AudioOut | ToolCallOut | ResponseEnded
+UpstreamEvent = (
+    TranscriptDelta | TranscriptCompleted | TranscriptFailed | UpstreamReconnected | ResponseOutput
+)
 
 
 class EventQueue:
@@ -335,6 +431,21 @@ class BackendKind(Protocol):
 
     async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
         """Serve one one-shot request; raise `BackendFailure` (retryable, status) on failure."""
+        ...
+
+
+class ConversationKind(Protocol):
+    """A kind whose instances hold whole conversations (speech-to-speech, `open_conversation`).
+
+    The upstream takes the transcription commands for the user's audio (the user's turns
+    become items of its conversation) and `ConversationCommand`s; it emits transcript events
+    for the user's turns and `ResponseOutput` under the session's response and item ids.
+    """
+
+    def open_conversation(
+        self, instance: InstanceInfo, spec: TranscriptionSpec
+    ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
+        """Open a speech-to-speech upstream for one conversation session."""
         ...
 
 

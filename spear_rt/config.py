@@ -111,6 +111,9 @@ class ConversationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # output events awaiting the client before the responder stops pulling chat/speech
     # (bounded in bytes: realtime.max_outbound_bytes); sentences synthesized ahead of playback:
     sentences_ahead: int = 2
+    # answer audio a resuming client can get back (the replay buffer of a conversation
+    # session holds at least this many seconds of 24 kHz output, bounded in bytes)
+    replay_audio_seconds: float = 30.0
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

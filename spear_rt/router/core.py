@@ -203,6 +203,12 @@ class Router:
                 policy.observe(instance.name, end - start, end)
         return result
 
+    def connection_failed(self, name: str, operation: Operation, exc: BaseException) -> None:
+        """A long-lived connection to instance `name` failed (breaker and metrics feedback)."""
+        instance = self.registry.instances.get(name)
+        if instance is not None:
+            self._record_failure(instance, str(operation), exc)
+
     def _record_failure(self, instance: RegisteredInstance, op: str, exc: BaseException) -> None:
         now = self._clock()
         runtime = instance.runtime

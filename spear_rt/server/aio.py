@@ -525,10 +525,15 @@ class CallbackRunner:
             self._update_reading()
 
     async def _upstream_reader(self) -> None:
+        machine = self.machine
+        relayed = machine.conversation is not None and machine.conversation.relay is not None
         try:
             while True:
+                if relayed:  # answer audio is never dropped: a slow client slows the upstream
+                    await self.wait_room()
                 event = await self.upstream.receive()
-                self.machine.upstream_event(event)
+                machine.upstream_event(event)
+                self._push_upstream()  # a relayed conversation answers the upstream
                 self.flush()
         except anyio.EndOfStream:
             message = "the upstream closed the session"

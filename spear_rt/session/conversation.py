@@ -33,6 +33,10 @@ Rules:
    in the conversation and the response is created again, once, with the same settings and
    input (unless a user turn already waits to be answered). A failure before any output is
    the router's to retry on another instance; if none can, the response ends ``failed``.
+9. Relayed to a speech-to-speech upstream (`relay` set, `session/relay.py`), the same rules
+   hold and the upstream mirrors the conversation: settings, created/deleted/truncated items,
+   started and stopped responses go to it as commands instead of responder actions. Its
+   reconnect cuts the response in progress (rule 8, up to `max_recreations` times).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from spear_rt.protocol.conversation_settings import (
 )
 from spear_rt.protocol.settings import SessionSettings
 from spear_rt.session.conversation_items import Item, chat_messages, item_from_wire, render_item
+from spear_rt.session.relay import RelayLink
 from spear_rt.session.response_writer import (
     AudioOut,
     OpenResponse,
@@ -133,6 +138,8 @@ class Conversation:
         # Actions for the responder, which sets `wake` to hear of them.
         self.actions: list[ResponseAction] = []
         self.wake: Callable[[], None] = lambda: None
+        self.relay: RelayLink | None = None  # rule 9
+        self.max_recreations = 1  # rule 8: times a cut response is created again
 
     def configure(self, session: SessionSettings, ga: bool) -> None:
         """Take the session's (updated) settings and dialect."""
@@ -142,6 +149,8 @@ class Conversation:
         self.auto_respond = (
             session.turn_detection is not None and session.conversation.create_response
         )
+        if self.relay is not None:
+            self.relay.settings(self.settings)
 
     def _act(self, action: ResponseAction) -> None:
         self.actions.append(action)
@@ -234,6 +243,8 @@ class Conversation:
         self._emit(self.names.item_added(item=rendered, previous_item_id=previous))
         if self.ga:
             self._emit(se.ItemDone(item=rendered, previous_item_id=previous))
+        if self.relay is not None:
+            self.relay.item_created(item, previous)
 
     def _insert_at(self, previous_item_id: str | None) -> int:
         if previous_item_id is None:
@@ -261,6 +272,8 @@ class Conversation:
         self._untranscribed.discard(item.id)
         self._answer.discard(item.id)
         self._emit(re.ItemDeleted(item_id=item.id))
+        if self.relay is not None:
+            self.relay.item_deleted(item.id)
         self._maybe_start()
 
     def _truncate(self, event: ce.ConversationItemTruncate) -> None:
@@ -310,6 +323,8 @@ class Conversation:
                 audio_end_ms=event.audio_end_ms,
             )
         )
+        if self.relay is not None:
+            self.relay.item_truncated(item.id, event.content_index, event.audio_end_ms)
 
     def _response_create(self, event: ce.ResponseCreate, now: float) -> None:
         if self.busy:
@@ -382,9 +397,14 @@ class Conversation:
         )  # fmt: skip
         self.response = response
         self.responses += 1
+        self._emit(re.ResponseCreated(response=self._writer.render(response, "in_progress")))
+        if self.relay is not None:
+            self.relay.response_started(
+                response.id, queued.settings, queued.out_of_band, queued.input, queued.metadata
+            )
+            return
         history = queued.input if queued.input is not None else self.items
         messages = chat_messages(history, queued.settings.instructions)
-        self._emit(re.ResponseCreated(response=self._writer.render(response, "in_progress")))
         self._act(
             StartResponse(response.id, messages, queued.settings, self.model, queued.turn_ended_at)
         )
@@ -395,8 +415,8 @@ class Conversation:
         if response is None or response.id != out.response_id:
             return  # rule 4: its response.done is out already
         match out:
-            case TextOut(delta=delta):
-                self._writer.text(response, delta)
+            case TextOut(delta=delta, item_id=item_id):
+                self._writer.text(response, delta, item_id)
             case AudioOut():
                 self._writer.audio(response, out)
             case ToolCallOut():
@@ -426,17 +446,20 @@ class Conversation:
         """Rule 8: incomplete, saying why, and created again (once) unless a turn waits."""
         code, message = "upstream_disconnected", out.interrupted
         error = {"type": "server_error", "code": code, "message": message}
-        if response.retries == 0 and self._queued is None:
+        if response.retries < self.max_recreations and self._queued is None:
             self._queued = _Queued(
                 response.settings, response.out_of_band, response.input, response.metadata,
-                retries=1,
+                retries=response.retries + 1,
             )  # fmt: skip
         details = {"type": "incomplete", "error": error}
         self._finish(response, "incomplete", details, out.usage, out.spear)
 
     def _cancel(self, response: OpenResponse, reason: str) -> None:
+        if self.relay is not None:  # before a queued response is created upstream
+            self.relay.response_stopped(response.id)
         self._finish(response, "cancelled", {"type": "cancelled", "reason": reason}, None, None)
-        self._act(CancelResponse(response.id))
+        if self.relay is None:
+            self._act(CancelResponse(response.id))
 
     def _finish(
         self,

@@ -61,7 +61,11 @@ import numpy as np
 
 from spear_rt.audio import AudioFormatError, decode_audio
 from spear_rt.backend import (
+    AudioOut,
     Pcm16,
+    ResponseEnded,
+    TextOut,
+    ToolCallOut,
     TranscriptCompleted,
     TranscriptDelta,
     TranscriptFailed,
@@ -82,8 +86,12 @@ from spear_rt.protocol.settings import (
 from spear_rt.session.conversation import Conversation, ResponseOutput
 from spear_rt.session.items import Items
 from spear_rt.session.outbound import OutboundQueue
+from spear_rt.session.relay import RelayLink, restore_commands
 from spear_rt.session.replay import ReplayBuffer
 from spear_rt.session.turns import SpeechBegan, SpeechEnded, TurnCommitted, Turns
+
+RELAY_RECREATIONS = 3  # times a relayed response cut by upstream reconnects is created again
+RECONNECTED = "the upstream connection dropped mid-answer and was reopened"
 
 
 class State(enum.StrEnum):
@@ -141,6 +149,7 @@ class SessionMachine:
         ids: Callable[[str], str] = new_id,
         spear_info: dict[str, object] | None = None,
         replay: ReplayBuffer | None = None,
+        relay: bool = False,
     ) -> None:
         self.session_id = session_id
         self.state = State.CREATED
@@ -177,6 +186,10 @@ class SessionMachine:
         if settings.kind is SessionKind.REALTIME:
             self.conversation = Conversation(self._emit, self.error, ids)
             self.conversation.configure(settings, self.dialect is Dialect.GA)
+            if relay:  # rule 10: a speech-to-speech upstream holds the conversation too
+                self.conversation.relay = RelayLink(lambda command: self.upstream.append(command))
+                self.conversation.max_recreations = RELAY_RECREATIONS
+                self.conversation.relay.settings(self.conversation.settings)
         self._turns = Turns(
             settings.input_format,
             settings.turn_detection,
@@ -269,6 +282,20 @@ class SessionMachine:
                         replayed_item_ids=list(event.replayed_items),
                     )
                 )
+                conversation = self.conversation
+                if conversation is not None and conversation.relay is not None:
+                    if conversation.response is not None:  # cut by the drop: created again
+                        cut = ResponseEnded(conversation.response.id, interrupted=RECONNECTED)
+                        self.response_output(cut)
+            case TextOut() | AudioOut() | ToolCallOut() | ResponseEnded():
+                self.response_output(event)
+
+    def restore_commands(self) -> list[UpstreamCommand]:
+        """What a new speech-to-speech upstream needs to hold this conversation (relay.py)."""
+        conversation = self.conversation
+        if conversation is None or conversation.relay is None:
+            return []
+        return restore_commands(conversation.settings, conversation.items)
 
     def response_output(self, out: ResponseOutput) -> None:
         """Apply what the responder produced (a conversation session's response)."""

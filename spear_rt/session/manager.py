@@ -19,7 +19,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -31,6 +31,7 @@ from spear_rt.ir import (
     CanonicalError,
     CanonicalRequestEnvelope,
     ErrorCode,
+    Feature,
     Hosting,
     Operation,
     RequestMeta,
@@ -46,13 +47,20 @@ from spear_rt.router import Router
 from spear_rt.router.execute import Executor
 from spear_rt.session.machine import ResumeError, SessionMachine, State, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
-from spear_rt.session.reconnect import Opener, ReconnectPolicy, reconnecting_upstream
+from spear_rt.session.reconnect import (
+    Opener,
+    ReconnectingUpstream,
+    ReconnectPolicy,
+    reconnecting_upstream,
+)
 from spear_rt.session.replay import ReplayBuffer
 from spear_rt.session.responder import ConversationMetrics, Responder, ResponseHost
 from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
 from spear_rt.session.stages import RoutedStages
 
 log = logging.getLogger(__name__)
+# Replay kept per second of answer audio: 24 kHz pcm16 in base64 and its events' JSON.
+AUDIO_REPLAY_BYTES_PER_S = 24000 * 2 * 4 / 3 * 1.1
 
 
 class Runner(Protocol):
@@ -179,16 +187,37 @@ class SessionManager:
             )
         return None
 
-    def envelope(self, req: ConnectRequest) -> CanonicalRequestEnvelope:
-        """The canonical form of a session open, as the router sees it."""
+    def envelope(self, req: ConnectRequest, speech: bool = False) -> CanonicalRequestEnvelope:
+        """The canonical form of a session open, as the router sees it.
+
+        `speech`: a conversation asking for a speech-to-speech instance (one declaring
+        `supports_audio_output`), which holds the whole conversation.
+        """
         transcription = req.kind is SessionKind.TRANSCRIPTION
+        features = frozenset({Feature.SUPPORTS_AUDIO_OUTPUT}) if speech else frozenset()
         return CanonicalRequestEnvelope(
             request_id=new_id("req"),
             operation=Operation.SPEECH_TO_TEXT if transcription else Operation.REALTIME_VOICE,
             meta=RequestMeta(client_key_id=req.client_key_id),
             routing=RoutingHints(backend=req.backend, model=req.model),
-            requirements=RequestRequirements(required_transports=frozenset({Transport.WEBSOCKET})),
+            requirements=RequestRequirements(
+                required_features=features, required_transports=frozenset({Transport.WEBSOCKET})
+            ),
         )
+
+    def _route(self, req: ConnectRequest) -> tuple[RegisteredInstance, bool]:
+        """The session's instance, and whether it is speech-to-speech (else: a cascade)."""
+        router = self._router()
+        if req.kind is SessionKind.REALTIME:
+            try:
+                instance, _ = router.route(self.envelope(req, speech=True))
+            except CanonicalFailure:
+                pass  # no speech-to-speech instance serves it: the cascade does
+            else:
+                if hasattr(instance.kind, "open_conversation"):
+                    return instance, True
+        instance, _ = router.route(self.envelope(req))
+        return instance, False
 
     async def serve(
         self, conn: ClientLink, req: ConnectRequest, make_runner: RunnerFactory | None = None
@@ -219,7 +248,7 @@ class SessionManager:
         self, conn: ClientLink, req: ConnectRequest, make_runner: RunnerFactory | None
     ) -> None:
         try:
-            instance, _decision = self._router().route(self.envelope(req))
+            instance, speech = self._route(req)
         except CanonicalFailure as exc:
             await reject(conn, exc.error, 1013 if exc.error.retryable else 1011)
             return
@@ -234,10 +263,10 @@ class SessionManager:
             with anyio.CancelScope(
                 deadline=anyio.current_time() + realtime.upstream_connect_timeout_s
             ) as scope:
-                async with self._upstream(instance, req, spec) as upstream:
+                async with self._upstream(instance, req, spec, speech) as upstream:
                     opened = True
                     scope.deadline = math.inf
-                    await self._run_session(conn, req, instance, upstream, make_runner)
+                    await self._run_session(conn, req, instance, upstream, make_runner, speech)
         except BackendFailure as exc:
             if opened:
                 raise
@@ -254,9 +283,14 @@ class SessionManager:
             )
 
     def _upstream(
-        self, instance: RegisteredInstance, req: ConnectRequest, spec: TranscriptionSpec
+        self,
+        instance: RegisteredInstance,
+        req: ConnectRequest,
+        spec: TranscriptionSpec,
+        speech: bool,
     ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
         """The session's upstream: reopened after drops when the instance is remote."""
+        operation = self.envelope(req).operation
 
         @asynccontextmanager
         async def open_upstream(
@@ -264,19 +298,26 @@ class SessionManager:
         ) -> AsyncIterator[tuple[TranscriptionUpstream, str]]:
             # The first retry goes back to the same instance (most drops are transient),
             # later ones ask the router, which knows about breakers and ejections.
-            target = instance if attempt <= 1 else self._reroute(req, instance)
-            assert target.kind is not None
+            target = instance if attempt <= 1 else self._reroute(req, instance, speech)
+            kind: Any = target.kind
+            opener = kind.open_conversation if speech else kind.open_transcription
             with lease(target):
-                async with target.kind.open_transcription(target.info, spec) as upstream:
-                    yield upstream, target.name
+                try:
+                    async with opener(target.info, spec) as upstream:
+                        yield upstream, target.name
+                except BackendFailure as exc:
+                    self._router().connection_failed(target.name, operation, exc)
+                    raise
 
         if self._reconnect is not None and instance.hosting is Hosting.REMOTE:
             return reconnecting_upstream(open_upstream, self._reconnect)
         return _first_only(open_upstream)
 
-    def _reroute(self, req: ConnectRequest, previous: RegisteredInstance) -> RegisteredInstance:
+    def _reroute(
+        self, req: ConnectRequest, previous: RegisteredInstance, speech: bool
+    ) -> RegisteredInstance:
         try:
-            instance, _decision = self._router().route(self.envelope(req))
+            instance, _decision = self._router().route(self.envelope(req, speech))
         except CanonicalFailure:
             return previous  # nothing else can serve it: try the same one again
         return instance
@@ -288,9 +329,14 @@ class SessionManager:
         instance: RegisteredInstance,
         upstream: TranscriptionUpstream,
         make_runner: RunnerFactory | None,
+        speech: bool = False,
     ) -> None:
         realtime = self._config.realtime
         resumable = realtime.resume_grace_seconds > 0
+        replay_bytes = realtime.replay_buffer_bytes
+        if req.kind is SessionKind.REALTIME:  # answers are audio: kept by duration
+            seconds = self._config.conversation.replay_audio_seconds
+            replay_bytes = max(replay_bytes, round(seconds * AUDIO_REPLAY_BYTES_PER_S))
         machine = SessionMachine(
             session_id=new_id("sess"),
             upstream_rate_hz=upstream.input_rate_hz,
@@ -309,9 +355,15 @@ class SessionManager:
             ),
             resume_token=secrets.token_urlsafe(24) if resumable else None,
             spear_info={"backend": instance.name, "kind": instance.config.kind},
-            replay=ReplayBuffer(realtime.replay_buffer_bytes) if resumable else None,
+            replay=ReplayBuffer(replay_bytes) if resumable else None,
+            relay=speech,
         )
-        responder = self._responder(machine, req)
+        if isinstance(upstream, ReconnectingUpstream):
+            if speech:
+                upstream.restore = machine.restore_commands
+            router, operation = self._router, self.envelope(req).operation
+            upstream.report = lambda name, exc: router().connection_failed(name, operation, exc)
+        responder = None if speech else self._responder(machine, req)
         runner: Runner = (
             make_runner(machine, upstream, responder)
             if make_runner

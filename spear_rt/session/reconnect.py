@@ -131,6 +131,10 @@ class ReconnectingUpstream:
         self._sending = False
         self._stopping = False  # the context is exiting: close the upstream, stop
         self._phase: anyio.CancelScope | None = None  # what `_request_stop` cancels
+        # Sent on each new connection before the journal's replay (a relayed conversation's
+        # settings and items), and told of each connection's failure (the router's breaker).
+        self.restore: Callable[[], list[UpstreamCommand]] = list
+        self.report: Callable[[str, BackendFailure], None] = lambda instance, failure: None
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
@@ -321,6 +325,8 @@ class ReconnectingUpstream:
                     scope.deadline = math.inf
                     with self._phase_scope():  # on stop, the context exits gracefully
                         ended = await self._serve(up, instance, task_status, tries)
+                    if not self._stopping:
+                        self.report(instance, ended[0])
             except BackendFailure as exc:
                 if task_status is not None and not opened:
                     raise
@@ -378,7 +384,8 @@ class ReconnectingUpstream:
                 return BackendFailure(message, retryable=True), False
             self._set_state(_State.REPLAYING)
             failed = self.journal.restart()
-            replay, items = self.journal.replay(), self.journal.replayed_items()
+            replay = [*self.restore(), *self.journal.replay()]
+            items = self.journal.replayed_items()
             self._instance = instance
             self._reconnects += 1
             downtime = anyio.current_time() - self._noticed

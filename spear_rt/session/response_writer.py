@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from spear_rt.backend import AudioOut, ResponseEnded, ResponseOutput, TextOut, ToolCallOut
 from spear_rt.protocol import response_events as re
 from spear_rt.protocol import server_events as se
 from spear_rt.protocol.conversation_settings import ConversationSettings
@@ -31,47 +32,15 @@ from spear_rt.session.conversation_items import (
     render_response,
 )
 
-
-class TextOut(msgspec.Struct, frozen=True):
-    """Text (or the transcript of audio to come) of the current response."""
-
-    response_id: str
-    delta: str
-
-
-class AudioOut(msgspec.Struct, frozen=True):
-    """A chunk of output audio, base64 in the output format; it covers the transcript's
-    first `upto_chars` characters once played."""
-
-    response_id: str
-    audio: str
-    ms: float
-    upto_chars: int
-
-
-class ToolCallOut(msgspec.Struct, frozen=True):
-    """A tool call of the current response (arguments arrive in pieces)."""
-
-    response_id: str
-    call_id: str
-    name: str
-    arguments_delta: str = ""
-
-
-class ResponseEnded(msgspec.Struct, frozen=True):
-    """The responder finished `response_id` (error: it failed)."""
-
-    response_id: str
-    usage: dict[str, int] | None = None
-    error: str | None = None
-    code: str = "response_failed"
-    incomplete_reason: str | None = None
-    # a stage failed after the answer had begun: ends incomplete and is created again, once
-    interrupted: str | None = None
-    spear: dict[str, Any] | None = None
-
-
-ResponseOutput = TextOut | AudioOut | ToolCallOut | ResponseEnded
+__all__ = [
+    "AudioOut",
+    "OpenResponse",
+    "ResponseEnded",
+    "ResponseOutput",
+    "ResponseWriter",
+    "TextOut",
+    "ToolCallOut",
+]
 
 
 class OpenResponse(msgspec.Struct):
@@ -103,14 +72,15 @@ class ResponseWriter:
         """The dialect's event classes."""
         return re.GA_NAMES if self.ga else re.BETA_NAMES
 
-    def _open_message(self, response: OpenResponse) -> Item:
+    def _open_message(self, response: OpenResponse, item_id: str | None) -> Item:
         item = response.open
-        if item is not None and item.type == "message":
+        if item is not None and item.type == "message" and item_id in (None, item.id):
             return item
         self.close_open(response, "completed")
         kind = "audio" if response.settings.audio_out else "text"
         part: dict[str, Any] = {"kind": kind, ("transcript" if kind == "audio" else "text"): ""}
-        item = Item(id=self._ids("item"), role="assistant", status="in_progress", content=[part])
+        item_id = self._new_id(item_id)
+        item = Item(id=item_id, role="assistant", status="in_progress", content=[part])
         self._open_item(response, item)
         self._emit(
             re.ContentPartAdded(
@@ -137,11 +107,11 @@ class ResponseWriter:
             self._items.append(item)
             self._emit(self.names.item_added(item=rendered, previous_item_id=previous))
 
-    def text(self, response: OpenResponse, delta: str) -> None:
+    def text(self, response: OpenResponse, delta: str, item_id: str | None = None) -> None:
         """Append text (or the transcript of audio to come) to the open message."""
         if not delta:
             return
-        item = self._open_message(response)
+        item = self._open_message(response, item_id)
         part = item.content[0]
         names = self.names
         ids = self._part_ids(response, item)
@@ -154,7 +124,7 @@ class ResponseWriter:
 
     def audio(self, response: OpenResponse, out: AudioOut) -> None:
         """Append a chunk of audio to the open message."""
-        item = self._open_message(response)
+        item = self._open_message(response, out.item_id)
         if item.content[0]["kind"] != "audio":
             return  # a text-only response: the responder does not synthesize
         item.audio_ms += out.ms
@@ -167,7 +137,7 @@ class ResponseWriter:
         if item is None or item.type != "function_call" or item.call_id != out.call_id:
             self.close_open(response, "completed")
             item = Item(
-                id=self._ids("item"),
+                id=self._new_id(out.item_id),
                 type="function_call",
                 status="in_progress",
                 call_id=out.call_id,
@@ -221,6 +191,12 @@ class ResponseWriter:
             self._emit(se.ItemDone(item=rendered, previous_item_id=self._previous(item)))
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _new_id(self, wanted: str | None) -> str:
+        """`wanted` (an upstream's item id) unless it is odd or taken, else a new one."""
+        if wanted and len(wanted) <= 64 and all(i.id != wanted for i in self._items):
+            return wanted
+        return self._ids("item")
 
     def render(
         self,

@@ -275,10 +275,16 @@ class SessionRunner:
                 return
 
     async def _upstream_reader(self) -> None:
+        machine = self.machine
+        relayed = machine.conversation is not None and machine.conversation.relay is not None
         try:
             while True:
+                if relayed:  # answer audio is never dropped: a slow client slows the upstream
+                    await self._wait_room()
                 event = await self.upstream.receive()
-                self.machine.upstream_event(event)
+                machine.upstream_event(event)
+                if machine.upstream:  # a relayed conversation answers the upstream
+                    await self._send_upstream()
                 self._after()
         except anyio.EndOfStream:
             message = "the upstream closed the session"

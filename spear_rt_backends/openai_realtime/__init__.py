@@ -37,7 +37,12 @@ replayed item start again from its beginning: skip the text already forwarded.
 Options (all optional): dialect, query_model (false), connect_timeout_s (10: TCP, TLS,
 handshake and `*.created`), close_timeout_s (2), ping_interval_s (20; 0 = no keepalive),
 ping_timeout_s (20), max_send_buffer_bytes (262144), max_pending_events (256),
-max_message_bytes (1 MiB), verify_tls (true).
+max_message_bytes (1 MiB), verify_tls (true), transcription_model ("whisper-1").
+
+Speech-to-speech: an instance that declares the feature `supports_audio_output` holds whole
+conversations (`open_conversation`: `?model=M`, session type realtime, see
+`conversation.py`); the session relays its conversation through it and restores it after a
+reconnect.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from spear_rt.errors import BackendFailure
 from spear_rt.ir import Feature, Hosting, Operation, Transport
 
 from .connection import FRAME_OVERHEAD, READ_SIZE, RealtimeTranscription, UpstreamStatistics
-from .opening import open_realtime_transcription
+from .opening import open_realtime_conversation, open_realtime_transcription
 from .options import PositiveFloat, PositiveInt, RealtimeOptions, parse_options, realtime_url
 from .translate import (
     MAX_MESSAGE_CHARS,
@@ -82,6 +87,7 @@ __all__ = [
     "RealtimeTranscription",
     "Translator",
     "UpstreamStatistics",
+    "open_realtime_conversation",
     "open_realtime_transcription",
     "parse_options",
     "realtime_url",
@@ -124,6 +130,12 @@ class OpenAIRealtimeKind:
     ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
         """Open one upstream connection for a realtime transcription session."""
         return open_realtime_transcription(instance, spec)
+
+    def open_conversation(
+        self, instance: InstanceInfo, spec: TranscriptionSpec
+    ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
+        """Open one speech-to-speech connection (instances declaring supports_audio_output)."""
+        return open_realtime_conversation(instance, spec)
 
     async def call(self, instance: InstanceInfo, request: OneShotRequest) -> OneShotResponse:
         """One-shot operations are not served over the realtime WebSocket."""

@@ -17,12 +17,13 @@ from websockets.frames import Frame
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from spear_rt.backend import InstanceInfo, TranscriptionSpec
+from spear_rt.backend import InstanceInfo, TranscriptionSpec, UpdateConversation
 from spear_rt.errors import BackendFailure
 from spear_rt.protocol.settings import Dialect
 from spear_rt.redact import redactor_for, register_secret
 
 from .connection import READ_SIZE, RealtimeTranscription, _closed_failure
+from .conversation import ConversationTranslator
 from .options import RealtimeOptions, parse_options, realtime_url
 from .translate import _DATA, MAX_MESSAGE_CHARS, Translator, _Assembler, session_update
 
@@ -173,21 +174,57 @@ async def open_realtime_transcription(
     The body's own exception leaves unwrapped (not in an ExceptionGroup).
     """
     options = parse_options(instance)
-    if not instance.base_url:
-        raise BackendFailure("openai_realtime needs base_url")
     model = instance.model or spec.model
     query = {"model": model} if options.query_model and model else {}
-    url = realtime_url(instance.base_url, {**query, "intent": "transcription"})
+    secret, redact = _secret(instance)
+    translator = Translator(redact)
+    update = session_update(options.dialect, spec, model)
+    async with _connection(
+        instance, {**query, "intent": "transcription"}, options, translator, update, secret
+    ) as upstream:
+        yield upstream
+
+
+@asynccontextmanager
+async def open_realtime_conversation(
+    instance: InstanceInfo, spec: TranscriptionSpec
+) -> AsyncIterator[RealtimeTranscription]:
+    """One speech-to-speech upstream connection (a whole conversation) for one session."""
+    options = parse_options(instance)
+    model = instance.model or spec.model
+    secret, redact = _secret(instance)
+    translator = ConversationTranslator(options.dialect, options.transcription_model, redact)
+    update = translator.encode(UpdateConversation({}))
+    assert update is not None
+    query = {"model": model} if model else {}
+    async with _connection(instance, query, options, translator, update, secret) as upstream:
+        yield upstream
+
+
+def _secret(instance: InstanceInfo) -> tuple[str | None, Callable[[str], str]]:
+    """The instance's key (registered for redaction) and the redactor of messages."""
     secret = instance.api_key.reveal() if instance.api_key is not None else None
-
     register_secret(secret)  # for log lines, too
-    redact = redactor_for(secret).text  # case-insensitive
+    return secret, redactor_for(secret).text  # case-insensitive
 
+
+@asynccontextmanager
+async def _connection(
+    instance: InstanceInfo,
+    query: dict[str, str],
+    options: RealtimeOptions,
+    translator: Translator,
+    update: bytes,
+    secret: str | None,
+) -> AsyncIterator[RealtimeTranscription]:
+    if not instance.base_url:
+        raise BackendFailure("openai_realtime needs base_url")
+    url = realtime_url(instance.base_url, query)
+    redact = translator._redact
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     if options.dialect is Dialect.BETA:
         headers["OpenAI-Beta"] = "realtime=v1"
-    translator, assembler = Translator(redact), _Assembler()
-    update = session_update(options.dialect, spec, model)
+    assembler = _Assembler()
     stream, proto = await _open(url, headers, update, options, translator, assembler, redact)
     upstream = RealtimeTranscription(stream, proto, translator, assembler, options)
     raised: BaseException | None = None

@@ -28,6 +28,8 @@ class RealtimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_pending_events: PositiveInt = 256
     max_message_bytes: PositiveInt = 1 << 20
     verify_tls: bool = True
+    # speech-to-speech instances: the model that transcribes the user's turns upstream
+    transcription_model: str = "whisper-1"
 
 
 def parse_options(instance: InstanceInfo) -> RealtimeOptions:
