@@ -1,0 +1,202 @@
+"""Conversations relayed to a speech-to-speech upstream (`openai_realtime` declaring
+`supports_audio_output`): a real loopback fake (`tests/fakes/s2s_upstream.py`) holds the
+conversation upstream; every event the client gets validates against the SDK's models.
+
+What must hold: the client hears exactly what the upstream said (audio compared byte for
+byte), in both dialects and across them; an upstream dropped mid-answer is reopened with the
+conversation restored (settings, items in order, our ids), the cut response ends
+`incomplete` and is created again, and the client sees one `spear.upstream.reconnected`; a
+client that drops mid-answer and resumes hears every audio chunk exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from spear_rt.server.app import Server
+from tests.conftest import WsClient, b64, make_config, noise_pcm, running_server
+from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
+from tests.server.conversation_rig import Talk
+from tests.server.test_resume import drop
+
+pytestmark = pytest.mark.anyio
+TIMEOUT_S = 30
+FEATURES = (
+    '["supports_stream", "supports_bidi_stream", "supports_audio_input", "supports_audio_output"]'
+)
+
+
+def backends(fake: FakeSpeechToSpeech, dialect: str = "ga") -> str:
+    return f"""
+[[backends]]
+name = "s2s"
+kind = "openai_realtime"
+base_url = "{fake.base_url}"
+features = {FEATURES}
+options = {{ ping_interval_s = 0, dialect = "{dialect}" }}
+"""
+
+
+@asynccontextmanager
+async def gateway(
+    upstream_dialect: str = "ga", **fake_options: Any
+) -> AsyncIterator[tuple[Server, FakeSpeechToSpeech]]:
+    fake = FakeSpeechToSpeech(**fake_options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(fake.serve)
+        config = make_config(backends=backends(fake, upstream_dialect))
+        async with running_server(config) as server:
+            yield server, fake
+        tg.cancel_scope.cancel()
+
+
+def manual(dialect: str) -> dict[str, Any]:
+    return (
+        {"audio": {"input": {"turn_detection": None}}}
+        if dialect == "ga"
+        else {"turn_detection": None}
+    )
+
+
+def audio_of(events: list[dict[str, Any]], response_id: str) -> bytes:
+    kinds = ("response.output_audio.delta", "response.audio.delta")
+    return b"".join(
+        base64.b64decode(e["delta"])
+        for e in events
+        if e["type"] in kinds and e.get("response_id") == response_id
+    )
+
+
+async def speak_and_commit(talk: Talk, seconds: float = 1.0) -> dict[str, Any]:
+    pcm = noise_pcm(int(24000 * seconds))
+    await talk.send({"type": "input_audio_buffer.append", "audio": b64(pcm)})
+    await talk.send({"type": "input_audio_buffer.commit"})
+    events = await talk.until("conversation.item.input_audio_transcription.completed")
+    return events[-1]
+
+
+@pytest.mark.parametrize(
+    ("client", "upstream"), [("ga", "ga"), ("beta", "ga"), ("ga", "beta"), ("beta", "beta")]
+)
+async def test_the_client_hears_exactly_what_the_upstream_said(client: str, upstream: str) -> None:
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway(upstream) as (server, fake):
+            talk = await Talk.open(
+                server.port or 0, client, instructions="Be brief.", **manual(client)
+            )
+            created = talk.events[0]
+            assert created["spear"]["backend"] == "s2s"
+            completed = await speak_and_commit(talk)
+            await talk.send({"type": "response.create"})
+            events = await talk.until("response.done")
+            done = events[-1]["response"]
+            assert done["status"] == "completed", done
+            said = fake.connections[0]
+            upstream_rid = said.responses[0]
+            assert audio_of(talk.events, done["id"]) == bytes(said.sent_audio[upstream_rid])
+            assert len(audio_of(talk.events, done["id"])) > 0
+            transcript = done["output"][0]["content"][0]["transcript"]
+            assert transcript == "reply to " + completed["transcript"]
+            assert said.sessions[-1].get("instructions") == "Be brief."
+            assert said.headers.get("openai-beta") == (
+                "realtime=v1" if upstream == "beta" else None
+            )
+            # the upstream holds the user's turn and the answer, under the client's ids
+            assert said.item_ids()[-1] == done["output"][0]["id"]
+            await talk.close()
+
+
+async def test_an_upstream_dropped_mid_answer_is_restored_and_the_answer_created_again() -> None:
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway() as (server, fake):
+            fake.plan(DropMidResponse(after_chunks=3))
+            talk = await Talk.open(server.port or 0, "ga", instructions="Be brief.", **manual("ga"))
+            await talk.user_text("what is the weather")
+            user_item = talk.events[-1]["item"]["id"]
+            await talk.send({"type": "response.create"})
+            first = (await talk.until("response.done"))[-1]["response"]
+            assert first["status"] == "incomplete"
+            assert first["status_details"]["error"]["code"] == "upstream_disconnected"
+            second = (await talk.until("response.done"))[-1]["response"]
+            assert second["status"] == "completed", second
+            kinds = [e["type"] for e in talk.events]
+            assert kinds.count("spear.upstream.reconnected") == 1
+            assert kinds.count("response.created") == kinds.count("response.done") == 2
+            one, two = fake.connections
+            # every audio chunk the upstreams sent reached the client once, in order
+            assert audio_of(talk.events, first["id"]) == bytes(one.sent_audio[one.responses[0]])
+            assert audio_of(talk.events, second["id"]) == bytes(two.sent_audio[two.responses[0]])
+            # the new upstream got the settings again and the items in order, with our ids
+            assert two.sessions[-1].get("instructions") == "Be brief."
+            cut = first["output"][0]["id"]
+            assert two.item_ids() == [user_item, cut, second["output"][0]["id"]]
+            restored = two.items[1]["content"][0]
+            assert restored == {"type": "output_text", "text": "reply to what"}
+            await talk.close()
+
+
+async def test_a_client_dropped_mid_answer_resumes_and_hears_every_chunk_once() -> None:
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway(chunk_interval_s=0.02) as (server, fake):
+            port = server.port or 0
+            talk = await Talk.open(port, "ga", **manual("ga"))
+            created = talk.events[0]
+            session_id, token = created["session"]["id"], created["spear"]["resume_token"]
+            await talk.user_text("tell me a story please now")
+            await talk.send({"type": "response.create"})
+            await talk.until("response.output_audio.delta")
+            await talk.until("response.output_audio.delta")
+            await drop(talk.ws, reset=False)
+            path = f"/v1/realtime?model=gpt-realtime&session_id={session_id}"
+            path += f"&last_seq={talk.events[-1]['seq']}"
+            ws = await WsClient.connect(port, path, headers=[("Spear-Resume-Token", token)])
+            resumed = Talk(ws, "ga")
+            resumed.checker = talk.checker  # the same session: items announced before count
+            assert (await resumed.recv())["type"] == "spear.session.resumed"
+            done = (await resumed.until("response.done"))[-1]["response"]
+            assert done["status"] == "completed"
+            heard = audio_of(talk.events + resumed.events, done["id"])
+            said = fake.connections[0]
+            assert heard == bytes(said.sent_audio[said.responses[0]])
+            seqs = [
+                e["seq"]
+                for e in talk.events + resumed.events
+                if e["type"] != "spear.session.resumed"
+            ]
+            assert seqs == sorted(set(seqs))  # nothing twice, in order
+            await resumed.close()
+
+
+async def test_truncate_and_delete_reach_the_upstream_under_its_ids() -> None:
+    """A beta client truncates the answer and deletes its own turn (which the upstream
+    knows by another id); the next response is created after the delete."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway() as (server, fake):
+            talk = await Talk.open(server.port or 0, "beta", **manual("beta"))
+            await speak_and_commit(talk)
+            await talk.send({"type": "response.create"})
+            done = (await talk.until("response.done"))[-1]["response"]
+            answer = done["output"][0]["id"]
+            await talk.send({"type": "conversation.item.truncate", "item_id": answer,
+                             "content_index": 0, "audio_end_ms": 150})  # fmt: skip
+            await talk.until("conversation.item.truncated")
+            user = fake.connections[0].items[0]["id"]
+            ours = next(
+                e["item_id"] for e in talk.events if e["type"] == "input_audio_buffer.committed"
+            )
+            await talk.send({"type": "conversation.item.delete", "item_id": ours})
+            await talk.until("conversation.item.deleted")
+            await talk.send({"type": "response.create"})  # after the delete: ordered upstream
+            await talk.until("response.done")
+            said = fake.connections[0]
+            assert said.truncated[0]["item_id"] == answer
+            assert said.truncated[0]["audio_end_ms"] == 150
+            assert user not in said.item_ids()
+            assert "error" not in [e["type"] for e in talk.events]
+            await talk.close()
