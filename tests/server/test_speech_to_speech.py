@@ -11,16 +11,23 @@ client that drops mid-answer and resumes hears every audio chunk exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import AsyncIterator
+import contextlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import numpy as np
 import pytest
 
 from spear_rt.server.app import Server
-from tests.conftest import WsClient, b64, make_config, noise_pcm, running_server
+from tests.conftest import WsClient, b64, load_fixture_24k, make_config, noise_pcm, running_server
 from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
 from tests.server.conversation_rig import Talk
 from tests.server.test_resume import drop
@@ -200,3 +207,86 @@ async def test_truncate_and_delete_reach_the_upstream_under_its_ids() -> None:
             assert user not in said.item_ids()
             assert "error" not in [e["type"] for e in talk.events]
             await talk.close()
+
+
+# --- the official Python SDK, unchanged ---------------------------------------------------------
+
+
+def _serve_in_thread(out: queue.Queue[Any]) -> None:
+    async def main() -> None:
+        try:
+            async with gateway() as (server, fake):
+                stop = anyio.Event()
+                out.put((server.port, fake, stop, anyio.lowlevel.current_token()))
+                await stop.wait()
+        except BaseException as exc:  # report a failed start instead of hanging the test
+            out.put(exc)
+            raise
+
+    anyio.run(main, backend="trio")
+
+
+@contextlib.contextmanager
+def serving() -> Iterator[tuple[int, FakeSpeechToSpeech]]:
+    """The gateway and the fake in a thread (the SDK runs its own asyncio loop)."""
+    out: queue.Queue[Any] = queue.Queue()
+    thread = threading.Thread(target=_serve_in_thread, args=(out,))
+    thread.start()
+    item = out.get(timeout=TIMEOUT_S)
+    if isinstance(item, BaseException):
+        thread.join(timeout=TIMEOUT_S)
+        raise item
+    port, fake, stop, token = item
+    try:
+        yield port, fake
+    finally:
+        anyio.from_thread.run_sync(stop.set, token=token)
+        thread.join(timeout=TIMEOUT_S)
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_the_python_sdk_converses_through_a_speech_to_speech_upstream(dialect: str) -> None:
+    openai = pytest.importorskip("openai")
+    vad = {"type": "server_vad", "silence_duration_ms": 500}
+    question = np.concatenate(
+        [load_fixture_24k("speech_go_forward.wav"), np.zeros(24000, np.int16)]
+    )
+    ga = dialect == "ga"
+    session: dict[str, Any] = (
+        {"type": "realtime", "audio": {"input": {"turn_detection": vad}}}
+        if ga
+        else {"turn_detection": vad, "modalities": ["audio", "text"]}
+    )
+    audio_delta = "response.output_audio.delta" if ga else "response.audio.delta"
+
+    async def main(port: int) -> list[Any]:
+        client = openai.AsyncOpenAI(
+            api_key="sk-anything", base_url=f"http://127.0.0.1:{port}/v1",
+            websocket_base_url=None if ga else f"ws://127.0.0.1:{port}/v1", max_retries=0,
+        )  # fmt: skip
+        realtime = client.realtime if ga else client.beta.realtime
+        async with asyncio.timeout(TIMEOUT_S):
+            async with realtime.connect(model="gpt-realtime") as conn:
+                assert (await conn.recv()).type == "session.created"
+                await conn.session.update(session=session)
+                for start in range(0, len(question), 2400):
+                    await conn.input_audio_buffer.append(audio=b64(question[start : start + 2400]))
+                events = []
+                async for event in conn:  # the SDK parses each into its typed model
+                    events.append(event)
+                    assert event.type != "error", event
+                    if event.type == "response.done":
+                        return events
+        raise AssertionError("the connection ended before response.done")
+
+    with serving() as (port, fake):
+        events = asyncio.run(main(port))
+    done = events[-1].response
+    assert done.status == "completed"
+    heard = b"".join(base64.b64decode(e.delta) for e in events if e.type == audio_delta)
+    said = fake.connections[0]
+    assert heard == bytes(said.sent_audio[said.responses[0]]) and heard
+    upstream_session = said.sessions[-1]  # the gateway detects turns: the upstream's VAD is off
+    vad_upstream = upstream_session["audio"]["input"] if ga else upstream_session
+    assert "turn_detection" in vad_upstream and vad_upstream["turn_detection"] is None
