@@ -7,7 +7,7 @@ once by the stub rule of `realtime_upstream.stub_words`), `conversation.item.cre
 ids kept; `previous_item_id` honoured; a duplicate id is an `error`), `.delete`, `.truncate`,
 `response.create` (one at a time) and `response.cancel`.
 
-An answer is "reply to <the last user words>", cut to `ANSWER_WORDS` words: per word one
+An answer is "reply to <the last user words>", cut (or padded) to `answer_words` words: per word one
 audio transcript delta and one 100 ms audio delta (pcm16 24 kHz, bytes derived from the word
 and its index, so an answer's audio is the same whoever asks), then the done events. Between
 chunks the responder yields (`chunk_interval_s`, 0 by default: a checkpoint), so a cancel or
@@ -236,20 +236,22 @@ class _Session:
         item.setdefault("status", "completed")
         self._add(item, event.get("previous_item_id"))
 
-    def answer_words(self) -> list[str]:
+    def answer_words(self, length: int) -> list[str]:
         said = ""
         for item in reversed(self.record.items):
             if item.get("role") == "user":
                 said = " ".join(p.get("text") or p.get("transcript") or "" for p in item["content"])
                 break
-        return (["reply", "to", *said.split()] or ["hello"])[:ANSWER_WORDS]
+        words = ["reply", "to", *said.split()][:length]
+        return words + [f"word{i}" for i in range(length - len(words))]
 
 
 class FakeSpeechToSpeech:
     """The fake; start it with `port = await nursery.start(fake.serve)`."""
 
-    def __init__(self, *, chunk_interval_s: float = 0.0) -> None:
+    def __init__(self, *, chunk_interval_s: float = 0.0, answer_words: int = ANSWER_WORDS) -> None:
         self.chunk_interval_s = chunk_interval_s
+        self.answer_words = answer_words
         self.connections: list[Connection] = []
         self.port = 0
         self._plans: deque[S2SPlan] = deque()
@@ -397,7 +399,7 @@ class FakeSpeechToSpeech:
             "response.audio_transcript", "response.audio")  # fmt: skip
         transcript = ""
         status = "completed"
-        for index, word in enumerate(session.answer_words()):
+        for index, word in enumerate(session.answer_words(self.answer_words)):
             await anyio.sleep(self.chunk_interval_s)
             if session.cancelled:
                 status = "cancelled"

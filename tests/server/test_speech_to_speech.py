@@ -30,7 +30,7 @@ from spear_rt.server.app import Server
 from tests.conftest import WsClient, b64, load_fixture_24k, make_config, noise_pcm, running_server
 from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
 from tests.server.conversation_rig import Talk
-from tests.server.test_resume import drop
+from tests.server.test_resume import drop, until
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 30
@@ -206,6 +206,30 @@ async def test_truncate_and_delete_reach_the_upstream_under_its_ids() -> None:
             assert said.truncated[0]["audio_end_ms"] == 150
             assert user not in said.item_ids()
             assert "error" not in [e["type"] for e in talk.events]
+            await talk.close()
+
+
+async def test_a_client_that_stops_reading_slows_the_upstream_and_loses_no_audio() -> None:
+    """The answer (5000 chunks, ~32 MB of events) outgrows every buffer between the fake and
+    the client; while the client reads nothing, the relay stops reading the upstream (the
+    fake cannot finish) and the server holds no more than its outbound bound."""
+    with anyio.fail_after(TIMEOUT_S * 2):
+        async with gateway(answer_words=5000) as (server, fake):
+            talk = await Talk.open(server.port or 0, "ga", **manual("ga"))
+            session_id = talk.events[0]["session"]["id"]
+            await talk.user_text("go")
+            await talk.send({"type": "response.create"})
+            machine = server.sessions.sessions[session_id].machine
+            await until(lambda: machine.outbound.nbytes > machine.outbound.max_bytes)
+            said = fake.connections[0]
+            await until(lambda: bool(said.responses))
+            assert len(said.sent_audio[said.responses[0]]) < 5000 * 4800  # held back upstream
+            assert machine.outbound.nbytes < machine.outbound.max_bytes + 64 * 1024
+            done = (await talk.until("response.done"))[-1]["response"]
+            assert done["status"] == "completed"
+            heard = audio_of(talk.events, done["id"])
+            assert heard == bytes(said.sent_audio[said.responses[0]])
+            assert len(heard) == 5000 * 4800
             await talk.close()
 
 
