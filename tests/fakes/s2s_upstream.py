@@ -22,6 +22,7 @@ connection), `DropAfter(frames=N)` (closed after N client frames).
 from __future__ import annotations
 
 import base64
+import socket
 import zlib
 from collections import deque
 from typing import Any
@@ -249,9 +250,16 @@ class _Session:
 class FakeSpeechToSpeech:
     """The fake; start it with `port = await nursery.start(fake.serve)`."""
 
-    def __init__(self, *, chunk_interval_s: float = 0.0, answer_words: int = ANSWER_WORDS) -> None:
+    def __init__(
+        self,
+        *,
+        chunk_interval_s: float = 0.0,
+        answer_words: int = ANSWER_WORDS,
+        send_buffer_bytes: int | None = None,
+    ) -> None:
         self.chunk_interval_s = chunk_interval_s
         self.answer_words = answer_words
+        self.send_buffer_bytes = send_buffer_bytes  # SO_SNDBUF of its sockets (None: the OS's)
         self.connections: list[Connection] = []
         self.port = 0
         self._plans: deque[S2SPlan] = deque()
@@ -284,6 +292,9 @@ class FakeSpeechToSpeech:
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         plan = self._plans.popleft() if self._plans else S2SPlan()
+        if self.send_buffer_bytes is not None:
+            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
         proto = ServerProtocol(max_size=None, logger=_ws_log)
         record: Connection | None = None
         try:

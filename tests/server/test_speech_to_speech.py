@@ -15,18 +15,21 @@ import asyncio
 import base64
 import contextlib
 import queue
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 import numpy as np
 import pytest
 
 from spear_rt.server.app import Server
+from spear_rt.session.reconnect import ReconnectingUpstream
 from tests.conftest import WsClient, b64, load_fixture_24k, make_config, noise_pcm, running_server
 from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
 from tests.server.conversation_rig import Talk
@@ -34,6 +37,7 @@ from tests.server.test_resume import drop, until
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 30
+SMALL = 64 * 1024  # socket buffer bytes
 FEATURES = (
     '["supports_stream", "supports_bidi_stream", "supports_audio_input", "supports_audio_output"]'
 )
@@ -210,21 +214,34 @@ async def test_truncate_and_delete_reach_the_upstream_under_its_ids() -> None:
 
 
 async def test_a_client_that_stops_reading_slows_the_upstream_and_loses_no_audio() -> None:
-    """The answer (5000 chunks, ~32 MB of events) outgrows every buffer between the fake and
-    the client; while the client reads nothing, the relay stops reading the upstream (the
-    fake cannot finish) and the server holds no more than its outbound bound."""
+    """While the client reads nothing, the relay stops reading the upstream: its queue of
+    upstream events fills and stays full (the socket is not read: TCP pushes back on the
+    upstream) and the server holds no more than its outbound bound; then every chunk of the
+    answer (5000 chunks, ~32 MB of events) arrives."""
     with anyio.fail_after(TIMEOUT_S * 2):
-        async with gateway(answer_words=5000) as (server, fake):
-            talk = await Talk.open(server.port or 0, "ga", **manual("ga"))
+        async with gateway(answer_words=5000, send_buffer_bytes=SMALL) as (server, fake):
+            stream = await anyio.connect_tcp("127.0.0.1", server.port or 0)
+            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
+            talk = await Talk.open(server.port or 0, "ga", over=stream, **manual("ga"))
             session_id = talk.events[0]["session"]["id"]
             await talk.user_text("go")
             await talk.send({"type": "response.create"})
-            machine = server.sessions.sessions[session_id].machine
-            await until(lambda: machine.outbound.nbytes > machine.outbound.max_bytes)
-            said = fake.connections[0]
-            await until(lambda: bool(said.responses))
-            assert len(said.sent_audio[said.responses[0]]) < 5000 * 4800  # held back upstream
+            runner = server.sessions.sessions[session_id]
+            machine, upstream = runner.machine, runner.upstream
+            assert isinstance(upstream, ReconnectingUpstream)
+
+            def held() -> bool:
+                stats = upstream.statistics()
+                return stats.events_buffered == stats.max_pending_events
+
+            await until(held)
+            # Held means held for good, however long the client waits. (A pause can only
+            # make a missing backpressure show; it cannot fail a relay that has it.)
+            await anyio.sleep(0.5)
+            assert held()
             assert machine.outbound.nbytes < machine.outbound.max_bytes + 64 * 1024
+            said = fake.connections[0]  # (the kernel's buffers may hold the rest of the answer)
             done = (await talk.until("response.done"))[-1]["response"]
             assert done["status"] == "completed"
             heard = audio_of(talk.events, done["id"])
