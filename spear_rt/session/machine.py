@@ -367,8 +367,9 @@ class SessionMachine:
         missed = self.replay.since(last_seq)
         if missed is None:
             raise ResumeError(
-                f"events after seq {last_seq} are no longer held "
-                f"(the replay buffer keeps back to seq {self.replay.evicted_through + 1})"
+                f"events after seq {last_seq} are no longer held (the replay buffer keeps "
+                f"back to seq {self.replay.evicted_through + 1}; it is sized by "
+                "realtime.replay_buffer_bytes, and conversation.replay_audio_seconds)"
             )
         self.state = self._state_before_detach
         self.resumes += 1

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from spear_rt.server.app import Server
+from spear_rt.session.machine import State
 from spear_rt.session.reconnect import ReconnectingUpstream
 from tests.conftest import WsClient, b64, load_fixture_24k, make_config, noise_pcm, running_server
 from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
@@ -56,12 +57,14 @@ options = {{ ping_interval_s = 0, dialect = "{dialect}" }}
 
 @asynccontextmanager
 async def gateway(
-    upstream_dialect: str = "ga", **fake_options: Any
+    upstream_dialect: str = "ga", extra: str = "", realtime: str = "", **fake_options: Any
 ) -> AsyncIterator[tuple[Server, FakeSpeechToSpeech]]:
     fake = FakeSpeechToSpeech(**fake_options)
     async with anyio.create_task_group() as tg:
         await tg.start(fake.serve)
-        config = make_config(backends=backends(fake, upstream_dialect))
+        config = make_config(
+            realtime=realtime, extra=extra, backends=backends(fake, upstream_dialect)
+        )
         async with running_server(config) as server:
             yield server, fake
         tg.cancel_scope.cancel()
@@ -248,6 +251,35 @@ async def test_a_client_that_stops_reading_slows_the_upstream_and_loses_no_audio
             assert heard == bytes(said.sent_audio[said.responses[0]])
             assert len(heard) == 5000 * 4800
             await talk.close()
+
+
+async def test_a_resume_that_needs_evicted_answer_audio_is_refused_4004_never_with_a_gap() -> None:
+    """Half a second of answer audio kept: a client that read two chunks of a 5 s answer
+    and resumes after the server sent the rest cannot be served whole, and is told why."""
+    small = "replay_buffer_bytes = 16384"
+    keep = "[conversation]\nreplay_audio_seconds = 0.5"
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway(realtime=small, extra=keep, answer_words=50) as (server, _fake):
+            port = server.port or 0
+            talk = await Talk.open(port, "ga", **manual("ga"))
+            created = talk.events[0]
+            session_id, token = created["session"]["id"], created["spear"]["resume_token"]
+            await talk.user_text("go")
+            await talk.send({"type": "response.create"})
+            await talk.until("response.output_audio.delta")
+            last_seq = talk.events[-1]["seq"]
+            machine = server.sessions.sessions[session_id].machine
+            assert machine.replay is not None
+            await until(lambda: machine.replay.evicted_through > last_seq)  # type: ignore[union-attr]
+            await drop(talk.ws, reset=False)
+            await until(lambda: machine.state is State.DETACHED)
+            path = f"/v1/realtime?model=gpt-realtime&session_id={session_id}&last_seq={last_seq}"
+            ws = await WsClient.connect(port, path, headers=[("Spear-Resume-Token", token)])
+            error = await ws.recv()
+            assert error["type"] == "error" and error["error"]["code"] == "resume_failed"
+            assert "no longer held" in error["error"]["message"]
+            code, _reason = await ws.wait_closed()
+            assert code == 4004
 
 
 # --- the official Python SDK, unchanged ---------------------------------------------------------
