@@ -7,7 +7,7 @@ once by the stub rule of `realtime_upstream.stub_words`), `conversation.item.cre
 ids kept; `previous_item_id` honoured; a duplicate id is an `error`), `.delete`, `.truncate`,
 `response.create` (one at a time) and `response.cancel`.
 
-An answer is "reply to <the last user words>", cut (or padded) to `answer_words` words: per word one
+An answer is "reply to <the last user words>", cut to `answer_words` words (padded when more than `ANSWER_WORDS` are asked): per word one
 audio transcript delta and one 100 ms audio delta (pcm16 24 kHz, bytes derived from the word
 and its index, so an answer's audio is the same whoever asks), then the done events. Between
 chunks the responder yields (`chunk_interval_s`, 0 by default: a checkpoint), so a cancel or
@@ -244,7 +244,9 @@ class _Session:
                 said = " ".join(p.get("text") or p.get("transcript") or "" for p in item["content"])
                 break
         words = ["reply", "to", *said.split()][:length]
-        return words + [f"word{i}" for i in range(length - len(words))]
+        if length <= ANSWER_WORDS:
+            return words
+        return words + [f"word{i}" for i in range(length - len(words))]  # a long answer
 
 
 class FakeSpeechToSpeech:
