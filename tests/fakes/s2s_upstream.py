@@ -7,12 +7,13 @@ once by the stub rule of `realtime_upstream.stub_words`), `conversation.item.cre
 ids kept; `previous_item_id` honoured; a duplicate id is an `error`), `.delete`, `.truncate`,
 `response.create` (one at a time) and `response.cancel`.
 
-An answer is "reply to <the last user words>", cut to `answer_words` words (padded when more than `ANSWER_WORDS` are asked): per word one
-audio transcript delta and one 100 ms audio delta (pcm16 24 kHz, bytes derived from the word
-and its index, so an answer's audio is the same whoever asks), then the done events. Between
-chunks the responder yields (`chunk_interval_s`, 0 by default: a checkpoint), so a cancel or
-a drop lands mid-answer. Every audio delta that went out is recorded (`sent_audio`), per
-upstream response, so a test can compare what the client heard with what was said.
+An answer is "reply to <the last user words>", cut to `answer_words` words (padded when
+more than `ANSWER_WORDS` are asked): per word one audio transcript delta and one 100 ms audio
+delta (pcm16 24 kHz, bytes derived from the word and its index, so an answer's audio is the
+same whoever asks), then the done events. Between chunks the responder yields
+(`chunk_interval_s`, 0 by default: a checkpoint), so a cancel or a drop lands mid-answer.
+Every audio delta that went out is recorded (`sent_audio`), per upstream response, so a test
+can compare what the client heard with what was said.
 
 Faults, for the next connection (one `plan(...)` each, in order): `Refuse(status)` the
 handshake, `DropMidResponse(after_chunks=K)` (TCP closed after the K-th audio chunk of the
