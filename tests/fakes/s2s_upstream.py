@@ -91,6 +91,12 @@ class Connection:
         self.responses: list[str] = []  # ids, in order
         self.truncated: list[dict[str, Any]] = []
         self.ended = anyio.Event()
+        self.session: _Session | None = None
+
+    def reset(self) -> None:
+        """Close this connection's TCP now (no close frame), whatever it is doing."""
+        if self.session is not None:
+            self.session.dropped.set()
 
     def types(self) -> list[str]:
         return [str(e.get("type")) for e in self.events]
@@ -319,7 +325,7 @@ class FakeSpeechToSpeech:
                     return
                 proto.send_response(proto.accept(request))
                 await _flush(stream, proto)
-                session = _Session(record, plan)
+                session = record.session = _Session(record, plan)
                 session.start()
                 async with anyio.create_task_group() as tg:
 
