@@ -106,9 +106,10 @@ class Client:
         await self.open()
         for turn in range(turns):
             assert self.ws is not None
-            content = [{"type": "input_text", "text": f"question {turn} of session {self.number}"}]
-            await self.ws.send({"type": "conversation.item.create",
-                                "item": {"type": "message", "role": "user", "content": content}})  # fmt: skip
+            text = f"question {turn} of session {self.number}"
+            content = [{"type": "input_text", "text": text}]
+            item = {"type": "message", "role": "user", "content": content}
+            await self.ws.send({"type": "conversation.item.create", "item": item})
             await self.ws.send({"type": "response.create"})
             recreated = 0
             while await self.until_done() and recreated < RECREATIONS:
@@ -123,8 +124,8 @@ def check(client: Client, fake: FakeSpeechToSpeech) -> dict[str, Any]:
     kinds = [e["type"] for e in events]
     created, done = kinds.count("response.created"), kinds.count("response.done")
     heard = b"".join(_b64(e["delta"]) for e in events if e["type"] in AUDIO)
-    mine = [c for c in fake.connections
-            if c.sessions and c.sessions[-1].get("instructions") == f"session {client.number}"]  # fmt: skip
+    tag = f"session {client.number}"
+    mine = [c for c in fake.connections if c.sessions and c.sessions[-1].get("instructions") == tag]
     said = b"".join(bytes(c.sent_audio[r]) for c in mine for r in c.responses)
     items: list[str] = []
     for e in events:
@@ -168,7 +169,8 @@ async def run_row(args: argparse.Namespace, n: int) -> dict[str, Any]:
 name = "s2s"
 kind = "openai_realtime"
 base_url = "http://127.0.0.1:{port}/v1"
-features = ["supports_stream", "supports_bidi_stream", "supports_audio_input", "supports_audio_output"]
+features = ["supports_stream", "supports_bidi_stream", "supports_audio_input",
+            "supports_audio_output"]
 options = { ping_interval_s = 0 }
 """
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -221,7 +223,8 @@ options = { ping_interval_s = 0 }
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("sessions", "responses", "one done", "audio ==", "lost B", "dup B", "items ok",
-            "reconnects", "resumes", "restore p50/p99 ms", "resume p50/p99 ms", "RSS KiB/sess")  # fmt: skip
+            "reconnects", "resumes", "restore p50/p99 ms", "resume p50/p99 ms",
+            "RSS KiB/sess")  # fmt: skip
     lines = [" | ".join(head)]
     for r in rows:
         n = r["sessions"]
