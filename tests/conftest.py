@@ -8,15 +8,20 @@ independent of `spear_rt.client`: tests of the server must not rest on our own c
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import queue
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
 import numpy as np
 import pytest
 import trio
@@ -117,6 +122,42 @@ async def running_server(config: Config) -> AsyncIterator[Server]:
             yield server
         finally:
             tg.cancel_scope.cancel()
+
+
+_T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    rig: Callable[[], AbstractAsyncContextManager[_T]], timeout_s: float = 90
+) -> Iterator[_T]:
+    """Run the async context `rig()` in a trio thread (for clients with their own loop, like
+    the SDKs' asyncio); yield what it yields, and end it when the block ends."""
+    out: queue.Queue[Any] = queue.Queue()
+
+    async def main() -> None:
+        try:
+            async with rig() as value:
+                stop = anyio.Event()
+                out.put((value, stop, anyio.lowlevel.current_token()))
+                await stop.wait()
+        except BaseException as exc:  # report a failed start instead of hanging the test
+            out.put(exc)
+            raise
+
+    thread = threading.Thread(target=anyio.run, args=(main,), kwargs={"backend": "trio"})
+    thread.start()
+    item = out.get(timeout=timeout_s)
+    if isinstance(item, BaseException):
+        thread.join(timeout=timeout_s)
+        raise item
+    value, stop, token = item
+    try:
+        yield value
+    finally:
+        anyio.from_thread.run_sync(stop.set, token=token)
+        thread.join(timeout=timeout_s)
+        assert not thread.is_alive()
 
 
 ServerFactory = Callable[..., Awaitable[Server]]

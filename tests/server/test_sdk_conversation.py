@@ -14,10 +14,9 @@ import base64
 import contextlib
 import json
 import os
-import queue
 import subprocess
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 
 from spear_rt.server.app import Server
-from tests.conftest import b64, load_fixture_24k, make_config
+from tests.conftest import b64, load_fixture_24k, make_config, serve_in_thread
 from tests.fakes.openai_upstream import FakeOpenAI, text_events
 from tests.selfsigned import make_cert
 from tests.server.conversation_rig import heard_fraction, rig_toml, transcribe_back
@@ -42,44 +41,22 @@ VAD = {"type": "server_vad", "silence_duration_ms": 500}
 QUESTION = np.concatenate([load_fixture_24k("speech_go_forward.wav"), np.zeros(24000, np.int16)])
 
 
-def _serve(server_toml: str, out: queue.Queue[Any]) -> None:
-    async def main() -> None:
-        try:
-            fake = FakeOpenAI()
-            async with anyio.create_task_group() as tg:
-                await tg.start(fake.serve)
-                fake.slow_stream(text_events(ANSWER)).release(len(ANSWER) + 3)
-                conversation, backends = rig_toml(fake)
-                config = make_config(server=server_toml, backends=backends, extra=conversation)
-                port = await tg.start(Server(config).serve)
-                stop = anyio.Event()
-                out.put((port, fake, stop, anyio.lowlevel.current_token()))
-                await stop.wait()
-                tg.cancel_scope.cancel()
-        except BaseException as exc:  # report a failed start instead of hanging the test
-            out.put(exc)
-            raise
-
-    anyio.run(main, backend="trio")
-
-
-@contextlib.contextmanager
-def serving(server_toml: str = "") -> Iterator[tuple[int, FakeOpenAI]]:
-    """The rig in a thread; yields the server's port and the fake (read it after the run)."""
-    out: queue.Queue[Any] = queue.Queue()
-    thread = threading.Thread(target=_serve, args=(server_toml, out))
-    thread.start()
-    item = out.get(timeout=TIMEOUT_S)
-    if isinstance(item, BaseException):
-        thread.join(timeout=TIMEOUT_S)
-        raise item
-    port, fake, stop, token = item
-    try:
+@asynccontextmanager
+async def _rig(server_toml: str) -> AsyncIterator[tuple[int, FakeOpenAI]]:
+    fake = FakeOpenAI()
+    async with anyio.create_task_group() as tg:
+        await tg.start(fake.serve)
+        fake.slow_stream(text_events(ANSWER)).release(len(ANSWER) + 3)
+        conversation, backends = rig_toml(fake)
+        config = make_config(server=server_toml, backends=backends, extra=conversation)
+        port = await tg.start(Server(config).serve)
         yield port, fake
-    finally:
-        anyio.from_thread.run_sync(stop.set, token=token)
-        thread.join(timeout=TIMEOUT_S)
-        assert not thread.is_alive()
+        tg.cancel_scope.cancel()
+
+
+def serving(server_toml: str = "") -> contextlib.AbstractContextManager[tuple[int, FakeOpenAI]]:
+    """The rig in a thread; yields the server's port and the fake (read it after the run)."""
+    return serve_in_thread(lambda: _rig(server_toml), TIMEOUT_S)
 
 
 async def converse(conn: Any, session: dict[str, Any], audio_delta: str) -> dict[str, Any]:

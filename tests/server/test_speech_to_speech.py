@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import queue
 import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,7 +28,15 @@ import pytest
 from spear_rt.server.app import Server
 from spear_rt.session.machine import State
 from spear_rt.session.reconnect import ReconnectingUpstream
-from tests.conftest import WsClient, b64, load_fixture_24k, make_config, noise_pcm, running_server
+from tests.conftest import (
+    WsClient,
+    b64,
+    load_fixture_24k,
+    make_config,
+    noise_pcm,
+    running_server,
+    serve_in_thread,
+)
 from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
 from tests.server.conversation_rig import Talk
 from tests.server.test_resume import drop, until
@@ -285,37 +290,10 @@ async def test_a_resume_that_needs_evicted_answer_audio_is_refused_4004_never_wi
 # --- the official Python SDK, unchanged ---------------------------------------------------------
 
 
-def _serve_in_thread(out: queue.Queue[Any]) -> None:
-    async def main() -> None:
-        try:
-            async with gateway() as (server, fake):
-                stop = anyio.Event()
-                out.put((server.port, fake, stop, anyio.lowlevel.current_token()))
-                await stop.wait()
-        except BaseException as exc:  # report a failed start instead of hanging the test
-            out.put(exc)
-            raise
-
-    anyio.run(main, backend="trio")
-
-
-@contextlib.contextmanager
-def serving() -> Iterator[tuple[int, FakeSpeechToSpeech]]:
-    """The gateway and the fake in a thread (the SDK runs its own asyncio loop)."""
-    out: queue.Queue[Any] = queue.Queue()
-    thread = threading.Thread(target=_serve_in_thread, args=(out,))
-    thread.start()
-    item = out.get(timeout=TIMEOUT_S)
-    if isinstance(item, BaseException):
-        thread.join(timeout=TIMEOUT_S)
-        raise item
-    port, fake, stop, token = item
-    try:
-        yield port, fake
-    finally:
-        anyio.from_thread.run_sync(stop.set, token=token)
-        thread.join(timeout=TIMEOUT_S)
-        assert not thread.is_alive()
+@asynccontextmanager
+async def _rig() -> AsyncIterator[tuple[int, FakeSpeechToSpeech]]:
+    async with gateway() as (server, fake):
+        yield server.port or 0, fake
 
 
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
@@ -353,7 +331,7 @@ def test_the_python_sdk_converses_through_a_speech_to_speech_upstream(dialect: s
                         return events
         raise AssertionError("the connection ended before response.done")
 
-    with serving() as (port, fake):
+    with serve_in_thread(_rig, TIMEOUT_S) as (port, fake):
         events = asyncio.run(main(port))
     done = events[-1].response
     assert done.status == "completed"
