@@ -209,12 +209,11 @@ class SessionManager:
         """The session's instance, and whether it is speech-to-speech (else: a cascade)."""
         router = self._router()
         if req.kind is SessionKind.REALTIME:
-            try:
-                instance, _ = router.route(self.envelope(req, speech=True))
-            except CanonicalFailure:
-                pass  # no speech-to-speech instance serves it: the cascade does
-            else:
-                if hasattr(instance.kind, "open_conversation"):
+            speech = self.envelope(req, speech=True)
+            probe, _ = router.explain(speech)  # no side effect: no instance is not an error
+            if probe is not None and _holds_conversations(probe):
+                instance, _ = router.route(speech)
+                if _holds_conversations(instance):
                     return instance, True
         instance, _ = router.route(self.envelope(req))
         return instance, False
@@ -320,6 +319,8 @@ class SessionManager:
             instance, _decision = self._router().route(self.envelope(req, speech))
         except CanonicalFailure:
             return previous  # nothing else can serve it: try the same one again
+        if speech and not _holds_conversations(instance):
+            return previous
         return instance
 
     async def _run_session(
@@ -428,6 +429,11 @@ class SessionManager:
         self.draining = True
         for runner in list(self.sessions.values()):
             runner.drain(deadline_s)
+
+
+def _holds_conversations(instance: RegisteredInstance) -> bool:
+    """The instance's kind relays whole conversations (speech-to-speech)."""
+    return hasattr(instance.kind, "open_conversation")
 
 
 @asynccontextmanager
