@@ -62,6 +62,7 @@ import numpy as np
 from spear_rt.audio import AudioFormatError, decode_audio
 from spear_rt.backend import (
     AudioOut,
+    CreateResponse,
     Pcm16,
     ResponseEnded,
     TextOut,
@@ -282,20 +283,30 @@ class SessionMachine:
                         replayed_item_ids=list(event.replayed_items),
                     )
                 )
-                conversation = self.conversation
-                if conversation is not None and conversation.relay is not None:
-                    if conversation.response is not None:  # cut by the drop: created again
-                        cut = ResponseEnded(conversation.response.id, interrupted=RECONNECTED)
-                        self.response_output(cut)
             case TextOut() | AudioOut() | ToolCallOut() | ResponseEnded():
                 self.response_output(event)
 
     def restore_commands(self) -> list[UpstreamCommand]:
-        """What a new speech-to-speech upstream needs to hold this conversation (relay.py)."""
+        """What a new speech-to-speech upstream needs to hold this conversation (relay.py).
+
+        Called as the new upstream takes over, before anything else is sent to it: the
+        response in progress is cut now (rule 8: it is created again, after the restore),
+        so a `CreateResponse` of it still waiting to be sent is stale (`stale_command`).
+        """
         conversation = self.conversation
         if conversation is None or conversation.relay is None:
             return []
+        if conversation.response is not None and self.state not in (State.CLOSED, State.ERROR):
+            self.response_output(ResponseEnded(conversation.response.id, interrupted=RECONNECTED))
         return restore_commands(conversation.settings, conversation.items)
+
+    def stale_command(self, command: UpstreamCommand) -> bool:
+        """`command` waited out a reconnect and no longer applies (a cut response's create)."""
+        conversation = self.conversation
+        if not isinstance(command, CreateResponse) or conversation is None:
+            return False
+        response = conversation.response
+        return response is None or response.id != command.response_id
 
     def response_output(self, out: ResponseOutput) -> None:
         """Apply what the responder produced (a conversation session's response)."""

@@ -362,6 +362,7 @@ class SessionManager:
         if isinstance(upstream, ReconnectingUpstream):
             if speech:
                 upstream.restore = machine.restore_commands
+                upstream.stale = machine.stale_command
             router, operation = self._router, self.envelope(req).operation
             upstream.report = lambda name, exc: router().connection_failed(name, operation, exc)
         responder = None if speech else self._responder(machine, req)

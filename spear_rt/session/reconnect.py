@@ -135,6 +135,9 @@ class ReconnectingUpstream:
         # settings and items), and told of each connection's failure (the router's breaker).
         self.restore: Callable[[], list[UpstreamCommand]] = list
         self.report: Callable[[str, BackendFailure], None] = lambda instance, failure: None
+        # A command that no longer applies when its turn to be sent comes (a cut response's
+        # create that waited out the reconnect) is dropped, not sent.
+        self.stale: Callable[[UpstreamCommand], bool] = lambda command: False
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class ReconnectingUpstream:
         self._raise_if_over()
         if self._state is not _State.OPEN or self._sending or self._up is None:
             return False
+        if self.stale(command):
+            return True  # taken, and dropped
         if self.journal.dropped(command):
             if isinstance(command, Commit) and not self._has_room():
                 return False
@@ -172,6 +177,8 @@ class ReconnectingUpstream:
         while self._state is not _State.OPEN:
             self._raise_if_over()
             await self._changed.wait()
+        if self.stale(command):
+            return
         up, generation = self._up, self._generation
         assert up is not None
         if self.journal.dropped(command):

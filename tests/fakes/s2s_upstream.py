@@ -12,8 +12,9 @@ more than `ANSWER_WORDS` are asked): per word one audio transcript delta and one
 delta (pcm16 24 kHz, bytes derived from the word and its index, so an answer's audio is the
 same whoever asks), then the done events. Between chunks the responder yields
 (`chunk_interval_s`, 0 by default: a checkpoint), so a cancel or a drop lands mid-answer.
-Every audio delta that went out is recorded (`sent_audio`), per upstream response, so a test
-can compare what the client heard with what was said.
+Every audio delta written to the socket is recorded (`sent_audio`, after the write: a reset
+drops what was not written), per upstream response, so a test can compare what the client
+heard with what was said.
 
 Faults, for the next connection (one `plan(...)` each, in order): `Refuse(status)` the
 handshake, `DropMidResponse(after_chunks=K)` (TCP closed after the K-th audio chunk of the
@@ -113,6 +114,7 @@ class _Session:
         self.plan = plan
         self.ga = record.dialect == "ga"
         self.out: list[bytes] = []
+        self.out_audio: list[tuple[str, bytes] | None] = []
         self.wake = anyio.Event()
         self._count = 0
         self._audio = bytearray()
@@ -133,10 +135,11 @@ class _Session:
         self.dropped.set()
         await anyio.sleep_forever()
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], audio: tuple[str, bytes] | None = None) -> None:
         self._count += 1
         event = {"event_id": f"ev_{self.record.number}_{self._count}", **event}
         self.out.append(msgspec.json.encode(event))
+        self.out_audio.append(audio)  # credited to `sent_audio` once it went out
         self.wake.set()
 
     def new_id(self, prefix: str) -> str:
@@ -376,11 +379,16 @@ class FakeSpeechToSpeech:
             await session.wake.wait()
             session.wake = anyio.Event()
             out, session.out = session.out, []
+            audio, session.out_audio = session.out_audio, []
             session.writing = True
-            if proto.state is State.OPEN:
-                for data in out:
-                    proto.send_text(data)
+            if proto.state is not State.OPEN:
+                return
+            for data in out:
+                proto.send_text(data)
             await _flush(stream, proto)
+            for said in audio:  # written to the socket: the gateway gets it before any FIN
+                if said is not None:
+                    session.record.sent_audio[said[0]] += said[1]
             session.writing = False
             if not session.out:
                 session.sent.set()
@@ -429,8 +437,7 @@ class FakeSpeechToSpeech:
             audio = word_audio(word, index)
             session.emit({"type": names[0] + ".delta", **ids, "delta": delta})
             session.emit({"type": names[1] + ".delta", **ids,
-                          "delta": base64.b64encode(audio).decode()})  # fmt: skip
-            record.sent_audio[rid] += audio
+                          "delta": base64.b64encode(audio).decode()}, (rid, audio))  # fmt: skip
             session.chunks += 1
             if session.plan.drop_mid_response == session.chunks:
                 await session.drop()

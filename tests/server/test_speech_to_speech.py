@@ -37,7 +37,7 @@ from tests.conftest import (
     running_server,
     serve_in_thread,
 )
-from tests.fakes.s2s_upstream import DropMidResponse, FakeSpeechToSpeech
+from tests.fakes.s2s_upstream import DropAfter, DropMidResponse, FakeSpeechToSpeech
 from tests.server.conversation_rig import Talk
 from tests.server.test_resume import drop, until
 
@@ -157,6 +157,34 @@ async def test_an_upstream_dropped_mid_answer_is_restored_and_the_answer_created
             assert two.item_ids() == [user_item, cut, second["output"][0]["id"]]
             restored = two.items[1]["content"][0]
             assert restored == {"type": "output_text", "text": "reply to what"}
+            await talk.close()
+
+
+async def test_a_response_asked_for_while_the_upstream_is_away_is_answered_once() -> None:
+    """The upstream drops right after the client's item (frame 4: the opening update, the
+    session's settings, the client's session.update, the item); the response.create comes
+    during the reconnect. Found by bench/s2s_faults.py: the create waiting out the
+    reconnect was sent after the recreated one, and the upstream refused the second."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway() as (server, fake):
+            fake.plan(DropAfter(frames=4))
+            talk = await Talk.open(server.port or 0, "ga", **manual("ga"))
+            upstream = server.sessions.sessions[talk.events[0]["session"]["id"]].upstream
+            assert isinstance(upstream, ReconnectingUpstream)
+            await talk.user_text("are you there")
+            await until(lambda: not upstream.statistics().connected)  # backing off: >= 80 ms
+            await talk.send({"type": "response.create"})
+            while True:
+                done = (await talk.until("response.done"))[-1]["response"]
+                if done["status"] != "incomplete":
+                    break
+            assert done["status"] == "completed", done
+            kinds = [e["type"] for e in talk.events]
+            assert kinds.count("response.created") == kinds.count("response.done")
+            assert "error" not in kinds
+            last = fake.connections[-1]
+            assert audio_of(talk.events, done["id"]) == bytes(last.sent_audio[last.responses[-1]])
+            assert "conversation_already_has_active_response" not in str(last.events)
             await talk.close()
 
 
