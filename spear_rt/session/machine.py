@@ -30,7 +30,9 @@ Rules:
 10. A conversation session (kind realtime) also holds a `Conversation` (`session/conversation.py`):
    conversation client events, committed turns, transcripts and ``speech_started`` go to it;
    the responder takes its actions and feeds back `response_output`. Draining waits for its
-   response too.
+   response too. Relayed to a speech-to-speech upstream (`relay`), the conversation's
+   changes go upstream as commands and the response's output comes back as upstream events;
+   a new upstream first gets `restore_commands` (which cuts the response in progress).
 
 Transitions:
 
