@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -37,7 +41,8 @@ from tests.conftest import (
     running_server,
     serve_in_thread,
 )
-from tests.fakes.s2s_upstream import DropAfter, DropMidResponse, FakeSpeechToSpeech
+from tests.fakes.s2s_upstream import ANSWER_WORDS, DropAfter, DropMidResponse, FakeSpeechToSpeech
+from tests.selfsigned import make_cert
 from tests.server.conversation_rig import Talk
 from tests.server.test_resume import drop, until
 
@@ -62,13 +67,20 @@ options = {{ ping_interval_s = 0, dialect = "{dialect}" }}
 
 @asynccontextmanager
 async def gateway(
-    upstream_dialect: str = "ga", extra: str = "", realtime: str = "", **fake_options: Any
+    upstream_dialect: str = "ga",
+    extra: str = "",
+    realtime: str = "",
+    server: str = "",
+    **fake_options: Any,
 ) -> AsyncIterator[tuple[Server, FakeSpeechToSpeech]]:
     fake = FakeSpeechToSpeech(**fake_options)
     async with anyio.create_task_group() as tg:
         await tg.start(fake.serve)
         config = make_config(
-            realtime=realtime, extra=extra, backends=backends(fake, upstream_dialect)
+            server=server,
+            realtime=realtime,
+            extra=extra,
+            backends=backends(fake, upstream_dialect),
         )
         async with running_server(config) as server:
             yield server, fake
@@ -319,8 +331,8 @@ async def test_a_resume_that_needs_evicted_answer_audio_is_refused_4004_never_wi
 
 
 @asynccontextmanager
-async def _rig() -> AsyncIterator[tuple[int, FakeSpeechToSpeech]]:
-    async with gateway() as (server, fake):
+async def _rig(server_toml: str = "") -> AsyncIterator[tuple[int, FakeSpeechToSpeech]]:
+    async with gateway(server=server_toml) as (server, fake):
         yield server.port or 0, fake
 
 
@@ -368,3 +380,30 @@ def test_the_python_sdk_converses_through_a_speech_to_speech_upstream(dialect: s
     assert heard == bytes(said.sent_audio[said.responses[0]]) and heard
     upstream_input = said.sessions[-1]["audio"]["input"]  # a GA upstream, whatever the client
     assert "turn_detection" in upstream_input and upstream_input["turn_detection"] is None
+
+
+def test_the_node_sdk_converses_through_a_speech_to_speech_upstream_over_tls(
+    tmp_path: Path, node_sdk: Path
+) -> None:
+    cert, key = make_cert(tmp_path)
+    question = np.concatenate(
+        [load_fixture_24k("speech_go_forward.wav"), np.zeros(24000, np.int16)]
+    )
+    asked, answer = tmp_path / "question.pcm", tmp_path / "answer.pcm"
+    asked.write_bytes(question.astype("<i2").tobytes())
+    tls = f'tls_cert = "{cert}"\ntls_key = "{key}"'
+    with serve_in_thread(lambda: _rig(tls), TIMEOUT_S) as (port, fake):
+        done = subprocess.run(
+            ["node", str(node_sdk / "realtime_converse.mjs"), f"https://127.0.0.1:{port}/v1",
+             str(asked), str(answer)],
+            env={**os.environ, "NODE_EXTRA_CA_CERTS": str(cert)},
+            capture_output=True, text=True, timeout=TIMEOUT_S * 2,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    said = fake.connections[0]
+    assert result["status"] == "completed"
+    assert result["heard"].strip()
+    expected = ["reply", "to", *result["heard"].split()][:ANSWER_WORDS]  # the fake's rule
+    assert result["answer"] == " ".join(expected)
+    assert answer.read_bytes() == bytes(said.sent_audio[said.responses[0]])
