@@ -129,10 +129,14 @@ _T = TypeVar("_T")
 
 @contextlib.contextmanager
 def serve_in_thread(
-    rig: Callable[[], AbstractAsyncContextManager[_T]], timeout_s: float = 90
+    rig: Callable[[], AbstractAsyncContextManager[_T]],
+    timeout_s: float = 90,
+    *,
+    backend: str = "trio",
+    backend_options: dict[str, Any] | None = None,
 ) -> Iterator[_T]:
-    """Run the async context `rig()` in a trio thread (for clients with their own loop, like
-    the SDKs' asyncio); yield what it yields, and end it when the block ends."""
+    """Run the async context `rig()` in a thread on its own event loop (for clients with
+    their own loop, like the SDKs' asyncio); yield what it yields, end it with the block."""
     out: queue.Queue[Any] = queue.Queue()
 
     async def main() -> None:
@@ -145,7 +149,8 @@ def serve_in_thread(
             out.put(exc)
             raise
 
-    thread = threading.Thread(target=anyio.run, args=(main,), kwargs={"backend": "trio"})
+    options = {"backend": backend, "backend_options": backend_options}
+    thread = threading.Thread(target=anyio.run, args=(main,), kwargs=options)
     thread.start()
     item = out.get(timeout=timeout_s)
     if isinstance(item, BaseException):

@@ -14,19 +14,17 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import socket
 import ssl
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.from_thread
 import anyio.lowlevel
 import httpx
 import pytest
@@ -36,7 +34,7 @@ from spear_rt.config import Config
 from spear_rt.errors import ConfigError
 from spear_rt.server.app import Server
 from spear_rt.server.tls import server_ssl_context
-from tests.conftest import WsClient, b64, make_config, noise_pcm
+from tests.conftest import WsClient, b64, make_config, noise_pcm, running_server, serve_in_thread
 from tests.selfsigned import make_cert
 from tests.server.test_realtime import BETA, MANUAL_BETA, TRANSCRIPTION
 from tests.server.test_slow_client import MAX_OUTBOUND, WORDY_DELTA, wordy_registry
@@ -68,41 +66,19 @@ def client_ssl(cert: tuple[Path, Path]) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert[0]))
 
 
-def _serve(config: Config, driver: str, out: queue.Queue[Any]) -> None:
-    backend, options, _ = DRIVERS[driver]
-
-    async def main() -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                port = await tg.start(Server(config).serve)
-                stop = anyio.Event()
-                out.put((port, stop, anyio.lowlevel.current_token()))
-                await stop.wait()
-                tg.cancel_scope.cancel()
-        except BaseException as exc:  # report a failed start instead of hanging the test
-            out.put(exc)
-            raise
-
-    anyio.run(main, backend=backend, backend_options=options)
+@asynccontextmanager
+async def _port(config: Config) -> AsyncIterator[int]:
+    async with running_server(config) as server:
+        yield server.port or 0
 
 
-@contextlib.contextmanager
-def serving(driver: str, server_toml: str) -> Iterator[int]:
+def serving(driver: str, server_toml: str) -> contextlib.AbstractContextManager[int]:
     """A server with the stub backend on `driver`'s loop in a thread; yields its port."""
-    out: queue.Queue[Any] = queue.Queue()
-    thread = threading.Thread(target=_serve, args=(make_config(server=server_toml), driver, out))
-    thread.start()
-    item = out.get(timeout=TIMEOUT_S)
-    if isinstance(item, BaseException):
-        thread.join(timeout=TIMEOUT_S)
-        raise item
-    port, stop, token = item
-    try:
-        yield port
-    finally:
-        anyio.from_thread.run_sync(stop.set, token=token)
-        thread.join(timeout=TIMEOUT_S)
-        assert not thread.is_alive()
+    backend, options, _ = DRIVERS[driver]
+    config = make_config(server=server_toml)
+    return serve_in_thread(
+        lambda: _port(config), TIMEOUT_S, backend=backend, backend_options=options
+    )
 
 
 def tls_toml(driver: str, cert: tuple[Path, Path]) -> str:
