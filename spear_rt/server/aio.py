@@ -526,7 +526,7 @@ class CallbackRunner:
 
     async def _upstream_reader(self) -> None:
         machine = self.machine
-        relayed = machine.conversation is not None and machine.conversation.relay is not None
+        relayed = machine.relayed
         try:
             while True:
                 if relayed:  # answer audio is never dropped: a slow client slows the upstream

@@ -288,6 +288,11 @@ class SessionMachine:
             case TextOut() | AudioOut() | ToolCallOut() | ResponseEnded():
                 self.response_output(event)
 
+    @property
+    def relayed(self) -> bool:
+        """A conversation relayed to a speech-to-speech upstream (rule 10)."""
+        return self.conversation is not None and self.conversation.relay is not None
+
     def restore_commands(self) -> list[UpstreamCommand]:
         """What a new speech-to-speech upstream needs to hold this conversation (relay.py).
 
@@ -296,7 +301,7 @@ class SessionMachine:
         so a `CreateResponse` of it still waiting to be sent is stale (`stale_command`).
         """
         conversation = self.conversation
-        if conversation is None or conversation.relay is None:
+        if conversation is None or not self.relayed:
             return []
         if conversation.response is not None and self.state not in (State.CLOSED, State.ERROR):
             self.response_output(ResponseEnded(conversation.response.id, interrupted=RECONNECTED))

@@ -193,11 +193,10 @@ class SessionManager:
         `speech`: a conversation asking for a speech-to-speech instance (one declaring
         `supports_audio_output`), which holds the whole conversation.
         """
-        transcription = req.kind is SessionKind.TRANSCRIPTION
         features = frozenset({Feature.SUPPORTS_AUDIO_OUTPUT}) if speech else frozenset()
         return CanonicalRequestEnvelope(
             request_id=new_id("req"),
-            operation=Operation.SPEECH_TO_TEXT if transcription else Operation.REALTIME_VOICE,
+            operation=_operation(req),
             meta=RequestMeta(client_key_id=req.client_key_id),
             routing=RoutingHints(backend=req.backend, model=req.model),
             requirements=RequestRequirements(
@@ -289,7 +288,7 @@ class SessionManager:
         speech: bool,
     ) -> AbstractAsyncContextManager[TranscriptionUpstream]:
         """The session's upstream: reopened after drops when the instance is remote."""
-        operation = self.envelope(req).operation
+        operation = _operation(req)
 
         @asynccontextmanager
         async def open_upstream(
@@ -363,7 +362,7 @@ class SessionManager:
             if speech:
                 upstream.restore = machine.restore_commands
                 upstream.stale = machine.stale_command
-            router, operation = self._router, self.envelope(req).operation
+            router, operation = self._router, _operation(req)
             upstream.report = lambda name, exc: router().connection_failed(name, operation, exc)
         responder = None if speech else self._responder(machine, req)
         runner: Runner = (
@@ -430,6 +429,13 @@ class SessionManager:
         self.draining = True
         for runner in list(self.sessions.values()):
             runner.drain(deadline_s)
+
+
+def _operation(req: ConnectRequest) -> Operation:
+    """What a session open asks of the registry."""
+    if req.kind is SessionKind.TRANSCRIPTION:
+        return Operation.SPEECH_TO_TEXT
+    return Operation.REALTIME_VOICE
 
 
 def _holds_conversations(instance: RegisteredInstance) -> bool:

@@ -276,7 +276,7 @@ class SessionRunner:
 
     async def _upstream_reader(self) -> None:
         machine = self.machine
-        relayed = machine.conversation is not None and machine.conversation.relay is not None
+        relayed = machine.relayed
         try:
             while True:
                 if relayed:  # answer audio is never dropped: a slow client slows the upstream
