@@ -54,6 +54,7 @@ class OpenResponse(msgspec.Struct):
     retries: int = 0  # times it was created again after its stage failed mid-answer
     output: list[Item] = msgspec.field(default_factory=list)
     open: Item | None = None  # the output item being written
+    open_as: str | None = None  # the id its producer gave it (ours may differ: `_new_id`)
 
 
 class ResponseWriter:
@@ -74,14 +75,16 @@ class ResponseWriter:
 
     def _open_message(self, response: OpenResponse, item_id: str | None) -> Item:
         item = response.open
-        if item is not None and item.type == "message" and item_id in (None, item.id):
+        if item is not None and item.type == "message" and item_id in (None, response.open_as):
             return item
         self.close_open(response, "completed")
         kind = "audio" if response.settings.audio_out else "text"
         part: dict[str, Any] = {"kind": kind, ("transcript" if kind == "audio" else "text"): ""}
-        item_id = self._new_id(item_id)
-        item = Item(id=item_id, role="assistant", status="in_progress", content=[part])
+        item = Item(
+            id=self._new_id(item_id), role="assistant", status="in_progress", content=[part]
+        )
         self._open_item(response, item)
+        response.open_as = item_id
         self._emit(
             re.ContentPartAdded(
                 response_id=response.id,
