@@ -36,6 +36,13 @@ Fault mode (``--fault none,client:T,upstream:T,...``): drop client sockets and/o
 upstream connections while N sessions stream; reports events lost, resume time and RSS per
 session. It lives in faults.py, fault_client.py and fault_net.py next to this file.
 
+Conversations (``--kind conversation``): the same two runs for speech-to-speech sessions.
+The ladder (with ``--compare``: side by side with the bare relay and direct) is s2s_ladder.py:
+user turns as appends, answers of 100 ms audio deltas from a fake speech-to-speech upstream,
+chunk latency per answer. ``--fault`` is s2s_faults.py: N conversations through
+tests/fakes/s2s_upstream.py, ``client:T`` one random client killed every T s, ``upstream:T``
+one random upstream connection reset every T s; audio lost/duplicated, items restored.
+
 Not part of spear_rt: a bench. Binds and connects to 127.0.0.1 only; every step is bounded in
 time. See bench/README.md for commands and how to read the table.
 """
@@ -1282,6 +1289,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the anchors' bare relay and direct-to-fake-upstream at each N",
     )
+    ap.add_argument(
+        "--kind",
+        choices=("transcription", "conversation"),
+        default="transcription",
+        help="conversation: speech-to-speech sessions; the ladder is s2s_ladder.py, --fault "
+        "is s2s_faults.py (both next to this file)",
+    )
     ap.add_argument("--vad", action="store_true", help="server VAD instead of manual commits")
     ap.add_argument("--pace", choices=("realtime", "fast"), default="realtime")
     ap.add_argument("--fast-factor", type=int, default=5, help="--pace fast: appends per 20 ms")
@@ -1349,6 +1363,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def conversation_main(args: argparse.Namespace) -> int:
+    """`--kind conversation`: the same ladder or fault run, for speech-to-speech sessions."""
+    if args.fault:
+        import s2s_faults
+
+        return s2s_faults.main(["--sessions", args.sessions, "--fault", args.fault])
+    import s2s_ladder
+
+    targets = "direct,uvloop,spear" if args.compare else "spear"
+    common = ["--sessions", args.sessions, "--seconds", str(args.seconds), "--warmup",
+              str(args.warmup), "--targets", targets]  # fmt: skip
+    code = 0
+    for loop in args.loop.split(","):
+        out = RESULTS / f"s2s_ladder-{loop}.json"
+        code |= s2s_ladder.main([*common, "--loop", loop, "--out", str(out)])
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import faults
@@ -1373,6 +1405,8 @@ def main(argv: list[str] | None = None) -> int:
             if plot(results, out):
                 log(f"wrote {out}")
         return 0
+    if args.kind == "conversation":
+        return conversation_main(args)
     if args.fault:
         return faults.main(args)
     if args.backend is None:

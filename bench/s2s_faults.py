@@ -7,6 +7,10 @@ chunks, paced by `--chunk-ms`). Each session asks `--turns` questions (a user te
 frame) and resumes with `last_seq`; every `--reset-every` seconds one random upstream
 connection is closed under the gateway (TCP, mid-answer or not).
 
+`--fault` takes realtime_load.py's fault list instead (`none`, `client:T`, `upstream:T`,
+`client:T+upstream:T`; one row per N and item): `realtime_load.py --kind conversation --fault`
+runs this.
+
 Per session, checked at the end:
 * every `response.created` has exactly one `response.done`;
 * the audio the client heard (all responses, in order) against what the upstream sent to this
@@ -222,14 +226,14 @@ options = { ping_interval_s = 0 }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("sessions", "responses", "one done", "audio ==", "lost B", "dup B", "items ok",
+    head = ("fault", "sessions", "responses", "one done", "audio ==", "lost B", "dup B", "items ok",
             "reconnects", "resumes", "restore p50/p99 ms", "resume p50/p99 ms",
             "RSS KiB/sess")  # fmt: skip
     lines = [" | ".join(head)]
     for r in rows:
         n = r["sessions"]
         lines.append(" | ".join(str(x) for x in (
-            n, r["responses"], f"{r['one_done_each']}/{n}", f"{r['audio_equal']}/{n}",
+            r["fault"], n, r["responses"], f"{r['one_done_each']}/{n}", f"{r['audio_equal']}/{n}",
             r["lost_bytes"], r["dup_bytes"], f"{r['items_restored']}/{n}",
             r["upstream_reconnects"], r["resumes"],
             f"{r['restore_ms_p50']}/{r['restore_ms_p99']}",
@@ -238,17 +242,39 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def fault_rates(spec: str) -> tuple[float, float]:
+    """`realtime_load.py --fault` item -> (kill_every, reset_every); inf: no such fault."""
+    rates = {"client": float("inf"), "upstream": float("inf")}
+    if spec != "none":
+        for part in spec.split("+"):
+            kind, _, every = part.partition(":")
+            if kind not in rates or not every:
+                raise SystemExit(f"--fault: bad item {part!r} (client:T, upstream:T, none)")
+            rates[kind] = float(every)
+    return rates["client"], rates["upstream"]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", default="50,100")
+    ap.add_argument("--fault", default="", help="instead of the two rates: realtime_load.py's "
+                    "comma list of none | client:T | upstream:T | client:T+upstream:T")  # fmt: skip
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--words", type=int, default=30, help="100 ms chunks per answer")
     ap.add_argument("--chunk-ms", type=float, default=20.0, help="upstream pause per chunk")
     ap.add_argument("--kill-every", type=float, default=0.5)
     ap.add_argument("--reset-every", type=float, default=0.5)
     ap.add_argument("--out", default="bench/results/s2s_faults.json")
-    args = ap.parse_args()
-    rows = [anyio.run(run_row, args, int(n), backend="trio") for n in args.sessions.split(",")]
+    args = ap.parse_args(argv)
+    specs = args.fault.split(",") if args.fault else [""]
+    rows = []
+    for n in args.sessions.split(","):
+        for spec in specs:
+            if spec:
+                args.kill_every, args.reset_every = fault_rates(spec)
+            row = anyio.run(run_row, args, int(n), backend="trio")
+            rows.append({"fault": spec or f"client:{args.kill_every}+upstream:{args.reset_every}",
+                         **row})  # fmt: skip
     print(table(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
