@@ -27,7 +27,7 @@ from spear_rt.registry import BackendRegistry
 from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
 from spear_rt.server.aio import serve_asyncio
-from spear_rt.server.browser import BrowserGuard, require_json
+from spear_rt.server.browser import BrowserGuard, page_routes, require_json
 from spear_rt.server.gauges import register_gauges
 from spear_rt.server.http import (
     BodyBudget,
@@ -120,6 +120,7 @@ class Server:
             (b"GET", "/v1/capabilities"): self._capabilities,
             **admin.routes(),  # type: ignore[dict-item]
             **self.oneshot.routes(),
+            **page_routes(),  # the browser voice page at GET /
         }
 
     def apply_config(self, config: Config) -> dict[str, object]:

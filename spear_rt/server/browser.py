@@ -20,11 +20,12 @@ every request, before the WebSocket upgrade and before any handler (sans-I/O, he
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
+from spear_rt import web
 from spear_rt.config import ServerConfig
-from spear_rt.server.http import HttpError
+from spear_rt.server.http import HttpError, HttpRequest, Response
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_ECHO = 100  # characters of a refused Origin/Host quoted back
@@ -136,3 +137,15 @@ def require_json(content_type: str | None) -> None:
             f"send the body as JSON with Content-Type: application/json ({got})",
             "unsupported_media_type",
         )
+
+
+def page_routes() -> dict[tuple[bytes, str], Callable[[HttpRequest], Awaitable[Response]]]:
+    """`GET` routes of the voice page (`spear_rt.web`): its files from memory, with its CSP."""
+
+    def serve(body: bytes, content_type: str) -> Callable[[HttpRequest], Awaitable[Response]]:
+        async def handler(request: HttpRequest) -> Response:
+            return Response(200, body, content_type, list(web.SECURITY_HEADERS))
+
+        return handler
+
+    return {(b"GET", path): serve(*asset) for path, asset in web.assets().items()}
