@@ -17,6 +17,10 @@ install-test: $(BIN)/python
 	  echo "installing espeak-ng (used by tests that synthesize speech)"; \
 	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null 2>&1 || \
 	  echo "warning: could not install espeak-ng; its tests will fail"; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (the browser tests drive it through Playwright)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "warning: could not install chromium; the browser tests will fail"; }
 	$(BIN)/pip install -q -e '.[test,uvloop,llama,whisper]'
 	@command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --prefix tests/node >/dev/null || \
 	  echo "warning: npm ci --prefix tests/node failed; the Node SDK tests will fail"

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
+import anyio
 from playwright.sync_api import expect
 
 from tests.browser.rig import Proxy, browser_page, mic_wav, spear_server
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, serve_in_thread
+from tests.fakes.openai_upstream import FakeOpenAI
 
-pytestmark = pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs chromium")
+
 WHISPER = '[server]\nlisten = "127.0.0.1:0"\n\n[[backends]]\nname = "whisper"\nkind = "whisper"\n'
 TURN_MS = 30_000
 
@@ -29,6 +32,16 @@ def words(text: str) -> list[str]:
 def transcript_of(name: str) -> str:
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     return next(str(m["transcript"]) for m in manifest if m["file"] == name)
+
+
+def until_stats(page: Any, done: Any, timeout_ms: int = TURN_MS) -> dict[str, Any]:
+    """Poll `window.spearStats` until `done(stats)` (the page's CSP forbids wait_for_function)."""
+    for _ in range(timeout_ms // 100):
+        stats: dict[str, Any] = page.evaluate("window.spearStats")
+        if done(stats):
+            return stats
+        page.wait_for_timeout(100)
+    raise AssertionError(f"spearStats never got there: {stats}")
 
 
 def heard(expected: str, got: str) -> float:
@@ -61,3 +74,56 @@ def test_transcribe_shows_the_spoken_words_as_a_final_turn(tmp_path: Path) -> No
         stats = p.evaluate("window.spearStats")
         assert stats["lastLatencyMs"] is not None and stats["lastLatencyMs"] > 0
         proxy.close()
+
+
+def test_a_cut_socket_reconnects_resumes_and_loses_no_words(tmp_path: Path) -> None:
+    """The connection dies mid-turn: `reconnecting`, then `resumed`, and the turn is whole."""
+    name = "speech_turn_left.wav"
+    mic = mic_wav(tmp_path / "mic.wav", [(name, 3.0)])
+    with spear_server(WHISPER, tmp_path) as port, browser_page(mic, tmp_path, "resume") as page:
+        proxy = Proxy(port)
+        p: Any = page
+        p.goto(f"http://127.0.0.1:{proxy.port}/")
+        p.click("#connect")
+        expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
+        p.wait_for_selector("#transcript .partial", timeout=TURN_MS)  # mid-turn
+        assert proxy.cut() >= 1
+        expect(p.locator("#status")).to_have_text("resumed", timeout=TURN_MS)
+        p.wait_for_selector("#transcript .final", timeout=TURN_MS)
+        finals = p.locator("#transcript .final")
+        assert finals.count() == 1
+        text = finals.first.evaluate("li => li.lastChild.textContent")
+        assert heard(transcript_of(name), text) >= 0.7, text
+        assert "resumed session" in (p.locator("#log").text_content() or "")
+        proxy.close()
+
+
+@asynccontextmanager
+async def fake_chat() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    async with anyio.create_task_group() as tg:
+        await tg.start(fake.serve)
+        yield fake
+        tg.cancel_scope.cancel()
+
+
+def test_talk_mode_answers_in_text_and_plays_the_audio(tmp_path: Path) -> None:
+    """Speak a turn in talk mode: the answer is shown and its audio plays to the end."""
+    mic = mic_wav(tmp_path / "mic.wav", [("speech_open_window.wav", 2.0)])
+    with serve_in_thread(fake_chat) as fake:
+        config = WHISPER + (
+            f'\n[[backends]]\nname = "fake"\nkind = "openai_http"\nbase_url = "{fake.base_url}"\n'
+            '\n[[backends]]\nname = "espeak"\nkind = "espeak"\n'
+            '\n[conversation]\nchat_backend = "fake"\nspeech_backend = "espeak"\n'
+        )
+        with spear_server(config, tmp_path) as port, browser_page(mic, tmp_path, "talk") as page:
+            p: Any = page
+            p.goto(f"http://127.0.0.1:{port}/")
+            p.select_option("#mode", "talk")
+            p.click("#connect")
+            expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
+            expect(p.locator("#answer .assistant")).to_contain_text("echo", timeout=TURN_MS)
+            stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
+            assert stats["audioPlayedMs"] > 300, stats
+            assert stats["lastLatencyMs"] is not None
+            assert "window" in (p.locator("#answer .user").first.text_content() or "").lower()
