@@ -35,6 +35,7 @@ CHROMIUM_ARGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]  # fmt: skip
 MIC_RATE_HZ = 48000
+RST_ON_CLOSE = (1).to_bytes(4, "little") + bytes(4)  # struct linger {on, 0 s}: close sends RST
 START_S = 60  # a cold server loads its recognizer
 
 
@@ -94,7 +95,7 @@ class Proxy:
         for pair in pairs:
             for s in pair:
                 try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
                     s.close()
                 except OSError:
                     pass
@@ -146,8 +147,9 @@ def browser_page(
             executable_path=CHROMIUM,
             args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={mic}"],
         )
-        page = browser.new_page(viewport={"width": 390, "height": 844},
-                                bypass_csp=bypass_csp)  # a phone
+        page = browser.new_page(
+            viewport={"width": 390, "height": 844}, bypass_csp=bypass_csp
+        )  # a phone
         failed = True
         try:
             yield page

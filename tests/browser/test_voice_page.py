@@ -20,7 +20,6 @@ from tests.browser.rig import Proxy, browser_page, mic_wav, spear_server
 from tests.conftest import FIXTURES, serve_in_thread
 from tests.fakes.openai_upstream import FakeOpenAI
 
-
 WHISPER = '[server]\nlisten = "127.0.0.1:0"\n\n[[backends]]\nname = "whisper"\nkind = "whisper"\n'
 TURN_MS = 30_000
 
