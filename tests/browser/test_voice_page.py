@@ -18,10 +18,24 @@ from playwright.sync_api import expect
 
 from tests.browser.rig import Proxy, browser_page, mic_wav, spear_server
 from tests.conftest import FIXTURES, serve_in_thread
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import FakeOpenAI, text_events
 
 WHISPER = '[server]\nlisten = "127.0.0.1:0"\n\n[[backends]]\nname = "whisper"\nkind = "whisper"\n'
 TURN_MS = 30_000
+CASCADE = """
+[[backends]]
+name = "fake"
+kind = "openai_http"
+base_url = "{url}"
+
+[[backends]]
+name = "espeak"
+kind = "espeak"
+
+[conversation]
+chat_backend = "fake"
+speech_backend = "espeak"
+"""
 
 
 def words(text: str) -> list[str]:
@@ -71,6 +85,7 @@ def test_transcribe_shows_the_spoken_words_as_a_final_turn(tmp_path: Path) -> No
         assert heard(transcript_of(name), text) >= 0.7, text  # tiny.en: WER ~0.13 here
         assert "whisper" in (p.locator("#backend").text_content() or "")
         stats = p.evaluate("window.spearStats")
+        print(f"voice page: speech stop -> final transcript {stats['lastLatencyMs']} ms")
         assert stats["lastLatencyMs"] is not None and stats["lastLatencyMs"] > 0
         proxy.close()
 
@@ -110,11 +125,7 @@ def test_talk_mode_answers_in_text_and_plays_the_audio(tmp_path: Path) -> None:
     """Speak a turn in talk mode: the answer is shown and its audio plays to the end."""
     mic = mic_wav(tmp_path / "mic.wav", [("speech_open_window.wav", 2.0)])
     with serve_in_thread(fake_chat) as fake:
-        config = WHISPER + (
-            f'\n[[backends]]\nname = "fake"\nkind = "openai_http"\nbase_url = "{fake.base_url}"\n'
-            '\n[[backends]]\nname = "espeak"\nkind = "espeak"\n'
-            '\n[conversation]\nchat_backend = "fake"\nspeech_backend = "espeak"\n'
-        )
+        config = WHISPER + CASCADE.format(url=fake.base_url)
         with spear_server(config, tmp_path) as port, browser_page(mic, tmp_path, "talk") as page:
             p: Any = page
             p.goto(f"http://127.0.0.1:{port}/")
@@ -124,5 +135,32 @@ def test_talk_mode_answers_in_text_and_plays_the_audio(tmp_path: Path) -> None:
             expect(p.locator("#answer .assistant")).to_contain_text("echo", timeout=TURN_MS)
             stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
             assert stats["audioPlayedMs"] > 300, stats
+            print(f"voice page: speech stop -> first answer audio {stats['lastLatencyMs']} ms")
             assert stats["lastLatencyMs"] is not None
             assert "window" in (p.locator("#answer .user").first.text_content() or "").lower()
+
+
+LONG_ANSWER = (
+    "Sure. Opening a window lets fresh air in, and on a warm day it cools the room quickly. "
+    "Mind the rain, keep an eye on the cat, and close it again before you leave the house."
+)
+
+
+def test_speaking_over_an_answer_stops_it_and_the_new_turn_is_answered(tmp_path: Path) -> None:
+    """Barge-in: the second turn starts while the first (long) answer plays."""
+    mic = mic_wav(tmp_path / "mic.wav", [("speech_open_window.wav", 3.5),
+                                         ("speech_quick_brown_fox.wav", 2.0)])  # fmt: skip
+    with serve_in_thread(fake_chat) as fake:
+        slow = fake.slow_stream(text_events([w + " " for w in LONG_ANSWER.split()]))
+        slow.release(1000)  # all of it, at once: a long answer, not a slow one
+        config = WHISPER + CASCADE.format(url=fake.base_url)
+        with spear_server(config, tmp_path) as port, browser_page(mic, tmp_path, "barge") as page:
+            p: Any = page
+            p.goto(f"http://127.0.0.1:{port}/")
+            p.select_option("#mode", "talk")
+            p.click("#connect")
+            expect(p.locator("#answer .assistant.cut")).to_have_count(1, timeout=TURN_MS)
+            assert "barge-in" in (p.locator("#log").text_content() or "")
+            expect(p.locator("#answer .assistant").nth(1)).to_contain_text("fox", timeout=TURN_MS)
+            stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
+            assert stats["audioPlayedMs"] > 500, stats
