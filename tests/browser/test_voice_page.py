@@ -108,7 +108,8 @@ def test_a_cut_socket_reconnects_resumes_and_loses_no_words(tmp_path: Path) -> N
         assert finals.count() == 1
         text = finals.first.evaluate("li => li.lastChild.textContent")
         assert heard(transcript_of(name), text) >= 0.7, text
-        assert "resumed session" in (p.locator("#log").text_content() or "")
+        log = p.locator("#log").text_content() or ""
+        assert "reconnecting" in log and "resumed session" in log, log
         proxy.close()
 
 

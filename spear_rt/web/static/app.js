@@ -436,6 +436,7 @@ class Run {
       return;
     }
     setStatus("reconnecting");
+    note(`connection lost (${e.code}): reconnecting`);
     for (let attempt = 0; attempt < RETRIES && !this.stopped; attempt++) {
       await new Promise((r) => setTimeout(r, Math.min(200 * 2 ** attempt, 3000) * (0.5 + Math.random())));
       try {
