@@ -19,6 +19,7 @@ import anyio.abc
 import h11
 import sniffio
 
+from spear_rt import web
 from spear_rt.config import Config, listen_address, load_config
 from spear_rt.errors import SpearError
 from spear_rt.metrics import MetricsRegistry
@@ -66,7 +67,8 @@ DRAINING_RESPONSE = error_response(
 )
 CLOSE = [("Connection", "close")]
 JSON_BODY_PATHS = frozenset({*JSON_ENDPOINTS, "/v1/route/explain"})  # POST only: 415 otherwise
-OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload"})  # admin has its own keys
+# admin has its own keys; the voice page's files are public (the page asks for a key itself)
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/admin/reload", *web.ASSETS})
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
 

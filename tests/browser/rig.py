@@ -107,8 +107,8 @@ class Proxy:
 
 
 @contextmanager
-def spear_server(config: str, tmp: Path) -> Iterator[int]:
-    """`spear-rt serve` on 127.0.0.1 with `config` (TOML); yields its port."""
+def spear_server(config: str, tmp: Path, env: dict[str, str] | None = None) -> Iterator[int]:
+    """`spear-rt serve` on 127.0.0.1 with `config` (TOML) and `env` added; yields its port."""
     cfg = tmp / "spear.toml"
     cfg.write_text(config)
     log = tmp / "server.log"
@@ -117,7 +117,7 @@ def spear_server(config: str, tmp: Path) -> Iterator[int]:
             [sys.executable, "-m", "spear_rt.cli", "serve", "--listen", "127.0.0.1:0",
              "--config", str(cfg)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )  # fmt: skip
     try:
         deadline = time.monotonic() + START_S

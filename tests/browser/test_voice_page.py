@@ -165,3 +165,29 @@ def test_speaking_over_an_answer_stops_it_and_the_new_turn_is_answered(tmp_path:
             expect(p.locator("#answer .assistant").nth(1)).to_contain_text("fox", timeout=TURN_MS)
             stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
             assert stats["audioPlayedMs"] > 500, stats
+
+
+def test_client_key_and_push_to_talk(tmp_path: Path) -> None:
+    """With client keys the page needs one (typed once, kept in the tab); push to talk commits
+    the held turn."""
+    mic = mic_wav(tmp_path / "mic.wav", [("speech_open_window.wav", 0.3)], tail_s=0.3)  # loops
+    keyed = WHISPER.replace("[server]\n", '[server]\nclient_keys_env = ["SPEAR_PAGE_KEY"]\n')
+    env = {"SPEAR_PAGE_KEY": "page-key-0123456789"}
+    with spear_server(keyed, tmp_path, env) as port, browser_page(mic, tmp_path, "ptt") as page:
+        p: Any = page
+        p.goto(f"http://127.0.0.1:{port}/")
+        p.click("#connect")
+        expect(p.locator("#status")).to_have_text(re.compile(r"^error: "), timeout=TURN_MS)
+        p.fill("#key", "page-key-0123456789")
+        p.select_option("#turns", "ptt")
+        p.click("#connect")
+        expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
+        assert p.evaluate("sessionStorage.getItem('spear-key')") == "page-key-0123456789"
+        p.locator("#ptt").hover()
+        p.mouse.down()
+        expect(p.locator("#ptt")).to_have_attribute("aria-pressed", "true")
+        p.wait_for_timeout(4000)  # a person holding the button while speaking
+        p.mouse.up()
+        p.wait_for_selector("#transcript .final", timeout=TURN_MS)
+        text = p.locator("#transcript .final").first.evaluate("li => li.lastChild.textContent")
+        assert "window" in words(text), text

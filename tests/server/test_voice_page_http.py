@@ -44,3 +44,16 @@ async def test_a_page_of_another_site_cannot_open_a_session() -> None:
                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
         refused = await http.get(f"http://127.0.0.1:{server.port}/v1/realtime", headers=headers)
         assert refused.status_code == 403
+
+
+async def test_with_client_keys_the_page_is_public_and_the_api_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page asks for the key itself: its files need none (they were 401 before)."""
+    monkeypatch.setenv("SPEAR_TEST_PAGE_KEY", "page-key-0123456789")
+    config = make_config(server='client_keys_env = ["SPEAR_TEST_PAGE_KEY"]')
+    async with running_server(config) as server, httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{server.port}"
+        assert (await http.get(f"{base}/")).status_code == 200
+        assert (await http.get(f"{base}/web/app.js")).status_code == 200
+        assert (await http.get(f"{base}/v1/backends")).status_code == 401
