@@ -28,7 +28,6 @@ ASSETS = {  # URL path -> (file in static/, content type)
 }
 
 
-
 def assets() -> dict[str, tuple[bytes, str]]:
     """URL path -> (body, content type) of every file of the page."""
     static = resources.files(__package__) / "static"

@@ -57,6 +57,22 @@ def until_stats(page: Any, done: Any, timeout_ms: int = TURN_MS) -> dict[str, An
     raise AssertionError(f"spearStats never got there: {stats}")
 
 
+def go_live(page: Any, port: int, mode: str = "transcribe") -> None:
+    """Open the page, pick `mode`, press Start and wait for `live`."""
+    page.goto(f"http://127.0.0.1:{port}/")
+    assert page.locator("#status").text_content() == "idle"
+    page.select_option("#mode", mode)
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_text("live", timeout=TURN_MS)
+
+
+def final_words(page: Any) -> str:
+    """The words of the first final turn (without its time)."""
+    page.wait_for_selector("#transcript .final", timeout=TURN_MS)
+    text: str = page.locator("#transcript .final").first.evaluate("li => li.lastChild.textContent")
+    return text
+
+
 def heard(expected: str, got: str) -> float:
     """Share of the expected words found in what the page shows (order kept)."""
     want, have = words(expected), words(got)
@@ -72,22 +88,14 @@ def test_transcribe_shows_the_spoken_words_as_a_final_turn(tmp_path: Path) -> No
     name = "speech_quick_brown_fox.wav"
     mic = mic_wav(tmp_path / "mic.wav", [(name, 3.0)])
     with spear_server(WHISPER, tmp_path) as port, browser_page(mic, tmp_path, "transcribe") as page:
-        proxy = Proxy(port)
         p: Any = page
-        p.goto(f"http://127.0.0.1:{proxy.port}/")
-        assert p.locator("#status").text_content() == "idle"
-        p.select_option("#mode", "transcribe")
-        p.click("#connect")
-        expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
-        p.wait_for_selector("#transcript .final", timeout=TURN_MS)
-        final = p.locator("#transcript .final").first
-        text = final.evaluate("li => li.lastChild.textContent")
+        go_live(p, port)
+        text = final_words(p)
         assert heard(transcript_of(name), text) >= 0.7, text  # tiny.en: WER ~0.13 here
         assert "whisper" in (p.locator("#backend").text_content() or "")
         stats = p.evaluate("window.spearStats")
         print(f"voice page: speech stop -> final transcript {stats['lastLatencyMs']} ms")
         assert stats["lastLatencyMs"] is not None and stats["lastLatencyMs"] > 0
-        proxy.close()
 
 
 def test_a_cut_socket_reconnects_resumes_and_loses_no_words(tmp_path: Path) -> None:
@@ -97,16 +105,12 @@ def test_a_cut_socket_reconnects_resumes_and_loses_no_words(tmp_path: Path) -> N
     with spear_server(WHISPER, tmp_path) as port, browser_page(mic, tmp_path, "resume") as page:
         proxy = Proxy(port)
         p: Any = page
-        p.goto(f"http://127.0.0.1:{proxy.port}/")
-        p.click("#connect")
-        expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
+        go_live(p, proxy.port)
         p.wait_for_selector("#transcript .partial", timeout=TURN_MS)  # mid-turn
         assert proxy.cut() >= 1
         expect(p.locator("#status")).to_have_text("resumed", timeout=TURN_MS)
-        p.wait_for_selector("#transcript .final", timeout=TURN_MS)
-        finals = p.locator("#transcript .final")
-        assert finals.count() == 1
-        text = finals.first.evaluate("li => li.lastChild.textContent")
+        text = final_words(p)
+        assert p.locator("#transcript .final").count() == 1
         assert heard(transcript_of(name), text) >= 0.7, text
         log = p.locator("#log").text_content() or ""
         assert "reconnecting" in log and "resumed session" in log, log
@@ -129,10 +133,7 @@ def test_talk_mode_answers_in_text_and_plays_the_audio(tmp_path: Path) -> None:
         config = WHISPER + CASCADE.format(url=fake.base_url)
         with spear_server(config, tmp_path) as port, browser_page(mic, tmp_path, "talk") as page:
             p: Any = page
-            p.goto(f"http://127.0.0.1:{port}/")
-            p.select_option("#mode", "talk")
-            p.click("#connect")
-            expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
+            go_live(p, port, "talk")
             expect(p.locator("#answer .assistant")).to_contain_text("echo", timeout=TURN_MS)
             stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
             assert stats["audioPlayedMs"] > 300, stats
@@ -157,9 +158,7 @@ def test_speaking_over_an_answer_stops_it_and_the_new_turn_is_answered(tmp_path:
         config = WHISPER + CASCADE.format(url=fake.base_url)
         with spear_server(config, tmp_path) as port, browser_page(mic, tmp_path, "barge") as page:
             p: Any = page
-            p.goto(f"http://127.0.0.1:{port}/")
-            p.select_option("#mode", "talk")
-            p.click("#connect")
+            go_live(p, port, "talk")
             expect(p.locator("#answer .assistant.cut")).to_have_count(1, timeout=TURN_MS)
             assert "barge-in" in (p.locator("#log").text_content() or "")
             expect(p.locator("#answer .assistant").nth(1)).to_contain_text("fox", timeout=TURN_MS)
@@ -188,6 +187,5 @@ def test_client_key_and_push_to_talk(tmp_path: Path) -> None:
         expect(p.locator("#ptt")).to_have_attribute("aria-pressed", "true")
         p.wait_for_timeout(4000)  # a person holding the button while speaking
         p.mouse.up()
-        p.wait_for_selector("#transcript .final", timeout=TURN_MS)
-        text = p.locator("#transcript .final").first.evaluate("li => li.lastChild.textContent")
+        text = final_words(p)
         assert "window" in words(text), text
