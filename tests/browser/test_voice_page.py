@@ -96,6 +96,11 @@ def test_transcribe_shows_the_spoken_words_as_a_final_turn(tmp_path: Path) -> No
         stats = p.evaluate("window.spearStats")
         print(f"voice page: speech stop -> final transcript {stats['lastLatencyMs']} ms")
         assert stats["lastLatencyMs"] is not None and stats["lastLatencyMs"] > 0
+        with p.expect_download() as download:
+            p.click("#download")
+        saved = Path(download.value.path()).read_text()
+        assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] (.+)\n", saved), saved
+        assert text in saved
 
 
 def test_a_cut_socket_reconnects_resumes_and_loses_no_words(tmp_path: Path) -> None:
