@@ -9,10 +9,11 @@ Rules:
    out-of-band (``conversation: "none"``), whose items live only in the response.
 2. At most one response is in progress, and at most one waits to start. A response starts
    (``response.created``, action `StartResponse`) once every user turn committed before it has
-   its transcript: the chat request must carry what the user said.
+   its transcript: the chat request must carry what the user said. Relayed (rule 9), it
+   starts at once: the upstream hears the audio itself, and its transcript comes when it comes.
 3. Server VAD with ``create_response`` answers each turn it commits, when its transcript is
-   known; a turn whose transcript is empty (or failed) is not answered. With manual commit the
-   client sends ``response.create``.
+   known; a turn whose transcript is empty (or failed) is not answered. Relayed, it answers
+   at the commit. With manual commit the client sends ``response.create``.
 4. Every ``response.created`` is followed by exactly one ``response.done``. Once it is out,
    nothing of that response follows: outputs for a response that is no longer the current one
    are ignored (the responder may be a frame late, never its events).
@@ -185,8 +186,15 @@ class Conversation:
         self.items.append(item)
         self._untranscribed.add(item_id)
         if by_vad and self.auto_respond:
-            self._answer.add(item_id)
+            if self.relay is None:
+                self._answer.add(item_id)
+            elif self._queued is None:  # rule 3: relayed, the upstream answers the audio
+                self._queued = _Queued(self.settings, turn_ended_at=now)
         return previous
+
+    def start_waiting(self) -> None:
+        """Start the response waiting to start, if nothing holds it (after a turn's events)."""
+        self._maybe_start()
 
     def user_transcript(self, item_id: str, transcript: str | None) -> None:
         """The transcript of a user turn (None: it failed); may start a response."""
@@ -388,7 +396,7 @@ class Conversation:
         queued = self._queued
         if queued is None or self.response is not None:
             return
-        if queued.input is None and self._untranscribed:
+        if queued.input is None and self._untranscribed and self.relay is None:
             return  # rule 2: wait for the user's words
         self._queued = None
         response = OpenResponse(

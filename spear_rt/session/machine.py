@@ -293,7 +293,7 @@ class SessionMachine:
         """A conversation relayed to a speech-to-speech upstream (rule 10)."""
         return self.conversation is not None and self.conversation.relay is not None
 
-    def restore_commands(self) -> list[UpstreamCommand]:
+    def restore_commands(self, replays: dict[str, list[UpstreamCommand]]) -> list[UpstreamCommand]:
         """What a new speech-to-speech upstream needs to hold this conversation (relay.py).
 
         Called as the new upstream takes over, before anything else is sent to it: the
@@ -305,7 +305,7 @@ class SessionMachine:
             return []
         if conversation.response is not None and self.state not in (State.CLOSED, State.ERROR):
             self.response_output(ResponseEnded(conversation.response.id, interrupted=RECONNECTED))
-        return restore_commands(conversation.settings, conversation.items)
+        return restore_commands(conversation.settings, conversation.items, replays)
 
     def stale_command(self, command: UpstreamCommand) -> bool:
         """`command` waited out a reconnect and no longer applies (a cut response's create)."""
@@ -540,6 +540,8 @@ class SessionMachine:
             self._emit(se.ItemCreated(item=item, previous_item_id=previous))
         for delta in held:
             self._emit(se.TranscriptionDelta(item_id=item_id, delta=delta))
+        if self.conversation is not None:
+            self.conversation.start_waiting()  # relayed: the answer starts at the commit
 
     def _on_completed(self, item_id: str, transcript: str) -> None:
         pending = self._items.finished(item_id)
