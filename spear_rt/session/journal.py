@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from spear_rt.backend import (
     AppendAudio,
     BeginTurn,
@@ -32,6 +34,14 @@ from spear_rt.backend import (
 
 MiB = 1024 * 1024
 TOO_LONG = "audio too long to replay after the upstream reconnected"
+
+
+class TurnReplay(NamedTuple):
+    """One unfinished turn as a new upstream gets it again."""
+
+    item_id: str | None  # None until a commit names the turn
+    committed: bool
+    commands: list[UpstreamCommand]
 
 
 class _Turn:
@@ -151,16 +161,24 @@ class TurnJournal:
 
     def replay(self) -> list[UpstreamCommand]:
         """Commands that bring a new upstream to where the old one was, in order."""
-        commands: list[UpstreamCommand] = []
+        return [command for turn in self.replay_turns() for command in turn.commands]
+
+    def replay_turns(self) -> list[TurnReplay]:
+        """`replay`, turn by turn (a relayed conversation places committed turns among its
+        items: `relay.restore_commands`)."""
+        turns: list[TurnReplay] = []
         for turn in self._turns:
             if not turn.replayable:
                 continue
+            commands: list[UpstreamCommand] = []
             if turn.begun and turn.item_id is not None:
                 commands.append(BeginTurn(turn.item_id))
             commands.extend(AppendAudio(pcm) for pcm in turn.audio)
-            if turn.committed and turn.item_id is not None:
+            committed = turn.committed and turn.item_id is not None
+            if committed and turn.item_id is not None:
                 commands.append(Commit(turn.item_id))
-        return commands
+            turns.append(TurnReplay(turn.item_id, committed, commands))
+        return turns
 
     def replayed_items(self) -> tuple[str, ...]:
         """Item ids of the turns `replay` sends again."""

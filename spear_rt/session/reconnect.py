@@ -39,6 +39,7 @@ from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError
 from spear_rt.session.journal import MiB, TurnJournal
 
 Opener = Callable[[int], AbstractAsyncContextManager[tuple[TranscriptionUpstream, str]]]
+Restore = Callable[[dict[str, list[UpstreamCommand]]], list[UpstreamCommand]]
 """`opener(attempt)` (0 = the first open): a context that yields (upstream, instance name)."""
 
 
@@ -132,8 +133,10 @@ class ReconnectingUpstream:
         self._stopping = False  # the context is exiting: close the upstream, stop
         self._phase: anyio.CancelScope | None = None  # what `_request_stop` cancels
         # Sent on each new connection before the journal's replay (a relayed conversation's
-        # settings and items), and told of each connection's failure (the router's breaker).
-        self.restore: Callable[[], list[UpstreamCommand]] = list
+        # settings and items): given the replays of committed turns by item id, it takes
+        # (pops) those it places among its items. Told of each connection's failure (the
+        # router's breaker).
+        self.restore: Restore = lambda replays: []
         self.report: Callable[[str, BackendFailure], None] = lambda instance, failure: None
         # A command that no longer applies when its turn to be sent comes (a cut response's
         # create that waited out the reconnect) is dropped, not sent.
@@ -391,7 +394,7 @@ class ReconnectingUpstream:
                 return BackendFailure(message, retryable=True), False
             self._set_state(_State.REPLAYING)
             failed = self.journal.restart()
-            replay = [*self.restore(), *self.journal.replay()]
+            replay = self._replay()
             items = self.journal.replayed_items()
             self._instance = instance
             self._reconnects += 1
@@ -420,6 +423,16 @@ class ReconnectingUpstream:
             if self._state is _State.REPLAYING:
                 self._set_state(_State.OPEN)
         return ended[0], True
+
+    def _replay(self) -> list[UpstreamCommand]:
+        """The restore with the committed turns it placed, then the journal's other turns."""
+        turns = self.journal.replay_turns()
+        waiting = {t.item_id: t.commands for t in turns if t.committed and t.item_id is not None}
+        commands = self.restore(waiting)
+        for turn in turns:
+            if not turn.committed or turn.item_id in waiting:
+                commands.extend(turn.commands)
+        return commands
 
     async def _pump(self, up: TranscriptionUpstream, generation: int) -> BackendFailure:
         """Forward events until the connection ends (or, after a failed send, the drain does)."""

@@ -12,7 +12,9 @@ event the client sees); a relayed conversation mirrors it upstream with commands
 `restore_commands` rebuilds the conversation on a new upstream after a reconnect: the settings,
 then every item in order, user audio turns as their transcripts and assistant audio as its
 transcript (text: the upstream never gets audio back). A user turn still waiting for its
-transcript is left out: the turn journal replays its audio and commit after these.
+transcript is replayed in its place from the turn journal (its audio and commit: the upstream
+transcribes it again); the next item is appended after it, since only the upstream knows the
+committed item's id then. A turn the journal could not keep is left out.
 """
 
 from __future__ import annotations
@@ -120,12 +122,21 @@ class RelayLink:
         self._send(StopResponse(response_id))
 
 
-def restore_commands(settings: ConversationSettings, items: list[Item]) -> list[UpstreamCommand]:
-    """What brings a new upstream's conversation to ours (module docstring)."""
+def restore_commands(
+    settings: ConversationSettings,
+    items: list[Item],
+    replays: dict[str, list[UpstreamCommand]],
+) -> list[UpstreamCommand]:
+    """What brings a new upstream's conversation to ours (module docstring); the journal's
+    replays of untranscribed turns it places are popped from `replays`."""
     commands: list[UpstreamCommand] = [UpdateConversation(settings_fields(settings))]
-    previous = "root"
+    previous: str | None = "root"
     for item in items:
         if _untranscribed(item):
+            replay = replays.pop(item.id, None)
+            if replay is not None:
+                commands.extend(replay)
+                previous = None  # appended after the committed item (only the upstream has its id)
             continue
         commands.append(CreateItem(upstream_item(item), previous))
         previous = item.id

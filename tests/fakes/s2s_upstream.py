@@ -18,7 +18,9 @@ heard with what was said.
 
 Faults, for the next connection (one `plan(...)` each, in order): `Refuse(status)` the
 handshake, `DropMidResponse(after_chunks=K)` (TCP closed after the K-th audio chunk of the
-connection), `DropAfter(frames=N)` (closed after N client frames).
+connection), `DropAfter(frames=N)` (closed after N client frames), `TranscribeLate()` (a
+commit's transcription comes only as the connection's next response ends: an upstream slower
+to transcribe than to answer).
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ class DropAfter(msgspec.Struct, frozen=True):
     frames: int
 
 
+class TranscribeLate(msgspec.Struct, frozen=True):
+    """Hold each commit's transcription until the connection's next response ends."""
+
+
 class S2SPlan(msgspec.Struct):
     refuse: Refuse | None = None
     drop_mid_response: int | None = None
     drop_after_frames: int | None = None
+    transcribe_late: bool = False
 
 
 def word_audio(word: str, index: int) -> bytes:
@@ -126,6 +133,7 @@ class _Session:
         self.dropped = anyio.Event()  # the plan ends the connection (TCP closed, no close frame)
         self.writing = False
         self.sent = anyio.Event()  # the writer emptied `out`
+        self.late: list[dict[str, Any]] = []  # transcriptions held (TranscribeLate)
 
     async def drop(self) -> None:
         """End the connection once everything emitted so far went out."""
@@ -234,8 +242,12 @@ class _Session:
         item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
                 "status": "completed", "content": [part]}  # fmt: skip
         self._add(item, None)
-        self.emit({"type": "conversation.item.input_audio_transcription.completed",
-                   "item_id": item_id, "content_index": 0, "transcript": transcript})  # fmt: skip
+        done = {"type": "conversation.item.input_audio_transcription.completed",
+                "item_id": item_id, "content_index": 0, "transcript": transcript}  # fmt: skip
+        if self.plan.transcribe_late:
+            self.late.append(done)
+        else:
+            self.emit(done)
 
     def _create(self, event: dict[str, Any]) -> None:
         item = dict(event["item"])
@@ -280,7 +292,7 @@ class FakeSpeechToSpeech:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def plan(self, *faults: Refuse | DropMidResponse | DropAfter) -> None:
+    def plan(self, *faults: Refuse | DropMidResponse | DropAfter | TranscribeLate) -> None:
         """What the next connection (without a plan yet) does."""
         plan = S2SPlan()
         for fault in faults:
@@ -288,6 +300,8 @@ class FakeSpeechToSpeech:
                 plan.refuse = fault
             elif isinstance(fault, DropMidResponse):
                 plan.drop_mid_response = fault.after_chunks
+            elif isinstance(fault, TranscribeLate):
+                plan.transcribe_late = True
             else:
                 plan.drop_after_frames = fault.frames
         self._plans.append(plan)
@@ -456,5 +470,8 @@ class FakeSpeechToSpeech:
         done = {**base, "status": status, "output": [item], "usage": usage}
         if status == "cancelled":
             done["status_details"] = {"type": "cancelled", "reason": "client_cancelled"}
+        for late in session.late:
+            session.emit(late)
+        session.late = []
         session.emit({"type": "response.done", "response": done})
         session.active = None

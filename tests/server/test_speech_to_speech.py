@@ -41,7 +41,13 @@ from tests.conftest import (
     running_server,
     serve_in_thread,
 )
-from tests.fakes.s2s_upstream import ANSWER_WORDS, DropAfter, DropMidResponse, FakeSpeechToSpeech
+from tests.fakes.s2s_upstream import (
+    ANSWER_WORDS,
+    DropAfter,
+    DropMidResponse,
+    FakeSpeechToSpeech,
+    TranscribeLate,
+)
 from tests.selfsigned import make_cert
 from tests.server.conversation_rig import Talk
 from tests.server.test_resume import drop, until
@@ -169,6 +175,53 @@ async def test_an_upstream_dropped_mid_answer_is_restored_and_the_answer_created
             assert two.item_ids() == [user_item, cut, second["output"][0]["id"]]
             restored = two.items[1]["content"][0]
             assert restored == {"type": "output_text", "text": "reply to what"}
+            await talk.close()
+
+
+async def test_a_turn_not_yet_transcribed_is_restored_in_its_place() -> None:
+    """The upstream drops mid-answer before it transcribed the spoken turn being answered
+    (relayed, the answer does not wait for the transcript): the new upstream hears that turn
+    again (audio and commit) where it was, before the cut answer, and the answer is created
+    after both. Without the in-place replay the turn was replayed after the restored items,
+    so the cut answer came before the question."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with gateway() as (server, fake):
+            fake.plan(TranscribeLate(), DropMidResponse(after_chunks=3))
+            talk = await Talk.open(server.port or 0, "ga", **manual("ga"))
+            await talk.user_text("good morning")
+            typed = talk.events[-1]["item"]["id"]
+            await talk.send({"type": "input_audio_buffer.append", "audio": b64(noise_pcm(24000))})
+            await talk.send({"type": "input_audio_buffer.commit"})
+            spoken = (await talk.until("input_audio_buffer.committed"))[-1]["item_id"]
+            await talk.send({"type": "response.create"})
+            first = (await talk.until("response.done"))[-1]["response"]
+            assert first["status"] == "incomplete"
+            second = (await talk.until("response.done"))[-1]["response"]
+            assert second["status"] == "completed", second
+            one, two = fake.connections
+            assert not any(
+                e["type"] == "conversation.item.input_audio_transcription.completed"
+                for e in one.events  # the first upstream never transcribed it
+            )
+            transcribed = [
+                e
+                for e in talk.events
+                if e["type"] == "conversation.item.input_audio_transcription.completed"
+            ]
+            assert [e["item_id"] for e in transcribed] == [spoken]
+            kinds = [e["type"] for e in talk.events]
+            assert kinds.index("response.created") < kinds.index(transcribed[0]["type"])
+            cut, answer = first["output"][0]["id"], second["output"][0]["id"]
+            roles = [(i["role"], i["content"][0]["type"]) for i in two.items]
+            assert roles == [
+                ("user", "input_text"),
+                ("user", "input_audio"),
+                ("assistant", "output_text"),
+                ("assistant", "output_audio"),
+            ]
+            ids = two.item_ids()
+            assert (ids[0], ids[2], ids[3]) == (typed, cut, answer)
+            assert two.items[1]["content"][0]["transcript"] == transcribed[0]["transcript"]
             await talk.close()
 
 
