@@ -21,6 +21,10 @@ install-test: $(BIN)/python
 	  echo "installing chromium (the browser tests drive it through Playwright)"; \
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
 	  echo "warning: could not install chromium; the browser tests will fail"; }
+	@command -v clang >/dev/null 2>&1 && [ -d /usr/include/wasm32-wasi ] || { \
+	  echo "installing clang, lld and wasi-libc (the tests compile C guests to wasm32-wasi)"; \
+	  (apt-get update -qq && apt-get install -y -qq clang lld wasi-libc libclang-rt-14-dev-wasm32) \
+	    >/dev/null 2>&1 || echo "warning: could not install clang/wasi-libc; the C guest tests will fail"; }
 	$(BIN)/pip install -q -e '.[test,uvloop,llama,whisper]'
 	@command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --prefix tests/node >/dev/null || \
 	  echo "warning: npm ci --prefix tests/node failed; the Node SDK tests will fail"

@@ -8,6 +8,9 @@ same bytes (``created`` is a fixed 1700000000, ids are hashes of the input):
   ``"length"``). Tokens are whitespace-separated words. ``stream: true`` gives SSE chunks: a
   role chunk, one chunk per word, a finish chunk, a usage chunk when
   ``stream_options.include_usage``, then ``[DONE]``; the deltas concatenate to the reply.
+  With ``tools`` (non-streaming): when the last user message holds two integers and no tool
+  result came after it, the answer is a ``tool_calls`` for the first tool with arguments
+  ``{"a": x, "b": y}``; after a tool result the reply is ``"stub: after tool <its output>"``.
 * embeddings: unit vectors from SHAKE-256 of each input, so ``dimensions=d`` is the renormalized
   first ``d`` values of the full vector (like OpenAI's shortened embeddings). Default 1536
   dimensions (option ``dimensions``); ``encoding_format: "base64"`` is float32 little-endian.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import re
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,6 +142,9 @@ def chat_completion(request: OneShotRequest) -> OneShotResponse:
     if _int_field(payload, "n", 1, 1, 128) != 1:
         raise invalid("the stub answers with one choice; leave `n` at 1")
     last_user, prompt_tokens = _messages(payload)
+    tool_answer = None if stream else _tool_answer(payload, model, prompt_tokens)
+    if tool_answer is not None:
+        return tool_answer
     limit_key = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
     limit = _int_field(payload, limit_key, 0, 1, 1 << 30)  # 0: no limit given
     words = ["stub:", *reversed(last_user.split())]
@@ -180,6 +187,46 @@ def chat_completion(request: OneShotRequest) -> OneShotResponse:
         "usage": wire_usage,
     }
     return _ok(answer, usage)
+
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def _tool_answer(payload: dict[str, Any], model: str, prompt_tokens: int) -> OneShotResponse | None:
+    """The tool-calling rule of the module docstring, or None when it does not apply."""
+    tools = payload.get("tools")
+    if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+        return None
+    messages: list[dict[str, Any]] = payload["messages"]
+    last = messages[-1]
+    if last.get("role") == "tool":
+        content = f"stub: after tool {_text_of(last.get('content'), 'messages[-1]')}"
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        finish = "stop"
+    else:
+        numbers = _INTEGER.findall(_text_of(last.get("content"), "messages[-1]"))
+        function = tools[0].get("function")
+        name = function.get("name") if isinstance(function, dict) else tools[0].get("name")
+        if last.get("role") != "user" or len(numbers) < 2 or not isinstance(name, str):
+            return None
+        arguments = msgspec.json.encode({"a": int(numbers[0]), "b": int(numbers[1])}).decode()
+        call_id = f"call_stub{zlib.crc32(arguments.encode()):08x}"
+        call = {"id": call_id, "type": "function",
+                "function": {"name": name, "arguments": arguments}}  # fmt: skip
+        message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        finish = "tool_calls"
+    wire_usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
+                  "total_tokens": prompt_tokens + 1}  # fmt: skip
+    answer = {
+        "id": f"chatcmpl-stub{zlib.crc32(msgspec.json.encode(message)):08x}",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "stub",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": wire_usage,
+    }
+    return _ok(answer, Usage(input_tokens=prompt_tokens, output_tokens=1))
 
 
 def _chunk(

@@ -6,7 +6,10 @@ router and session manager built from the config (the embedded default without
 guest reads with ``rt_read`` is printed on stdout as one JSON object per line; a WASI guest
 writes its diagnostics to stderr (its stdout is discarded, to keep ours JSON only).
 ``--audio FILE`` hands the guest the file's audio (pcm16 24 kHz mono) through the
-``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`).
+``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`). A guest's ``log`` calls
+(upstream SPEAR's ``printf``) print as they come: trace/debug/info on stdout, warn/error on
+stderr, each text as the guest wrote it; its ``cchat_*`` requests go through the server's
+one-shot path, as ``POST /v1/chat/completions`` would.
 
 Exit status: 0 when ``_start`` returned, 1 when the guest trapped, ran out of fuel or time
 (``--max-run-seconds``) or failed to link, 2 for errors a user can fix (missing file, bad
@@ -83,6 +86,11 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
         out.write(data.decode("utf-8", "replace") + "\n")
         out.flush()
 
+    def print_log(level: str, text: str) -> None:
+        stream = sys.stderr if level in ("warn", "error") else out
+        stream.write(text if text.endswith("\n") else text + "\n")
+        stream.flush()
+
     fuel_used = 0
     stopped_by: list[int] = []
 
@@ -94,7 +102,13 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
             # take a signal itself (its thread is not the loop's), so cancelling stops it.
             tg.start_soon(_cancel_on_signal, tg.cancel_scope, stopped_by)
             fuel_used = await run_guest(
-                module, server.sessions, audio=audio, limits=limits, on_read=print_event
+                module,
+                server.sessions,
+                audio=audio,
+                limits=limits,
+                on_read=print_event,
+                oneshot=server.oneshot.handle,
+                log_sink=print_log,
             )
             tg.cancel_scope.cancel()
 

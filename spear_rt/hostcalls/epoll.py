@@ -46,7 +46,8 @@ from spear_rt.hostcalls.abi import (
     out_capacity,
     write_u32,
 )
-from spear_rt.hostcalls.fdtable import FdTable, RtFd
+from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.rtfd import Pollable
 
 _RECORD = struct.Struct("<ii")
 
@@ -100,7 +101,7 @@ class Epoll:
         self.epfd = epfd
         self.table = table  # its watch_count counts this instance's watches too
         self.cond = threading.Condition(table.lock)
-        self.watches: dict[int, tuple[RtFd, int]] = {}
+        self.watches: dict[int, tuple[Pollable, int]] = {}
         self.closed_fds: set[int] = set()  # closed while watched: one EPOLLHUP each, then gone
         self.closed = False
         self.waiters = 0
@@ -161,7 +162,7 @@ class EpollSet:
                 return -EBADF
             if op not in (EpollOp.ADD, EpollOp.MOD, EpollOp.DEL) or fd in self.epolls:
                 return -EINVAL
-            rt = self.table.fds.get(fd)
+            rt = self.table.pollable(fd)
             if rt is None:
                 return -EBADF
             if events & ~EPOLL_ALL:

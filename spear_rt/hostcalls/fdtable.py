@@ -67,6 +67,7 @@ from spear_rt.hostcalls.rtfd import (
     EventHead,
     FdState,
     InputBatch,
+    Pollable,
     RtFd,
     Watcher,
     event_head,
@@ -102,6 +103,7 @@ class FdTable:
         self.lock = threading.Lock()
         self.blocked = threading.Condition(self.lock)  # notified when a waiter blocks (tests)
         self.fds: dict[int, RtFd] = {}
+        self.others: dict[int, Pollable] = {}  # fds of the other families (cchat_*, ...)
         self.port = port
         self.policy = policy
         self.down = False
@@ -112,12 +114,26 @@ class FdTable:
 
     def full(self) -> bool:
         """Whether the guest holds `policy.max_fds` descriptors, rt fds and epfds (lock held)."""
-        return len(self.fds) + len(self.watchers) >= self.policy.max_fds
+        return len(self.fds) + len(self.others) + len(self.watchers) >= self.policy.max_fds
 
     def alloc(self) -> int:
         """A fresh descriptor number (call with the lock held)."""
         number, self._next = self._next, self._next + 1
         return number
+
+    def pollable(self, fd: int) -> Pollable | None:
+        """The fd of any family, for epoll (lock held)."""
+        return self.fds.get(fd) or self.others.get(fd)
+
+    def close_other(self, fd: int) -> bool:
+        """Close an fd of another family: its watchers get EPOLLHUP (lock held)."""
+        other = self.others.pop(fd, None)
+        if other is None:
+            return False
+        for watcher in other.watchers:
+            watcher.fd_closed(fd)
+        other.watchers.clear()
+        return True
 
     # --- guest side -------------------------------------------------------------------------
 

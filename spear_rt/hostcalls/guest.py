@@ -11,22 +11,32 @@ session host and the stopper are tasks of the block's own task group.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import msgspec
 from anyio.lowlevel import RunVar
 
+from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_body
 from spear_rt.hostcalls.epoll import Clock, EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.link import SessionHost
 from spear_rt.hostcalls.params import DEFAULT_POLICY, HostPolicy
+from spear_rt.hostcalls.upstream import LogSink
 from spear_rt.hostcalls.wasm import DEFAULT_LIMITS, GuestLimits, WasmGuest
+from spear_rt.server.http import HttpRequest, Response
 from spear_rt.session.manager import SessionManager
 
+log = logging.getLogger(__name__)
+
 MAX_GUEST_THREADS = 64
+CHAT_PATH = "/v1/chat/completions"
+OneShotHandler = Callable[[HttpRequest], Coroutine[Any, Any, Response]]
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("spear_wasm_limiter")
 
 
@@ -49,10 +59,20 @@ async def guest_host(
     policy: HostPolicy = DEFAULT_POLICY,
     clock: Clock | None = None,
     client_key_id: str | None = None,
+    oneshot: OneShotHandler | None = None,
+    log_sink: LogSink | None = None,
 ) -> AsyncIterator[GuestRun]:
-    """A guest with its fd table and session host; leaving the block stops all of it."""
+    """A guest with its fd table and session host; leaving the block stops all of it.
+
+    `oneshot` is the server's one-shot handler (`OneShotApi.handle`): a guest's ``cchat_*``
+    requests go through it exactly like ``POST /v1/chat/completions``.
+    """
     table = FdTable(policy=policy)
-    guest = WasmGuest(module, table, EpollSet(table, clock), limits=limits, audio=audio)
+    complete = routed_chat(oneshot, client_key_id) if oneshot is not None else None
+    epolls = EpollSet(table, clock)
+    guest = WasmGuest(
+        module, table, epolls, limits=limits, audio=audio, complete=complete, log_sink=log_sink
+    )
     host = SessionHost(manager, table, client_key_id=client_key_id)
     try:
         async with anyio.create_task_group() as tg:
@@ -71,6 +91,30 @@ async def guest_host(
         if len(errors) == 1:
             raise errors[0] from None
         raise
+
+
+def routed_chat(handle: OneShotHandler, client_key_id: str | None) -> Complete:
+    """A `Complete` that sends a guest's chat request through the one-shot path (called in
+    the guest's worker thread; the request runs in the event loop)."""
+
+    def complete(body: dict[str, Any], session: ChatSession) -> Completed:
+        headers = [(b"content-type", b"application/json")]
+        if session.backend is not None:
+            headers.append((b"spear-backend", session.backend.encode()))
+        if session.timeout_ms is not None:
+            headers.append((b"spear-timeout-ms", str(session.timeout_ms).encode()))
+        request = HttpRequest(
+            "POST", CHAT_PATH, "", headers, msgspec.json.encode(body), client_key_id=client_key_id
+        )
+        try:
+            response: Response = anyio.from_thread.run(handle, request)
+        except Exception:
+            log.exception("a guest's chat request failed in the host")
+            return Completed(500, error_body("internal_error", "the host failed the request"))
+        instance = next((v for k, v in response.headers if k == "x-spear-instance"), None)
+        return Completed(response.status, response.body, instance)
+
+    return complete
 
 
 def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -114,9 +158,13 @@ async def run_guest(
     audio: bytes | None = None,
     limits: GuestLimits = DEFAULT_LIMITS,
     on_read: Callable[[int, bytes], None] | None = None,
+    oneshot: OneShotHandler | None = None,
+    log_sink: LogSink | None = None,
 ) -> int:
     """Run a guest's ``_start`` against `manager`'s sessions; returns the fuel it used."""
-    async with guest_host(module, manager, audio=audio, limits=limits) as run:
+    async with guest_host(
+        module, manager, audio=audio, limits=limits, oneshot=oneshot, log_sink=log_sink
+    ) as run:
         run.table.on_read = on_read
         await run.start()
         return run.guest.fuel_used

@@ -108,15 +108,26 @@ class FdParams:
         return InputFormat(self.audio_format, self.rate_hz)
 
 
-def _carries_secret(value: Any) -> bool:
+def carries_secret(value: Any) -> bool:
     """True when a string anywhere in `value` looks like a URL or a credential."""
     if isinstance(value, str):
         return bool(_URL.search(value) or _SECRET.search(value))
     if isinstance(value, dict):
-        return any(_carries_secret(k) or _carries_secret(v) for k, v in value.items())
+        return any(carries_secret(k) or carries_secret(v) for k, v in value.items())
     if isinstance(value, list):
-        return any(_carries_secret(v) for v in value)
+        return any(carries_secret(v) for v in value)
     return False
+
+
+def routing_name_ok(key: str, value: Any) -> bool:
+    """Whether `value` is a valid ``model`` / ``backend`` name (None: the router picks)."""
+    pattern = _MODEL_NAME if key == "model" else _BACKEND_NAME
+    return value is None or (isinstance(value, str) and bool(pattern.match(value)))
+
+
+def host_only_key(key: str) -> bool:
+    """True when a parameter name asks for a URL, an address or a credential."""
+    return bool(_HOST_ONLY_KEY.search(key))
 
 
 def _queue_bytes(value: Any, host_max: int) -> int:
@@ -134,15 +145,13 @@ def apply_param(
     except (msgspec.ValidationError, msgspec.DecodeError):
         return -EINVAL, False
     key, value = param.key, param.value
-    if (key not in KEYS and _HOST_ONLY_KEY.search(key)) or _carries_secret(value):
+    if (key not in KEYS and host_only_key(key)) or carries_secret(value):
         return -EACCES, False
     if value is msgspec.UNSET:
         return -EINVAL, False
     match key:
         case "model" | "backend":
-            pattern = _MODEL_NAME if key == "model" else _BACKEND_NAME
-            valid = value is None or (isinstance(value, str) and pattern.match(value))
-            if connected or not valid:
+            if connected or not routing_name_ok(key, value):
                 return -EINVAL, False
             setattr(params, key, value)
             return 0, False

@@ -65,6 +65,16 @@ class Watcher(Protocol):
         ...
 
 
+class Pollable(Protocol):
+    """Any fd epoll can watch: its readiness and the instances watching it."""
+
+    watchers: set[Watcher]
+
+    def events(self) -> int:
+        """Current readiness bits (level-triggered; called with the table lock held)."""
+        ...
+
+
 class EventHead(msgspec.Struct):
     """The part of an event JSON the fd looks at."""
 

@@ -49,8 +49,10 @@ from spear_rt.hostcalls.abi import (
     u32,
     write_u32,
 )
+from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_body
 from spear_rt.hostcalls.epoll import EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.upstream import LogSink, UpstreamImports, link_upstream
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,8 @@ class WasmGuest:
         *,
         limits: GuestLimits = DEFAULT_LIMITS,
         audio: bytes | None = None,
+        complete: Complete | None = None,
+        log_sink: LogSink | None = None,
     ) -> None:
         self.table = table
         self.epolls = epolls
@@ -168,6 +172,7 @@ class WasmGuest:
         self._store: wasmtime.Store | None = None
         self._instance: wasmtime.Instance | None = None
         self._memory = WasmMemory()
+        self.upstream = UpstreamImports(table, self._memory, complete or _no_chat, log_sink)
         self._deadline: float | None = None  # monotonic; set by the first call
         self._timed_out = False
 
@@ -308,6 +313,7 @@ class WasmGuest:
             linker.define_func("spear", name, _func_type(arity), _guarded(name, fn))
         for name, (arity, fn) in with_memory.items():
             linker.define_func("spear", name, _func_type(arity), self._with_memory(name, fn), True)
+        link_upstream(linker, module, self.upstream, self._with_memory, {*plain, *with_memory})
         audio_read = self._with_memory("audio_read", self._audio.audio_read)
         linker.define_func("spear_host", "audio_read", _func_type(2), audio_read, True)
         if any(imp.module.startswith("wasi") for imp in module.imports):
@@ -333,6 +339,11 @@ class WasmGuest:
                 return -EIO
 
         return call
+
+
+def _no_chat(body: dict[str, Any], session: ChatSession) -> Completed:
+    """What ``cchat_send`` answers when the guest runs without a router (unit tests)."""
+    return Completed(503, error_body("no_backend", "this host routes no chat requests"))
 
 
 def _func_type(arity: int) -> wasmtime.FuncType:

@@ -1,0 +1,68 @@
+/* spear.h: the host functions spear_rt gives WASM guests (module "spear").
+ *
+ * The same ABI as upstream SPEAR's SDK for the families spear_rt implements: log,
+ * time_now_ms, cchat_* (chat with tool callbacks), and our rt_* realtime fds with epoll.
+ * Every call returns an int32: a count or fd on success, -errno on failure (Linux numbers).
+ * Output buffers take (out_ptr, out_len_ptr): *out_len_ptr holds the capacity on entry and
+ * the written (or required) length on return; too small -> -ENOSPC with the length needed.
+ * Imports spear_rt does not provide answer -ENOSYS (38).
+ *
+ * Build: clang --target=wasm32-wasi -O2 -Wl,--export-table guest.c -o guest.wasm
+ */
+#ifndef SPEAR_H
+#define SPEAR_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#define SPEAR_IMPORT(name) __attribute__((import_module("spear"), import_name(#name)))
+
+/* log(level, text, len): 0 trace, 1 debug, 2 info, 3 warn, 4 error; len <= 16384. */
+SPEAR_IMPORT(log) int32_t sp_log(int32_t level, const char *text, int32_t len);
+/* Wall-clock Unix time in ms. */
+SPEAR_IMPORT(time_now_ms) int64_t time_now_ms(void);
+SPEAR_IMPORT(sleep_ms) int32_t sleep_ms(int32_t ms);
+
+/* Chat: a session fd collects messages, tools and parameters; send returns a response fd. */
+#define CCHAT_CTL_SET_PARAM 1   /* arg: {"key":K,"value":V} */
+#define CCHAT_CTL_GET_METRICS 2 /* response fd: usage JSON into (arg_ptr, arg_len_ptr) */
+#define CCHAT_SEND_METRICS 1
+#define CCHAT_SEND_AUTO_TOOL_CALL 2 /* the host runs the tool loop through the callbacks */
+
+SPEAR_IMPORT(cchat_create) int32_t cchat_create(void);
+SPEAR_IMPORT(cchat_write_msg)
+int32_t cchat_write_msg(int32_t fd, const char *role, int32_t role_len, const char *content,
+                        int32_t content_len);
+/* A tool: its schema (OpenAI shape), its callback = a function pointer (table index):
+ * int32_t fn(const char *args, int32_t args_len, char *out, uint32_t *out_len). */
+SPEAR_IMPORT(cchat_write_fn)
+int32_t cchat_write_fn(int32_t fd, int32_t fn_offset, const char *json, int32_t json_len);
+SPEAR_IMPORT(cchat_ctl)
+int32_t cchat_ctl(int32_t fd, int32_t cmd, void *arg, uint32_t *arg_len);
+SPEAR_IMPORT(cchat_send) int32_t cchat_send(int32_t fd, int32_t flags);
+SPEAR_IMPORT(cchat_recv) int32_t cchat_recv(int32_t fd, char *out, uint32_t *out_len);
+SPEAR_IMPORT(cchat_close) int32_t cchat_close(int32_t fd);
+
+typedef int32_t (*spear_tool_fn)(const char *args, int32_t args_len, char *out,
+                                 uint32_t *out_len);
+
+/* printf/puts through log, as upstream's SDK does for wasm32 (cut at 1023 bytes). */
+#define SPEAR_LOG_BUFFER 1024
+#define spear_printf(...)                                                          \
+  do {                                                                             \
+    char spear_buf_[SPEAR_LOG_BUFFER];                                             \
+    int spear_n_ = snprintf(spear_buf_, sizeof spear_buf_, __VA_ARGS__);           \
+    if (spear_n_ > (int)sizeof spear_buf_ - 1) spear_n_ = sizeof spear_buf_ - 1;   \
+    if (spear_n_ > 0) sp_log(2, spear_buf_, spear_n_);                             \
+  } while (0)
+
+/* cchat_ctl SET_PARAM with a JSON value given as text (e.g. "\"gpt-4o-mini\"" or "4"). */
+static inline int32_t cchat_set(int32_t fd, const char *key, const char *json_value) {
+  char arg[1024];
+  int n = snprintf(arg, sizeof arg, "{\"key\":\"%s\",\"value\":%s}", key, json_value);
+  if (n < 0 || n >= (int)sizeof arg) return -22;
+  uint32_t len = (uint32_t)n;
+  return cchat_ctl(fd, CCHAT_CTL_SET_PARAM, arg, &len);
+}
+
+#endif

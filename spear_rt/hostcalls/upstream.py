@@ -1,0 +1,261 @@
+"""Upstream SPEAR's imports beyond ``rt_*`` (spear-guests.md): log, time, cchat, stubs.
+
+`link_upstream` defines, on a guest's linker, module ``"spear"``'s ``log``, ``time_now_ms``,
+``wall_time_s``, ``random_i64``, ``sleep_ms``, the ``cchat_*`` family (`chatcalls`), and,
+for every other ``"spear"`` import the module lists that this host does not provide, a
+stub of the declared type returning ``-ENOSYS``, so any upstream guest instantiates and
+learns at its first call what is missing.
+
+Tool callbacks (`ToolCallbacks`): inside ``cchat_send`` the host calls the guest's function
+at ``fn_offset`` of its exported function table, re-entrantly on the same store, with the
+arguments and output in the guest's tool arena (`arena_layout`, the spec's exact layout).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+
+from spear_rt.hostcalls.abi import (
+    EFAULT,
+    EINVAL,
+    EIO,
+    ENOSPC,
+    ENOSYS,
+    GuestMemory,
+    MemoryFault,
+    read_u32,
+    write_u32,
+)
+from spear_rt.hostcalls.cchat import ChatSession, Complete
+from spear_rt.hostcalls.chatcalls import ChatCalls
+from spear_rt.hostcalls.fdtable import FdTable
+
+log = logging.getLogger("spear_rt.guest")
+
+MAX_LOG_BYTES = 16384  # one log call; longer -> -EINVAL
+LOG_RING = 2048  # entries kept per run
+LEVELS = {0: "trace", 1: "debug", 2: "info", 3: "warn", 4: "error"}
+_PY_LEVEL = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+             "warn": logging.WARNING, "error": logging.ERROR}  # fmt: skip
+_I32 = wasmtime.ValType.i32()
+_I64 = wasmtime.ValType.i64()
+
+LogSink = Callable[[str, str], None]  # (level name, text)
+
+
+class GuestLog:
+    """A run's ``log`` calls: the last `LOG_RING` kept, each passed to the sink and logger."""
+
+    def __init__(self, sink: LogSink | None = None) -> None:
+        self.sink = sink
+        self.entries: deque[tuple[str, str]] = deque(maxlen=LOG_RING)
+        self.dropped = 0
+
+    def log(self, mem: GuestMemory, level: int, ptr: int, length: int) -> int:
+        """0, -EINVAL (length outside 0..16384) or -EFAULT."""
+        if not 0 <= length <= MAX_LOG_BYTES:
+            return -EINVAL
+        try:
+            text = mem.read(ptr, length).decode("utf-8", "replace")
+        except MemoryFault:
+            return -EFAULT
+        name = LEVELS.get(level, "info")
+        if len(self.entries) == LOG_RING:
+            self.dropped += 1
+        self.entries.append((name, text))
+        log.log(_PY_LEVEL[name], "guest: %s", text.rstrip("\n"))
+        if self.sink is not None:
+            self.sink(name, text)
+        return 0
+
+    def texts(self, level: str | None = None) -> list[str]:
+        """The kept texts (of one level)."""
+        return [text for name, text in self.entries if level is None or name == level]
+
+
+def arena_layout(ptr: int, length: int, n: int, limit: int) -> tuple[int, int, int] | int:
+    """(out_ptr, capacity, out_len_ptr) for `n` argument bytes in the arena, or -errno."""
+    if ptr <= 0 or length <= 0:
+        return -EFAULT
+    out_ptr = ptr + _round8(n + 1)
+    capacity = min(length - (out_ptr - ptr) - 8, limit)
+    if capacity <= 0:
+        return -ENOSPC
+    out_len_ptr = out_ptr + _round8(capacity)
+    if out_len_ptr + 4 > ptr + length:
+        return -ENOSPC
+    return out_ptr, capacity, out_len_ptr
+
+
+def _round8(value: int) -> int:
+    return (value + 7) & ~7
+
+
+class ToolCallbacks:
+    """Calls a guest's tool functions from inside ``cchat_send`` (same thread, same store)."""
+
+    def __init__(self, memory: Any) -> None:
+        self.memory = memory  # a WasmMemory: rebound to the caller around each call
+        self.caller: wasmtime.Caller | None = None  # set while cchat_send runs
+
+    def __call__(self, fn_offset: int, args: bytes, session: ChatSession) -> tuple[int, bytes]:
+        """(rc, output) of the guest's function at `fn_offset`."""
+        caller = self.caller
+        if caller is None:
+            return -EIO, b""
+        func = _table_func(caller, fn_offset)
+        if func is None:
+            return -EIO, b""
+        arena_ptr, arena_len = session.arena
+        capacity_limit = session.max_tool_output_bytes
+        for attempt in range(2):
+            layout = arena_layout(arena_ptr, arena_len, len(args), capacity_limit)
+            if isinstance(layout, int):
+                return layout, b""
+            out_ptr, capacity, out_len_ptr = layout
+            try:
+                self.memory.bind(caller)
+                self.memory.write(arena_ptr, args + b"\0")
+                write_u32(self.memory, out_len_ptr, capacity)
+                rc = func(caller, arena_ptr, len(args), out_ptr, out_len_ptr)
+                self.memory.bind(caller)  # the callback may have grown memory
+                written = read_u32(self.memory, out_len_ptr)
+                if rc == 0:
+                    if written > capacity:
+                        return -EIO, b""
+                    return 0, self.memory.read(out_ptr, written)
+            except MemoryFault:
+                return -EFAULT, b""
+            if rc != -ENOSPC or attempt or written > session.max_tool_output_bytes:
+                return int(rc) if isinstance(rc, int) else -EIO, b""
+            capacity_limit = written  # retry once with the length the guest asked for
+        return -ENOSPC, b""
+
+
+def _table_func(caller: wasmtime.Caller, index: int) -> wasmtime.Func | None:
+    """The funcref at `index` of the guest's exported table, if it has the tool type."""
+    table = None
+    for name in ("__indirect_function_table", "table"):
+        found = caller.get(name)
+        if isinstance(found, wasmtime.Table):
+            table = found
+            break
+    if table is None or not 0 <= index < table.size(caller):
+        return None
+    func = table.get(caller, index)  # type: ignore[arg-type]  # a Caller is a store context
+    if not isinstance(func, wasmtime.Func):
+        return None
+    kind = func.type(caller)
+    params = [str(p) for p in kind.params]
+    results = [str(r) for r in kind.results]
+    if params != ["i32"] * 4 or results != ["i32"]:
+        return None
+    return func
+
+
+class UpstreamImports:
+    """What one guest's upstream-ABI imports share: its log, chat calls, tool callbacks."""
+
+    def __init__(self, table: FdTable, memory: Any, complete: Complete, sink: LogSink | None):
+        self.memory = memory
+        self.log = GuestLog(sink)
+        self.tools = ToolCallbacks(memory)
+        self.chat = ChatCalls(table, complete, self.tools)
+        self._table = table
+        self._sleeping = threading.Condition()
+
+    def sleep_ms(self, ms: int) -> int:
+        """Block the guest up to `ms` (woken early when the host shuts down)."""
+        deadline = time.monotonic() + max(ms, 0) / 1000
+        with self._sleeping:
+            while not self._table.down and (left := deadline - time.monotonic()) > 0:
+                self._sleeping.wait(min(left, 0.05))
+        return 0
+
+
+def link_upstream(
+    linker: wasmtime.Linker,
+    module: wasmtime.Module,
+    imports: UpstreamImports,
+    with_memory: Callable[[str, Callable[..., int]], Callable[..., int]],
+    defined: set[str],
+) -> None:
+    """Define upstream's ``"spear"`` imports, and -ENOSYS stubs for the rest (module doc)."""
+    chat = imports.chat
+    calls: dict[str, tuple[int, Callable[..., int]]] = {
+        "log": (3, imports.log.log),
+        "cchat_write_msg": (5, chat.cchat_write_msg),
+        "cchat_write_fn": (4, chat.cchat_write_fn),
+        "cchat_ctl": (4, chat.cchat_ctl),
+        "cchat_recv": (3, chat.cchat_recv),
+    }
+    for name, (arity, fn) in calls.items():
+        linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
+    plain: dict[str, tuple[int, Callable[..., int]]] = {
+        "cchat_create": (0, chat.cchat_create),
+        "cchat_close": (1, chat.cchat_close),
+        "sleep_ms": (1, imports.sleep_ms),
+    }
+    for name, (arity, fn) in plain.items():
+        linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
+    send = _guard("cchat_send", chat.cchat_send)
+    tools = imports.tools
+
+    def cchat_send(caller: wasmtime.Caller, fd: int, flags: int) -> int:
+        tools.caller = caller
+        try:
+            return send(fd, flags)
+        finally:
+            tools.caller = None
+
+    linker.define_func("spear", "cchat_send", _ftype(2), cchat_send, True)
+    clock = wasmtime.FuncType([], [_I64])
+    linker.define_func("spear", "time_now_ms", clock, lambda: time.time_ns() // 1_000_000)
+    linker.define_func("spear", "wall_time_s", clock, lambda: time.time_ns() // 1_000_000_000)
+    linker.define_func("spear", "random_i64", clock, lambda: secrets.randbits(63))
+    provided = defined | set(calls) | set(plain) | {"cchat_send", "time_now_ms", "wall_time_s",
+                                                     "random_i64"}  # fmt: skip
+    for imp in module.imports:
+        if (
+            imp.module != "spear"
+            or imp.name in provided
+            or not isinstance(imp.type, wasmtime.FuncType)
+        ):
+            continue
+        provided.add(imp.name or "")
+        linker.define_func("spear", imp.name or "", imp.type, _enosys(imp.type))
+
+
+def _ftype(arity: int) -> wasmtime.FuncType:
+    return wasmtime.FuncType([_I32] * arity, [_I32])
+
+
+def _guard(name: str, fn: Callable[..., int]) -> Callable[..., int]:
+    def call(*args: int) -> int:
+        try:
+            return fn(*args)
+        except Exception:
+            log.exception("hostcall %s failed", name)
+            return -EIO
+
+    return call
+
+
+def _enosys(kind: wasmtime.FuncType) -> Callable[..., Any]:
+    """A stub of type `kind` that answers -ENOSYS (or nothing, for a function without result)."""
+    results = list(kind.results)
+
+    def stub(*_args: Any) -> Any:
+        if not results:
+            return None
+        return -ENOSYS
+
+    return stub

@@ -1,0 +1,118 @@
+"""Upstream SPEAR's guests on spear_rt (spear-guests.md §10): C programs against `spear.h`,
+compiled with clang, run through the real wasmtime binding against a running server.
+
+What must hold: ``log`` lines come out whole and in order; ``time_now_ms`` is the wall clock;
+a ``cchat_*`` request goes through the one-shot path (the same answer as POST
+/v1/chat/completions, plus ``_spear``); with AUTO_TOOL_CALL the host calls the guest's own
+function through its table with the spec's tool arena, and the model gets its output; an
+import this host does not provide instantiates and answers -ENOSYS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from spear_rt.hostcalls import cli
+from spear_rt.hostcalls.abi import ENOSYS
+from spear_rt.hostcalls.guest import guest_host, run_guest
+from spear_rt.server.app import Server
+from tests.hostcalls.cguests import build
+
+
+class Lines:
+    """A log sink: every ``log`` call as (level, text)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, level: str, text: str) -> None:
+        self.calls.append((level, text))
+
+    def info(self) -> list[str]:
+        return [text for level, text in self.calls if level == "info"]
+
+    def value(self, prefix: str) -> str:
+        """The rest of the one info line starting with `prefix` (its newline dropped)."""
+        found = [t for t in self.info() if t.startswith(prefix)]
+        assert len(found) == 1, (prefix, self.info())
+        return found[0][len(prefix) :].removesuffix("\n")
+
+
+async def run_c(name: str, server: Server) -> Lines:
+    lines = Lines()
+    await run_guest(build(name), server.sessions, oneshot=server.oneshot.handle, log_sink=lines)
+    return lines
+
+
+async def test_hello_logs_its_greeting_and_the_wall_clock(server: Server) -> None:
+    before = time.time_ns() // 1_000_000
+    lines = await run_c("hello", server)
+    after = time.time_ns() // 1_000_000
+    assert lines.info()[0] == "hello spear wasm\n"
+    assert before <= int(lines.value("time_now_ms: ")) <= after
+
+
+async def test_chat_completion_answers_as_the_http_endpoint_does(server: Server) -> None:
+    lines = await run_c("chat_completion", server)
+    assert lines.value("debug_model=") == "gpt-4o-mini"
+    body = json.loads(lines.value("response_json="))
+    assert int(lines.value("response_bytes=")) == len(lines.value("response_json=").encode())
+    assert body.pop("_spear") == {"backend": "stub", "model": "gpt-4o-mini"}
+    assert lines.value("debug_backend=") == "stub"
+    request = {"model": "gpt-4o-mini",
+               "messages": [{"role": "user", "content": "Hi, what is your name?"}]}  # fmt: skip
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"http://127.0.0.1:{server.port}/v1/chat/completions", json=request
+        )
+    assert answer.status_code == 200
+    assert body == answer.json()  # the same path: normalize, router, backend
+
+
+async def test_the_host_runs_the_tool_loop_through_the_guests_function(server: Server) -> None:
+    lines = await run_c("chat_tool_sum", server)
+    assert lines.value("tool_fn_offset=") != "0"
+    assert lines.value("cchat_write_fn_rc=") == "0"
+    # the spec's arena: 128 KiB gives the callback 65536 bytes of output
+    assert lines.value("sum invoked: ") == "a=7 b=35 sum=42 cap=65536"
+    [response] = [t for t in lines.info() if t.startswith("chat response (")]
+    head, text = response.split(":\n", 1)
+    body = json.loads(text)
+    assert head == f"chat response ({len(text.rstrip(chr(10)).encode())} bytes)"
+    assert body["choices"][0]["message"]["content"] == 'stub: after tool {"sum":42}'
+    assert body["_spear"]["backend"] == "stub"
+    usage = json.loads(lines.value("usage="))
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+MISSING = """
+(module
+  (import "spear" "mic_create" (func $mic_create (result i32)))
+  (import "spear" "user_stream_open" (func $open (param i32 i32) (result i32)))
+  (import "spear" "spear_fd_ctl" (func $fd_ctl (param i32 i32 i32 i32) (result i32)))
+  (import "spear" "wall_time_s" (func $wall (result i64)))
+  (memory (export "memory") 1)
+  (func (export "mic") (result i32) (call $mic_create))
+  (func (export "open") (result i32) (call $open (i32.const 1) (i32.const 3)))
+  (func (export "wall") (result i64) (call $wall)))
+"""
+
+
+async def test_an_import_the_host_lacks_instantiates_and_answers_enosys(server: Server) -> None:
+    async with guest_host(MISSING, server.sessions) as run:
+        assert await run.call("mic") == -ENOSYS
+        assert await run.call("open") == -ENOSYS
+        wall: Any = await run.call("wall")
+        assert abs(wall - time.time()) < 5
+
+
+def test_run_wasm_prints_the_guests_log_lines(capsys: Any) -> None:
+    assert cli.main([str(build("hello")), "--loop", "trio"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "hello spear wasm"
+    assert out.splitlines()[1].startswith("time_now_ms: 1")
+    assert "hello" in err and "fuel used" in err
