@@ -327,6 +327,11 @@ class SessionMachine:
         if self.state in (State.CLOSED, State.ERROR):
             return
         self.last_error = message
+        conversation = self.conversation
+        if conversation is not None and conversation.response is not None:
+            # rule 4 holds to the end: the answer in progress gets its response.done (failed)
+            ended = ResponseEnded(conversation.response.id, error=message, code="upstream_error")
+            conversation.output(ended)
         self.error("upstream_error", message, error_type="server_error")
         self.state = State.ERROR
         self._close(1011, "upstream failed")

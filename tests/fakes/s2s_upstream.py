@@ -20,7 +20,9 @@ Faults, for the next connection (one `plan(...)` each, in order): `Refuse(status
 handshake, `DropMidResponse(after_chunks=K)` (TCP closed after the K-th audio chunk of the
 connection), `DropAfter(frames=N)` (closed after N client frames), `TranscribeLate()` (a
 commit's transcription comes only as the connection's next response ends: an upstream slower
-to transcribe than to answer).
+to transcribe than to answer), `StallMidResponse(after_chunks=K)` (after the K-th chunk it
+neither writes nor reads again: pings go unanswered) and `GarbageMidResponse(after_chunks=K)`
+(a text frame that is not JSON after the K-th chunk).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ class DropAfter(msgspec.Struct, frozen=True):
     frames: int
 
 
+class StallMidResponse(msgspec.Struct, frozen=True):
+    """After the connection's `after_chunks`-th audio chunk: silence both ways."""
+
+    after_chunks: int
+
+
+class GarbageMidResponse(msgspec.Struct, frozen=True):
+    """After the connection's `after_chunks`-th audio chunk: a frame that is not JSON."""
+
+    after_chunks: int
+
+
 class TranscribeLate(msgspec.Struct, frozen=True):
     """Hold each commit's transcription until the connection's next response ends."""
 
@@ -76,6 +90,13 @@ class S2SPlan(msgspec.Struct):
     drop_mid_response: int | None = None
     drop_after_frames: int | None = None
     transcribe_late: bool = False
+    stall_mid_response: int | None = None
+    garbage_mid_response: int | None = None
+
+
+Fault = (
+    Refuse | DropMidResponse | DropAfter | TranscribeLate | StallMidResponse | GarbageMidResponse
+)
 
 
 def word_audio(word: str, index: int) -> bytes:
@@ -134,6 +155,7 @@ class _Session:
         self.writing = False
         self.sent = anyio.Event()  # the writer emptied `out`
         self.late: list[dict[str, Any]] = []  # transcriptions held (TranscribeLate)
+        self.stalled = False  # StallMidResponse: nothing more is read or written
 
     async def drop(self) -> None:
         """End the connection once everything emitted so far went out."""
@@ -292,7 +314,7 @@ class FakeSpeechToSpeech:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def plan(self, *faults: Refuse | DropMidResponse | DropAfter | TranscribeLate) -> None:
+    def plan(self, *faults: Fault) -> None:
         """What the next connection (without a plan yet) does."""
         plan = S2SPlan()
         for fault in faults:
@@ -302,6 +324,10 @@ class FakeSpeechToSpeech:
                 plan.drop_mid_response = fault.after_chunks
             elif isinstance(fault, TranscribeLate):
                 plan.transcribe_late = True
+            elif isinstance(fault, StallMidResponse):
+                plan.stall_mid_response = fault.after_chunks
+            elif isinstance(fault, GarbageMidResponse):
+                plan.garbage_mid_response = fault.after_chunks
             else:
                 plan.drop_after_frames = fault.frames
         self._plans.append(plan)
@@ -370,6 +396,8 @@ class FakeSpeechToSpeech:
     ) -> None:
         frames = 0
         while True:
+            if session.stalled:
+                await anyio.sleep_forever()
             try:
                 data = await stream.receive(READ_SIZE)
             except anyio.EndOfStream:
@@ -392,6 +420,8 @@ class FakeSpeechToSpeech:
         while True:
             await session.wake.wait()
             session.wake = anyio.Event()
+            if session.stalled:
+                await anyio.sleep_forever()
             out, session.out = session.out, []
             audio, session.out_audio = session.out_audio, []
             session.writing = True
@@ -456,6 +486,13 @@ class FakeSpeechToSpeech:
             if session.plan.drop_mid_response == session.chunks:
                 await session.drop()
                 return
+            if session.plan.stall_mid_response == session.chunks:
+                session.stalled = True
+                await anyio.sleep_forever()
+            if session.plan.garbage_mid_response == session.chunks:
+                session.out.append(b"{not json")
+                session.out_audio.append(None)
+                session.wake.set()
         part = {"type": part_type, "transcript": transcript}
         item["content"] = [part]
         item["status"] = "completed" if status == "completed" else "incomplete"

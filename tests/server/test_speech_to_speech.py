@@ -60,14 +60,16 @@ FEATURES = (
 )
 
 
-def backends(fake: FakeSpeechToSpeech, dialect: str = "ga") -> str:
+def backends(
+    fake: FakeSpeechToSpeech, dialect: str = "ga", ping: str = "ping_interval_s = 0"
+) -> str:
     return f"""
 [[backends]]
 name = "s2s"
 kind = "openai_realtime"
 base_url = "{fake.base_url}"
 features = {FEATURES}
-options = {{ ping_interval_s = 0, dialect = "{dialect}" }}
+options = {{ {ping}, dialect = "{dialect}" }}
 """
 
 
@@ -77,6 +79,7 @@ async def gateway(
     extra: str = "",
     realtime: str = "",
     server: str = "",
+    ping: str = "ping_interval_s = 0",
     **fake_options: Any,
 ) -> AsyncIterator[tuple[Server, FakeSpeechToSpeech]]:
     fake = FakeSpeechToSpeech(**fake_options)
@@ -86,7 +89,7 @@ async def gateway(
             server=server,
             realtime=realtime,
             extra=extra,
-            backends=backends(fake, upstream_dialect),
+            backends=backends(fake, upstream_dialect, ping),
         )
         async with running_server(config) as server:
             yield server, fake
