@@ -72,6 +72,10 @@ class _Polled:
         """Readiness bits (level-triggered)."""
         return 0
 
+    def next_change(self) -> float | None:
+        """Never by itself."""
+        return None
+
 
 class ChatSession(_Polled):
     """A ``cchat_create`` fd: the request being built."""

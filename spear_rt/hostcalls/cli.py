@@ -3,17 +3,19 @@
 The module (``.wasm`` or ``.wat``) runs in-process with the server's own pieces — registry,
 router and session manager built from the config (the embedded default without
 ``--config``) — so its sessions are routed like any WebSocket client's. Every event the
-guest reads with ``rt_read`` is printed on stdout as one JSON object per line; a WASI guest
-writes its diagnostics to stderr (its stdout is discarded, to keep ours JSON only).
+guest reads with ``rt_read`` is printed on stdout as one JSON object per line (not those
+upstream guests read with ``rtasr_read``: they print what they want themselves); a WASI
+guest's stderr and stdout are ours (upstream's mic_rtasr writes its transcripts to stdout).
 ``--audio FILE`` hands the guest the file's audio (pcm16 24 kHz mono) through the
-``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`). A guest's ``log`` calls
-(upstream SPEAR's ``printf``) print as they come: trace/debug/info on stdout, warn/error on
-stderr, each text as the guest wrote it; its ``cchat_*`` requests go through the server's
-one-shot path, as ``POST /v1/chat/completions`` would.
+``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`), and it is what upstream's
+``mic_*`` calls ``source: "device"``, played at real-time pace (`spear_rt.hostcalls.mic`).
+A guest's ``log`` calls (upstream SPEAR's ``printf``) print as they come: trace, debug and
+info on stdout, warn and error on stderr, each text as the guest wrote it; its ``cchat_*``
+requests go through the server's one-shot path, as ``POST /v1/chat/completions`` would.
 
 Exit status: 0 when ``_start`` returned, 1 when the guest trapped, ran out of fuel or time
-(``--max-run-seconds``) or failed to link, 2 for errors a user can fix (missing file, bad
-config, wasmtime not installed).
+(``--max-run-seconds``) or failed to link or exited non-zero, 2 for errors a user can fix
+(missing file, bad config, wasmtime not installed).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
                 on_read=print_event,
                 oneshot=server.oneshot.handle,
                 log_sink=print_log,
+                stdout="inherit",
             )
             tg.cancel_scope.cancel()
 

@@ -118,6 +118,11 @@ class Epoll:
             self.closed_fds.add(fd)
             self.cond.notify_all()
 
+    def next_change(self) -> float | None:
+        """The earliest time a watched fd's readiness changes by itself, if any."""
+        changes = [c for p, _mask in self.watches.values() if (c := p.next_change()) is not None]
+        return min(changes, default=None)
+
     def ready(self, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` (fd, events) records, sorted by fd, rotating when more are ready."""
         ready = [
@@ -216,6 +221,10 @@ class EpollSet:
                     remaining = deadline - clock.now()
                     if remaining <= 0:
                         break
+                change = ep.next_change()  # a watched source (a mic) becomes ready by itself
+                if change is not None:
+                    until = max(change - clock.now(), 0.0)
+                    remaining = until if remaining is None else min(remaining, until)
                 ep.waiters += 1
                 self.table.blocked.notify_all()
                 try:

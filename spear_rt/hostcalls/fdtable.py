@@ -150,36 +150,47 @@ class FdTable:
 
     def rt_ctl(self, mem: GuestMemory, fd: int, cmd: int, arg_ptr: int, arg_len_ptr: int) -> int:
         """0, or the bytes written for GET commands; -errno on failure."""
+        if cmd in (Cmd.GET_STATUS, Cmd.GET_METRICS):
+            with self.lock:
+                rt = self.fds.get(fd)
+                if rt is None:
+                    return -EBADF
+                report = rt.status() if cmd == Cmd.GET_STATUS else rt.metrics()
+                try:
+                    return deliver(mem, arg_ptr, arg_len_ptr, msgspec.json.encode(report))
+                except MemoryFault:
+                    return -EFAULT
+        raw = b""
+        if cmd in (Cmd.SET_PARAM, Cmd.SEND_EVENT):
+            try:
+                raw = read_input(mem, arg_ptr, arg_len_ptr)
+            except MemoryFault:
+                return -EBADF if fd not in self.fds else -EFAULT
+        return self.control(fd, cmd, raw)
+
+    def control(self, fd: int, cmd: int, raw: bytes = b"") -> int:
+        """An ``rt_ctl`` command other than the GET ones, its argument already read."""
         waker: Callable[[], None] | None = None
         connect: RtFd | None = None
         with self.lock:
             rt = self.fds.get(fd)
             if rt is None:
                 return -EBADF
-            try:
-                match cmd:
-                    case Cmd.SET_PARAM:
-                        result = self._set_param(rt, read_input(mem, arg_ptr, arg_len_ptr))
-                    case Cmd.CONNECT:
-                        result = self._connect(rt)
-                        connect = rt if result == 0 else None
-                    case Cmd.GET_STATUS:
-                        status = msgspec.json.encode(rt.status())
-                        result = deliver(mem, arg_ptr, arg_len_ptr, status)
-                    case Cmd.SEND_EVENT:
-                        result = self._send_event(rt, read_input(mem, arg_ptr, arg_len_ptr))
-                    case Cmd.COMMIT | Cmd.CLEAR:
-                        event = _COMMIT if cmd == Cmd.COMMIT else _CLEAR
-                        result = rt.enqueue(event, len(event), control=True)
-                    case Cmd.SHUTDOWN_WRITE:
-                        result = self._shutdown_write(rt)
-                    case Cmd.GET_METRICS:
-                        metrics = msgspec.json.encode(rt.metrics())
-                        result = deliver(mem, arg_ptr, arg_len_ptr, metrics)
-                    case _:
-                        return -EINVAL
-            except MemoryFault:
-                return -EFAULT
+            match cmd:
+                case Cmd.SET_PARAM:
+                    result = self._set_param(rt, raw)
+                case Cmd.CONNECT:
+                    result = self._connect(rt)
+                    connect = rt if result == 0 else None
+                case Cmd.SEND_EVENT:
+                    result = self._send_event(rt, raw)
+                case Cmd.COMMIT | Cmd.CLEAR:
+                    event = _COMMIT if cmd == Cmd.COMMIT else _CLEAR
+                    result = rt.enqueue(event, len(event), control=True)
+                case Cmd.SHUTDOWN_WRITE:
+                    result = self._shutdown_write(rt)
+                case _:
+                    return -EINVAL
             if result >= 0 and cmd in _WAKING:
                 waker = rt.take_waker()
         if connect is not None and self.port is not None:
@@ -217,7 +228,9 @@ class FdTable:
             waker()
         return result
 
-    def rt_read(self, mem: GuestMemory, fd: int, out_ptr: int, out_len_ptr: int) -> int:
+    def rt_read(
+        self, mem: GuestMemory, fd: int, out_ptr: int, out_len_ptr: int, *, trace: bool = True
+    ) -> int:
         """The bytes of exactly one event (UTF-8 JSON); -EAGAIN when none; 0 at end of file."""
         with self.lock:
             rt = self.fds.get(fd)
@@ -237,7 +250,7 @@ class FdTable:
             except MemoryFault:
                 return -EFAULT
             rt.pop()
-        if self.on_read is not None:
+        if trace and self.on_read is not None:
             self.on_read(fd, data)
         return len(data)
 
@@ -326,6 +339,16 @@ class FdTable:
         """The session ended: EPOLLHUP, plus EPOLLERR unless it closed normally."""
         with self.lock:
             rt.end(code, reason)
+
+    def drain_upstream_sessions(self) -> None:
+        """A host recording ended: rtasr sessions finish their turns, then close (lock held)."""
+        for rt in self.fds.values():
+            if rt.upstream_family and rt.state in WRITABLE:
+                rt.state = FdState.DRAINING
+                rt.changed()
+                waker = rt.take_waker()
+                if waker is not None:
+                    waker()  # schedules a callback in the loop: never blocks
 
     def shutdown(self) -> None:
         """Host shutdown: every live fd hangs up and every waiter wakes."""

@@ -61,6 +61,7 @@ async def guest_host(
     client_key_id: str | None = None,
     oneshot: OneShotHandler | None = None,
     log_sink: LogSink | None = None,
+    stdout: str | None = None,
 ) -> AsyncIterator[GuestRun]:
     """A guest with its fd table and session host; leaving the block stops all of it.
 
@@ -71,7 +72,14 @@ async def guest_host(
     complete = routed_chat(oneshot, client_key_id) if oneshot is not None else None
     epolls = EpollSet(table, clock)
     guest = WasmGuest(
-        module, table, epolls, limits=limits, audio=audio, complete=complete, log_sink=log_sink
+        module,
+        table,
+        epolls,
+        limits=limits,
+        audio=audio,
+        complete=complete,
+        log_sink=log_sink,
+        stdout=stdout,
     )
     host = SessionHost(manager, table, client_key_id=client_key_id)
     try:
@@ -160,10 +168,17 @@ async def run_guest(
     on_read: Callable[[int, bytes], None] | None = None,
     oneshot: OneShotHandler | None = None,
     log_sink: LogSink | None = None,
+    stdout: str | None = None,
 ) -> int:
     """Run a guest's ``_start`` against `manager`'s sessions; returns the fuel it used."""
     async with guest_host(
-        module, manager, audio=audio, limits=limits, oneshot=oneshot, log_sink=log_sink
+        module,
+        manager,
+        audio=audio,
+        limits=limits,
+        oneshot=oneshot,
+        log_sink=log_sink,
+        stdout=stdout,
     ) as run:
         run.table.on_read = on_read
         await run.start()

@@ -74,6 +74,10 @@ class Pollable(Protocol):
         """Current readiness bits (level-triggered; called with the table lock held)."""
         ...
 
+    def next_change(self) -> float | None:
+        """When readiness may change by itself (clock seconds), if ever (lock held)."""
+        ...
+
 
 class EventHead(msgspec.Struct):
     """The part of an event JSON the fd looks at."""
@@ -125,6 +129,10 @@ class RtFd:
         self.closed = False  # rt_close was called, or the recv queue overflowed
         self.watchers: set[Watcher] = set()
         self.input_waker: Callable[[], None] | None = None  # left by the session's reader
+        # upstream's rtasr_* fds: writes queue before CONNECT, and a peer-closed session
+        # hangs up only once its events are read (its guests exit on the first EPOLLHUP)
+        self.upstream_family = False
+        self.autoflush: Any = None  # rtasr SET_AUTOFLUSH, as the guest gave it
         self.counters = dict.fromkeys(
             (
                 "writes",
@@ -145,9 +153,13 @@ class RtFd:
             ready |= EPOLLOUT  # at least half the queue free: a frame-sized write will fit
         if self.state is FdState.ERROR:
             ready |= EPOLLERR
-        if self.state in ENDED:
+        if self.state in ENDED and not (self.upstream_family and self.recv):
             ready |= EPOLLHUP
         return ready
+
+    def next_change(self) -> float | None:
+        """Never by itself: only the session or the guest changes an rt fd."""
+        return None
 
     def status(self) -> dict[str, Any]:
         """The GET_STATUS object."""
@@ -186,7 +198,7 @@ class RtFd:
         """0 if the fd takes input now, else -ENOTCONN / -EPIPE / -ECONNRESET."""
         match self.state:
             case FdState.INIT:
-                return -ENOTCONN
+                return 0 if self.upstream_family else -ENOTCONN
             case FdState.DRAINING | FdState.CLOSED:
                 return -EPIPE
             case FdState.ERROR:

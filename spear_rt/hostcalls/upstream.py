@@ -1,7 +1,8 @@
 """Upstream SPEAR's imports beyond ``rt_*`` (spear-guests.md): log, time, cchat, stubs.
 
 `link_upstream` defines, on a guest's linker, module ``"spear"``'s ``log``, ``time_now_ms``,
-``wall_time_s``, ``random_i64``, ``sleep_ms``, the ``cchat_*`` family (`chatcalls`), and,
+``wall_time_s``, ``random_i64``, ``sleep_ms``, the ``cchat_*`` family (`chatcalls`),
+``rtasr_*`` (`rtasr`), ``mic_*`` (`mic`), and,
 for every other ``"spear"`` import the module lists that this host does not provide, a
 stub of the declared type returning ``-ENOSYS``, so any upstream guest instantiates and
 learns at its first call what is missing.
@@ -19,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import wasmtime
@@ -37,6 +39,8 @@ from spear_rt.hostcalls.abi import (
 from spear_rt.hostcalls.cchat import ChatSession, Complete
 from spear_rt.hostcalls.chatcalls import ChatCalls
 from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.mic import MicCalls
+from spear_rt.hostcalls.rtasr import RtasrCalls
 
 log = logging.getLogger("spear_rt.guest")
 
@@ -164,11 +168,21 @@ def _table_func(caller: wasmtime.Caller, index: int) -> wasmtime.Func | None:
 class UpstreamImports:
     """What one guest's upstream-ABI imports share: its log, chat calls, tool callbacks."""
 
-    def __init__(self, table: FdTable, memory: Any, complete: Complete, sink: LogSink | None):
+    def __init__(
+        self,
+        table: FdTable,
+        memory: Any,
+        complete: Complete,
+        sink: LogSink | None,
+        clock: Callable[[], float] = time.monotonic,
+        recording: bytes | None = None,
+    ) -> None:
         self.memory = memory
         self.log = GuestLog(sink)
         self.tools = ToolCallbacks(memory)
         self.chat = ChatCalls(table, complete, self.tools)
+        self.rtasr = RtasrCalls(table, clock)
+        self.mic = MicCalls(table, clock, recording)
         self._table = table
         self._sleeping = threading.Condition()
 
@@ -189,13 +203,18 @@ def link_upstream(
     defined: set[str],
 ) -> None:
     """Define upstream's ``"spear"`` imports, and -ENOSYS stubs for the rest (module doc)."""
-    chat = imports.chat
+    chat, rtasr, mic, table = imports.chat, imports.rtasr, imports.mic, imports.chat.table
     calls: dict[str, tuple[int, Callable[..., int]]] = {
         "log": (3, imports.log.log),
         "cchat_write_msg": (5, chat.cchat_write_msg),
         "cchat_write_fn": (4, chat.cchat_write_fn),
         "cchat_ctl": (4, chat.cchat_ctl),
         "cchat_recv": (3, chat.cchat_recv),
+        "rtasr_ctl": (4, rtasr.rtasr_ctl),
+        "rtasr_write": (3, rtasr.rtasr_write),
+        "rtasr_read": (3, partial(table.rt_read, trace=False)),
+        "mic_ctl": (4, mic.mic_ctl),
+        "mic_read": (3, mic.mic_read),
     }
     for name, (arity, fn) in calls.items():
         linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
@@ -203,6 +222,10 @@ def link_upstream(
         "cchat_create": (0, chat.cchat_create),
         "cchat_close": (1, chat.cchat_close),
         "sleep_ms": (1, imports.sleep_ms),
+        "rtasr_create": (0, rtasr.rtasr_create),
+        "rtasr_close": (1, table.rt_close),
+        "mic_create": (0, mic.mic_create),
+        "mic_close": (1, mic.mic_close),
     }
     for name, (arity, fn) in plain.items():
         linker.define_func("spear", name, _ftype(arity), _guard(name, fn))

@@ -1,9 +1,10 @@
 """The wasmtime binding: ``rt_*`` / ``spear_epoll_*`` as imports of module ``"spear"``.
 
 A guest is a WASI-style command: the host compiles it (binary or WAT), links the ``"spear"``
-imports with the spec's exact signatures (plus WASI when the guest imports it: stderr is the
-host's, stdout is discarded; and the host-provided audio source below), instantiates it and
-calls its exported ``_start``; its linear memory is exported as ``memory``. Every pointer is
+imports with the spec's exact signatures (upstream SPEAR's families too: `upstream`), plus
+WASI when the guest imports it (stderr is the host's; stdout discarded, the host's or a
+file) and the host-provided audio source below, instantiates it and calls its exported
+``_start``; its linear memory is exported as ``memory``. Every pointer is
 bounds-checked against that memory (``-EFAULT``, never a host crash); an unexpected host
 error is logged and returned as ``-EIO`` rather than trapping the guest.
 
@@ -159,8 +160,10 @@ class WasmGuest:
         audio: bytes | None = None,
         complete: Complete | None = None,
         log_sink: LogSink | None = None,
+        stdout: str | None = None,
     ) -> None:
         self.table = table
+        self.stdout = stdout  # WASI stdout: None discarded, "inherit" the host's, else a file
         self.epolls = epolls
         self.limits = limits
         self._source = module
@@ -172,7 +175,9 @@ class WasmGuest:
         self._store: wasmtime.Store | None = None
         self._instance: wasmtime.Instance | None = None
         self._memory = WasmMemory()
-        self.upstream = UpstreamImports(table, self._memory, complete or _no_chat, log_sink)
+        self.upstream = UpstreamImports(
+            table, self._memory, complete or _no_chat, log_sink, epolls.clock.now, audio
+        )
         self._deadline: float | None = None  # monotonic; set by the first call
         self._timed_out = False
 
@@ -318,10 +323,14 @@ class WasmGuest:
         linker.define_func("spear_host", "audio_read", _func_type(2), audio_read, True)
         if any(imp.module.startswith("wasi") for imp in module.imports):
             linker.define_wasi()
-            # stderr is the host's; stdout is discarded (run-wasm's stdout carries the events).
-            # No Python callback for it: wasmtime may call one from its own threads at exit.
+            # stderr is the host's; stdout as asked (`stdout`). No Python callback for either:
+            # wasmtime may call one from its own threads at exit.
             wasi = wasmtime.WasiConfig()
             wasi.inherit_stderr()
+            if self.stdout == "inherit":
+                wasi.inherit_stdout()
+            elif self.stdout is not None:
+                wasi.stdout_file = self.stdout
             store.set_wasi(wasi)
         return linker
 

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import pytest
 
 from spear_rt.hostcalls import cli
-from spear_rt.hostcalls.abi import ENOSYS
+from spear_rt.hostcalls.abi import EIO, ENOSYS
 from spear_rt.hostcalls.guest import guest_host, run_guest
+from spear_rt.hostcalls.wasm import GuestError, audio_file_source
 from spear_rt.server.app import Server
+from tests.conftest import FIXTURES, ServerFactory, make_config
 from tests.hostcalls.cguests import build
 
 
@@ -91,12 +96,12 @@ async def test_the_host_runs_the_tool_loop_through_the_guests_function(server: S
 
 MISSING = """
 (module
-  (import "spear" "mic_create" (func $mic_create (result i32)))
-  (import "spear" "user_stream_open" (func $open (param i32 i32) (result i32)))
+  (import "spear" "hologram_create" (func $hologram_create (result i32)))
+  (import "spear" "hologram_open" (func $open (param i32 i32) (result i32)))
   (import "spear" "spear_fd_ctl" (func $fd_ctl (param i32 i32 i32 i32) (result i32)))
   (import "spear" "wall_time_s" (func $wall (result i64)))
   (memory (export "memory") 1)
-  (func (export "mic") (result i32) (call $mic_create))
+  (func (export "create") (result i32) (call $hologram_create))
   (func (export "open") (result i32) (call $open (i32.const 1) (i32.const 3)))
   (func (export "wall") (result i64) (call $wall)))
 """
@@ -104,7 +109,7 @@ MISSING = """
 
 async def test_an_import_the_host_lacks_instantiates_and_answers_enosys(server: Server) -> None:
     async with guest_host(MISSING, server.sessions) as run:
-        assert await run.call("mic") == -ENOSYS
+        assert await run.call("create") == -ENOSYS
         assert await run.call("open") == -ENOSYS
         wall: Any = await run.call("wall")
         assert abs(wall - time.time()) < 5
@@ -116,3 +121,33 @@ def test_run_wasm_prints_the_guests_log_lines(capsys: Any) -> None:
     assert out.splitlines()[0] == "hello spear wasm"
     assert out.splitlines()[1].startswith("time_now_ms: 1")
     assert "hello" in err and "fuel used" in err
+
+
+ASR_BACKEND = '[[backends]]\nname = "openai-realtime-asr"\nkind = "stub"\n'
+
+
+async def test_mic_rtasr_transcribes_the_host_recording_and_ends_after_it(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    server = await serve(make_config(backends=ASR_BACKEND))
+    lines, stdout = Lines(), tmp_path / "stdout.txt"
+    audio = audio_file_source(FIXTURES / "speech_go_forward.wav")
+    with anyio.fail_after(30):
+        await run_guest(
+            build("mic_rtasr"), server.sessions, audio=audio, log_sink=lines, stdout=str(stdout)
+        )
+    assert "mic_rtasr started\n" in lines.info()
+    assert lines.info()[-1] == "rtasr hup\n"  # the recording ended: the session drained
+    assert "event_type=input_audio_buffer.committed\n" in lines.info()
+    printed = stdout.read_text().splitlines()
+    *deltas, transcript = printed
+    assert transcript and "".join(deltas) == transcript  # every delta, then the transcript
+
+
+async def test_mic_rtasr_without_a_recording_fails_its_setup_clearly(server: Server) -> None:
+    lines = Lines()
+    with pytest.raises(GuestError, match="exited with status 1"):
+        await run_guest(build("mic_rtasr"), server.sessions, log_sink=lines)
+    assert lines.value("mic_ctl failed: ") == str(-EIO)
+    status = json.loads(lines.value("mic_status: "))
+    assert status["running"] is False and "no audio device" in status["last_error"]

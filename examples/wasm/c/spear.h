@@ -43,6 +43,44 @@ SPEAR_IMPORT(cchat_send) int32_t cchat_send(int32_t fd, int32_t flags);
 SPEAR_IMPORT(cchat_recv) int32_t cchat_recv(int32_t fd, char *out, uint32_t *out_len);
 SPEAR_IMPORT(cchat_close) int32_t cchat_close(int32_t fd);
 
+/* Realtime ASR (upstream's names for rt fds; its own ctl codes). */
+#define RTASR_CTL_SET_PARAM 1
+#define RTASR_CTL_CONNECT 2
+#define RTASR_CTL_GET_STATUS 3
+#define RTASR_CTL_SEND_EVENT 4
+#define RTASR_CTL_FLUSH 5
+#define RTASR_CTL_CLEAR 6
+#define RTASR_CTL_SET_AUTOFLUSH 7
+#define RTASR_CTL_GET_AUTOFLUSH 8
+SPEAR_IMPORT(rtasr_create) int32_t rtasr_create(void);
+SPEAR_IMPORT(rtasr_ctl) int32_t rtasr_ctl(int32_t fd, int32_t cmd, void *arg, uint32_t *arg_len);
+SPEAR_IMPORT(rtasr_write) int32_t rtasr_write(int32_t fd, const void *buf, int32_t len);
+SPEAR_IMPORT(rtasr_read) int32_t rtasr_read(int32_t fd, void *out, uint32_t *out_len);
+SPEAR_IMPORT(rtasr_close) int32_t rtasr_close(int32_t fd);
+
+/* The host's microphone: frames of pcm16 in real time. */
+#define MIC_CTL_SET_PARAM 1 /* a plain JSON object: sample_rate_hz, frame_ms, source, ... */
+#define MIC_CTL_GET_STATUS 2
+SPEAR_IMPORT(mic_create) int32_t mic_create(void);
+SPEAR_IMPORT(mic_ctl) int32_t mic_ctl(int32_t fd, int32_t cmd, void *arg, uint32_t *arg_len);
+SPEAR_IMPORT(mic_read) int32_t mic_read(int32_t fd, void *out, uint32_t *out_len);
+SPEAR_IMPORT(mic_close) int32_t mic_close(int32_t fd);
+
+/* epoll over every fd: level-triggered, 8-byte records (fd, events). */
+#define SPEAR_EPOLLIN 0x001
+#define SPEAR_EPOLLOUT 0x004
+#define SPEAR_EPOLLERR 0x008
+#define SPEAR_EPOLLHUP 0x010
+#define SPEAR_EPOLL_CTL_ADD 1
+#define SPEAR_EPOLL_CTL_MOD 2
+#define SPEAR_EPOLL_CTL_DEL 3
+SPEAR_IMPORT(spear_epoll_create) int32_t spear_epoll_create(void);
+SPEAR_IMPORT(spear_epoll_ctl)
+int32_t spear_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, int32_t events);
+SPEAR_IMPORT(spear_epoll_wait)
+int32_t spear_epoll_wait(int32_t epfd, void *out, uint32_t *out_len, int32_t timeout_ms);
+SPEAR_IMPORT(spear_epoll_close) int32_t spear_epoll_close(int32_t epfd);
+
 typedef int32_t (*spear_tool_fn)(const char *args, int32_t args_len, char *out,
                                  uint32_t *out_len);
 
@@ -55,6 +93,15 @@ typedef int32_t (*spear_tool_fn)(const char *args, int32_t args_len, char *out,
     if (spear_n_ > (int)sizeof spear_buf_ - 1) spear_n_ = sizeof spear_buf_ - 1;   \
     if (spear_n_ > 0) sp_log(2, spear_buf_, spear_n_);                             \
   } while (0)
+
+/* rtasr_ctl SET_PARAM with a JSON value given as text. */
+static inline int32_t rtasr_set(int32_t fd, const char *key, const char *json_value) {
+  char arg[1024];
+  int n = snprintf(arg, sizeof arg, "{\"key\":\"%s\",\"value\":%s}", key, json_value);
+  if (n < 0 || n >= (int)sizeof arg) return -22;
+  uint32_t len = (uint32_t)n;
+  return rtasr_ctl(fd, RTASR_CTL_SET_PARAM, arg, &len);
+}
 
 /* cchat_ctl SET_PARAM with a JSON value given as text (e.g. "\"gpt-4o-mini\"" or "4"). */
 static inline int32_t cchat_set(int32_t fd, const char *key, const char *json_value) {
