@@ -320,6 +320,16 @@ class WsClient:
         event: dict[str, Any] = json.loads(frame.data)
         return event
 
+    async def recv_bytes(self) -> bytes:
+        """The next binary message; raises ConnectionError once the server has closed."""
+        while not self._messages:
+            if self.close_frame is not None or self.eof:
+                raise ConnectionError(f"closed: {self.close_code} {self.close_reason!r}")
+            await self._pump()
+        frame = self._messages.popleft()
+        assert frame.opcode is Opcode.BINARY, "expected a binary message"
+        return bytes(frame.data)
+
     async def recv_until(self, event_type: str) -> list[dict[str, Any]]:
         """Events up to and including the first of `event_type`."""
         events = []

@@ -6,6 +6,9 @@ router and session manager built from the config (the embedded default without
 guest reads with ``rt_read`` is printed on stdout as one JSON object per line (not those
 upstream guests read with ``rtasr_read``: they print what they want themselves); a WASI
 guest's stderr and stdout are ours (upstream's mic_rtasr writes its transcripts to stdout).
+``--listen HOST:PORT`` serves the whole API on that address while the guest runs, and its
+user streams (upstream's ``user_stream_*``) at the path printed before the guest starts:
+``user streams: ws://HOST:PORT/api/v1/executions/<id>/streams/ws``.
 ``--audio FILE`` hands the guest the file's audio (pcm16 24 kHz mono) through the
 ``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`), and it is what upstream's
 ``mic_*`` calls ``source: "device"``, played at real-time pace (`spear_rt.hostcalls.mic`).
@@ -47,6 +50,11 @@ def add_parser(sub: Any) -> None:
         default=600.0,
         help="wall-clock limit of the guest's run (default 600; 0: none)",
     )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve the guest's user streams (and the whole API) on this address",
+    )
     p.add_argument("--loop", choices=("trio", "asyncio", "uvloop"), default="asyncio")
     p.set_defaults(func=run_wasm_cli)
 
@@ -62,6 +70,7 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
     from spear_rt.cli import run_on_loop
     from spear_rt.config import load_config
     from spear_rt.server.app import Server
+    from spear_rt.server.streams_ws import streams_url
 
     module = Path(args.module)
     if not module.is_file():
@@ -96,6 +105,17 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
     fuel_used = 0
     stopped_by: list[int] = []
 
+    if args.listen:
+        config.server.listen = args.listen
+
+    def announce(run: Any) -> None:
+        if run.streams is not None:
+            host = config.server.listen.rsplit(":", 1)[0]
+            url = streams_url(host, server_port[0], run.streams.execution_id)
+            print(f"user streams: {url}", file=out, flush=True)
+
+    server_port = [0]
+
     async def main() -> None:
         nonlocal fuel_used
         server = Server(config)  # inside the loop: it holds anyio primitives
@@ -103,6 +123,8 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
             # SIGINT/SIGTERM cancel the run: a guest blocked in a host call or spinning cannot
             # take a signal itself (its thread is not the loop's), so cancelling stops it.
             tg.start_soon(_cancel_on_signal, tg.cancel_scope, stopped_by)
+            if args.listen:
+                server_port[0] = await tg.start(server.serve)
             fuel_used = await run_guest(
                 module,
                 server.sessions,
@@ -112,6 +134,8 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
                 oneshot=server.oneshot.handle,
                 log_sink=print_log,
                 stdout="inherit",
+                executions=server.executions if args.listen else None,
+                on_start=announce,
             )
             tg.cancel_scope.cancel()
 

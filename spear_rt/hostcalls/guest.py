@@ -28,6 +28,7 @@ from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.link import SessionHost
 from spear_rt.hostcalls.params import DEFAULT_POLICY, HostPolicy
 from spear_rt.hostcalls.upstream import LogSink
+from spear_rt.hostcalls.userstream import Executions, UserStreams
 from spear_rt.hostcalls.wasm import DEFAULT_LIMITS, GuestLimits, WasmGuest
 from spear_rt.server.http import HttpRequest, Response
 from spear_rt.session.manager import SessionManager
@@ -62,13 +63,16 @@ async def guest_host(
     oneshot: OneShotHandler | None = None,
     log_sink: LogSink | None = None,
     stdout: str | None = None,
+    executions: Executions | None = None,
 ) -> AsyncIterator[GuestRun]:
     """A guest with its fd table and session host; leaving the block stops all of it.
 
     `oneshot` is the server's one-shot handler (`OneShotApi.handle`): a guest's ``cchat_*``
-    requests go through it exactly like ``POST /v1/chat/completions``.
+    requests go through it exactly like ``POST /v1/chat/completions``. With `executions`
+    (the server's), the guest's user streams are served at its execution's path while it runs.
     """
     table = FdTable(policy=policy)
+    streams = UserStreams(table) if executions is not None else None
     complete = routed_chat(oneshot, client_key_id) if oneshot is not None else None
     epolls = EpollSet(table, clock)
     guest = WasmGuest(
@@ -80,15 +84,21 @@ async def guest_host(
         complete=complete,
         log_sink=log_sink,
         stdout=stdout,
+        streams=streams,
     )
     host = SessionHost(manager, table, client_key_id=client_key_id)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(host.run)
             tg.start_soon(_stop_when_cancelled, guest)
+            if executions is not None and streams is not None:
+                executions.add(streams)
             try:
-                yield GuestRun(guest)
+                yield GuestRun(guest, streams)
             finally:
+                if executions is not None and streams is not None:
+                    executions.remove(streams)
+                    streams.end()
                 tg.cancel_scope.cancel()
                 guest.close()
     except BaseExceptionGroup as group:
@@ -136,8 +146,9 @@ def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 class GuestRun:
     """Async handle on a guest whose calls run in a worker thread."""
 
-    def __init__(self, guest: WasmGuest) -> None:
+    def __init__(self, guest: WasmGuest, streams: UserStreams | None = None) -> None:
         self.guest = guest
+        self.streams = streams  # its user streams, when the server serves them
         self.table = guest.table
         self.epolls = guest.epolls
 
@@ -169,8 +180,12 @@ async def run_guest(
     oneshot: OneShotHandler | None = None,
     log_sink: LogSink | None = None,
     stdout: str | None = None,
+    executions: Executions | None = None,
+    on_start: Callable[[GuestRun], None] | None = None,
 ) -> int:
-    """Run a guest's ``_start`` against `manager`'s sessions; returns the fuel it used."""
+    """Run a guest's ``_start`` against `manager`'s sessions; returns the fuel it used.
+
+    `on_start` sees the run before the guest starts (run-wasm prints its streams URL)."""
     async with guest_host(
         module,
         manager,
@@ -179,7 +194,10 @@ async def run_guest(
         oneshot=oneshot,
         log_sink=log_sink,
         stdout=stdout,
+        executions=executions,
     ) as run:
         run.table.on_read = on_read
+        if on_start is not None:
+            on_start(run)
         await run.start()
         return run.guest.fuel_used

@@ -41,6 +41,7 @@ from spear_rt.hostcalls.chatcalls import ChatCalls
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.mic import MicCalls
 from spear_rt.hostcalls.rtasr import RtasrCalls
+from spear_rt.hostcalls.userstream import UserStreams, not_connected
 
 log = logging.getLogger("spear_rt.guest")
 
@@ -176,8 +177,10 @@ class UpstreamImports:
         sink: LogSink | None,
         clock: Callable[[], float] = time.monotonic,
         recording: bytes | None = None,
+        streams: UserStreams | None = None,
     ) -> None:
         self.memory = memory
+        self.streams = streams  # None: no outside clients (user_stream_* -> -ENOTCONN)
         self.log = GuestLog(sink)
         self.tools = ToolCallbacks(memory)
         self.chat = ChatCalls(table, complete, self.tools)
@@ -244,8 +247,9 @@ def link_upstream(
     linker.define_func("spear", "time_now_ms", clock, lambda: time.time_ns() // 1_000_000)
     linker.define_func("spear", "wall_time_s", clock, lambda: time.time_ns() // 1_000_000_000)
     linker.define_func("spear", "random_i64", clock, lambda: secrets.randbits(63))
-    provided = defined | set(calls) | set(plain) | {"cchat_send", "time_now_ms", "wall_time_s",
-                                                     "random_i64"}  # fmt: skip
+    _link_user_streams(linker, imports.streams, with_memory)
+    with_caller_or_i64 = {"cchat_send", "time_now_ms", "wall_time_s", "random_i64"}
+    provided = defined | set(calls) | set(plain) | set(_STREAM_CALLS) | with_caller_or_i64
     for imp in module.imports:
         if (
             imp.module != "spear"
@@ -255,6 +259,29 @@ def link_upstream(
             continue
         provided.add(imp.name or "")
         linker.define_func("spear", imp.name or "", imp.type, _enosys(imp.type))
+
+
+_STREAM_CALLS = {  # name -> (arity, takes memory)
+    "user_stream_ctl_open": (0, False),
+    "user_stream_ctl_read": (3, True),
+    "user_stream_open": (2, False),
+    "user_stream_read": (3, True),
+    "user_stream_write": (3, True),
+    "user_stream_close": (1, False),
+}
+
+
+def _link_user_streams(
+    linker: wasmtime.Linker,
+    streams: UserStreams | None,
+    with_memory: Callable[[str, Callable[..., int]], Callable[..., int]],
+) -> None:
+    for name, (arity, memory) in _STREAM_CALLS.items():
+        fn: Callable[..., int] = getattr(streams, name) if streams is not None else not_connected
+        if memory:
+            linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
+        else:
+            linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
 
 
 def _ftype(arity: int) -> wasmtime.FuncType:

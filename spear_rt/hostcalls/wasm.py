@@ -54,6 +54,7 @@ from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_bod
 from spear_rt.hostcalls.epoll import EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.upstream import LogSink, UpstreamImports, link_upstream
+from spear_rt.hostcalls.userstream import UserStreams
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class WasmGuest:
         complete: Complete | None = None,
         log_sink: LogSink | None = None,
         stdout: str | None = None,
+        streams: UserStreams | None = None,
     ) -> None:
         self.table = table
         self.stdout = stdout  # WASI stdout: None discarded, "inherit" the host's, else a file
@@ -176,7 +178,7 @@ class WasmGuest:
         self._instance: wasmtime.Instance | None = None
         self._memory = WasmMemory()
         self.upstream = UpstreamImports(
-            table, self._memory, complete or _no_chat, log_sink, epolls.clock.now, audio
+            table, self._memory, complete or _no_chat, log_sink, epolls.clock.now, audio, streams
         )
         self._deadline: float | None = None  # monotonic; set by the first call
         self._timed_out = False

@@ -22,6 +22,7 @@ import sniffio
 from spear_rt import web
 from spear_rt.config import Config, listen_address, load_config
 from spear_rt.errors import SpearError
+from spear_rt.hostcalls.userstream import Executions
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.redact import register_secret
 from spear_rt.registry import BackendRegistry
@@ -52,6 +53,7 @@ from spear_rt.server.oneshot import (
     write_answer,
 )
 from spear_rt.server.realtime import REALTIME_PATH, upgrade_to_session
+from spear_rt.server.streams_ws import STREAMS_PREFIX, serve_user_streams
 from spear_rt.server.tls import accept_tls, server_ssl_context
 from spear_rt.server.ws import FrameBudget
 from spear_rt.session.manager import SessionManager
@@ -114,6 +116,7 @@ class Server:
         self._http_idle = anyio.Event()
         admin = AdminApi(self, self.reload)
         self.oneshot = OneShotApi(self)
+        self.executions = Executions()  # guests whose user streams this port serves
         self.sessions.executor = self.oneshot.executor
         self.sessions.conversation_metrics = ConversationMetrics(self.metrics)
         self._routes: dict[tuple[bytes, str], Handler] = {
@@ -293,6 +296,11 @@ class Server:
                 except HttpError as exc:
                     await http.send(error_response(exc.status, exc.message, exc.code, CLOSE))
                     await http.linger()
+                    return
+                if event.target.startswith(STREAMS_PREFIX.encode()):
+                    await serve_user_streams(
+                        stream, http, event, self.executions, self._client_keys, self.frame_budget
+                    )
                     return
                 await upgrade_to_session(
                     stream,

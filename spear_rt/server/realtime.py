@@ -58,7 +58,7 @@ def _select_realtime(protocol: ServerProtocol, offered: object) -> str | None:
     return "realtime" if isinstance(offered, (list, tuple)) and "realtime" in offered else None
 
 
-def _client_key_id(client_keys: list[str], request: h11.Request) -> tuple[bool, str | None]:
+def client_key_id(client_keys: list[str], request: h11.Request) -> tuple[bool, str | None]:
     """(authorized, key id) from the bearer header or the key subprotocol."""
     if not client_keys:
         return True, None
@@ -118,7 +118,7 @@ async def _accept_and_run(
     await conn.flush()
     if response.status_code != 101:
         return
-    authorized, key_id = _client_key_id(client_keys, request)
+    authorized, key_id = client_key_id(client_keys, request)
     if not authorized:
         await reject(
             conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008

@@ -11,20 +11,24 @@ import this host does not provide instantiates and answers -ENOSYS.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import pytest
 
-from spear_rt.hostcalls import cli
+from spear_rt.hostcalls import cli, ssf
 from spear_rt.hostcalls.abi import EIO, ENOSYS
 from spear_rt.hostcalls.guest import guest_host, run_guest
+from spear_rt.hostcalls.link import loop_waker
 from spear_rt.hostcalls.wasm import GuestError, audio_file_source
 from spear_rt.server.app import Server
-from tests.conftest import FIXTURES, ServerFactory, make_config
+from tests.conftest import FIXTURES, HandshakeRefused, ServerFactory, WsClient, make_config
 from tests.hostcalls.cguests import build
 
 
@@ -151,3 +155,114 @@ async def test_mic_rtasr_without_a_recording_fails_its_setup_clearly(server: Ser
     assert lines.value("mic_ctl failed: ") == str(-EIO)
     status = json.loads(lines.value("mic_status: "))
     assert status["running"] is False and "no audio device" in status["last_error"]
+
+
+class Started(Lines):
+    """A log sink that also signals the guest's start line."""
+
+    def __init__(self, start_line: str) -> None:
+        super().__init__()
+        self.start_line = start_line
+        self.started = anyio.Event()
+        self.call_soon = loop_waker()
+
+    def __call__(self, level: str, text: str) -> None:
+        super().__call__(level, text)
+        if text.startswith(self.start_line):
+            self.call_soon(self.started.set)  # from the guest's thread
+
+
+async def test_user_stream_echo_sends_every_frame_back_and_ends_with_the_socket(
+    server: Server,
+) -> None:
+    lines = Started("user_stream_echo started")
+    runs: list[Any] = []
+    assert server.port is not None
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                partial(
+                    run_guest,
+                    build("user_stream_echo"),
+                    server.sessions,
+                    log_sink=lines,
+                    executions=server.executions,
+                    on_start=runs.append,
+                )
+            )
+            await lines.started.wait()
+            path = f"/api/v1/executions/{runs[0].streams.execution_id}/streams/ws"
+            client = await WsClient.connect(server.port, path)
+            frames = [ssf.build(1, b"hello", seq=1), ssf.build(1, b"x" * 70000, seq=2),
+                      ssf.build(7, b"", meta=b'{"k":1}', seq=3)]  # fmt: skip
+            for frame in frames:
+                await client.send_bytes(frame)
+            echoed = [await client.recv_bytes() for _ in frames]
+            assert sorted(echoed) == sorted(frames)  # byte-identical, per stream in order
+            assert [f for f in echoed if ssf.parse(f).stream_id == 1] == frames[:2]
+            await client.close()
+    assert lines.info()[-1] == "session closed\n"
+    assert "stream connected: stream_id=1 fd=" in "".join(lines.info())
+    assert "stream connected: stream_id=7 fd=" in "".join(lines.info())
+
+
+async def test_a_user_streams_socket_is_refused_for_bad_frames_and_unknown_runs(
+    server: Server,
+) -> None:
+    assert server.port is not None
+    with pytest.raises(HandshakeRefused) as info:
+        await WsClient.connect(server.port, "/api/v1/executions/exec_nope/streams/ws")
+    assert info.value.response.status_code == 404
+    lines = Started("user_stream_echo started")
+    runs: list[Any] = []
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                partial(
+                    run_guest,
+                    build("user_stream_echo"),
+                    server.sessions,
+                    log_sink=lines,
+                    executions=server.executions,
+                    on_start=runs.append,
+                )
+            )
+            await lines.started.wait()
+            path = f"/api/v1/executions/{runs[0].streams.execution_id}/streams/ws"
+            client = await WsClient.connect(server.port, path)
+            second = await WsClient.connect(server.port, path)
+            assert (await second.wait_closed())[0] == 1008  # one client per execution
+            await client.send_bytes(b"SPST garbage")
+            code, reason = await client.wait_closed()
+            assert code == 1008 and "SSF" in reason
+    assert lines.info()[-1] == "session closed\n"
+
+
+async def test_run_wasm_listen_prints_the_streams_url_before_the_guest_starts(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "stub.toml"
+    config.write_text('[[backends]]\nname = "stub"\nkind = "stub"\n')
+    command = [sys.executable, "-m", "spear_rt.hostcalls.cli", str(build("user_stream_echo")),
+               "--listen", "127.0.0.1:0", "--config", str(config), "--loop", "trio"]  # fmt: skip
+    with anyio.fail_after(60):
+        async with await anyio.open_process(command) as process:
+            assert process.stdout is not None
+            seen = b""
+            while b"waiting for user streams" not in seen:
+                seen += await process.stdout.receive()
+            first, second = seen.decode().splitlines()[:2]
+            assert first.startswith("user streams: ws://127.0.0.1:")
+            assert second == "user_stream_echo started (waiting for user streams)"
+            url = urlsplit(first.removeprefix("user streams: "))
+            assert url.port is not None and url.port > 0
+            client = await WsClient.connect(url.port, url.path)
+            frame = ssf.build(3, b"ping")
+            await client.send_bytes(frame)
+            assert await client.recv_bytes() == frame
+            await client.close()
+            rest = b""
+            async for chunk in process.stdout:
+                rest += chunk
+            assert await process.wait() == 0
+    assert "session closed" in rest.decode()

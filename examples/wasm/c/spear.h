@@ -81,6 +81,20 @@ SPEAR_IMPORT(spear_epoll_wait)
 int32_t spear_epoll_wait(int32_t epfd, void *out, uint32_t *out_len, int32_t timeout_ms);
 SPEAR_IMPORT(spear_epoll_close) int32_t spear_epoll_close(int32_t epfd);
 
+/* User streams: an outside client's WebSocket to this guest, SSF frames per stream id. */
+#define USER_STREAM_IN 1
+#define USER_STREAM_OUT 2
+#define USER_STREAM_BIDI 3
+#define USER_STREAM_CONNECTED 1 /* ctl record kinds */
+#define USER_STREAM_SESSION_CLOSED 2
+SPEAR_IMPORT(user_stream_ctl_open) int32_t user_stream_ctl_open(void);
+SPEAR_IMPORT(user_stream_ctl_read)
+int32_t user_stream_ctl_read(int32_t fd, void *out, uint32_t *out_len); /* 8 bytes: id, kind */
+SPEAR_IMPORT(user_stream_open) int32_t user_stream_open(int32_t stream_id, int32_t direction);
+SPEAR_IMPORT(user_stream_read) int32_t user_stream_read(int32_t fd, void *out, uint32_t *out_len);
+SPEAR_IMPORT(user_stream_write) int32_t user_stream_write(int32_t fd, const void *frame, int32_t len);
+SPEAR_IMPORT(user_stream_close) int32_t user_stream_close(int32_t fd);
+
 typedef int32_t (*spear_tool_fn)(const char *args, int32_t args_len, char *out,
                                  uint32_t *out_len);
 
