@@ -26,6 +26,7 @@ from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_bod
 from spear_rt.hostcalls.epoll import Clock, EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.link import SessionHost
+from spear_rt.hostcalls.oneshotfd import Send, Sent
 from spear_rt.hostcalls.params import DEFAULT_POLICY, HostPolicy
 from spear_rt.hostcalls.upstream import LogSink
 from spear_rt.hostcalls.userstream import Executions, UserStreams
@@ -73,7 +74,8 @@ async def guest_host(
     """
     table = FdTable(policy=policy)
     streams = UserStreams(table) if executions is not None else None
-    complete = routed_chat(oneshot, client_key_id) if oneshot is not None else None
+    send = routed_send(oneshot, client_key_id) if oneshot is not None else None
+    complete = routed_chat(send) if send is not None else None
     epolls = EpollSet(table, clock)
     guest = WasmGuest(
         module,
@@ -82,6 +84,7 @@ async def guest_host(
         limits=limits,
         audio=audio,
         complete=complete,
+        send=send,
         log_sink=log_sink,
         stdout=stdout,
         streams=streams,
@@ -111,26 +114,38 @@ async def guest_host(
         raise
 
 
-def routed_chat(handle: OneShotHandler, client_key_id: str | None) -> Complete:
-    """A `Complete` that sends a guest's chat request through the one-shot path (called in
+def routed_send(handle: OneShotHandler, client_key_id: str | None) -> Send:
+    """A `Send` through the server's one-shot path, as an HTTP request would go (called in
     the guest's worker thread; the request runs in the event loop)."""
 
-    def complete(body: dict[str, Any], session: ChatSession) -> Completed:
-        headers = [(b"content-type", b"application/json")]
-        if session.backend is not None:
-            headers.append((b"spear-backend", session.backend.encode()))
-        if session.timeout_ms is not None:
-            headers.append((b"spear-timeout-ms", str(session.timeout_ms).encode()))
-        request = HttpRequest(
-            "POST", CHAT_PATH, "", headers, msgspec.json.encode(body), client_key_id=client_key_id
-        )
+    def send(
+        path: str, content_type: str, body: bytes, backend: str | None, timeout_ms: int | None
+    ) -> Sent:
+        headers = [(b"content-type", content_type.encode())]
+        if backend is not None:
+            headers.append((b"spear-backend", backend.encode()))
+        if timeout_ms is not None:
+            headers.append((b"spear-timeout-ms", str(timeout_ms).encode()))
+        request = HttpRequest("POST", path, "", headers, body, client_key_id=client_key_id)
         try:
             response: Response = anyio.from_thread.run(handle, request)
         except Exception:
-            log.exception("a guest's chat request failed in the host")
-            return Completed(500, error_body("internal_error", "the host failed the request"))
+            log.exception("a guest's request failed in the host")
+            failed = error_body("internal_error", "the host failed the request")
+            return Sent(500, failed, "application/json")
         instance = next((v for k, v in response.headers if k == "x-spear-instance"), None)
-        return Completed(response.status, response.body, instance)
+        return Sent(response.status, response.body, response.content_type, instance)
+
+    return send
+
+
+def routed_chat(send: Send) -> Complete:
+    """A `Complete` (cchat's request) over `send`."""
+
+    def complete(body: dict[str, Any], session: ChatSession) -> Completed:
+        sent = send(CHAT_PATH, "application/json", msgspec.json.encode(body), session.backend,
+                    session.timeout_ms)  # fmt: skip
+        return Completed(sent.status, sent.body, sent.instance)
 
     return complete
 

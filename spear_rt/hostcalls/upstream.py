@@ -2,7 +2,8 @@
 
 `link_upstream` defines, on a guest's linker, module ``"spear"``'s ``log``, ``time_now_ms``,
 ``wall_time_s``, ``random_i64``, ``sleep_ms``, the ``cchat_*`` family (`chatcalls`),
-``rtasr_*`` (`rtasr`), ``mic_*`` (`mic`), and,
+``rtasr_*`` (`rtasr`), ``mic_*`` (`mic`), ``user_stream_*`` (`userstream`), the one-shot
+families ``emb_*``, ``asr_*``, ``tts_*``, ``img_*`` (`oneshotfd`), and,
 for every other ``"spear"`` import the module lists that this host does not provide, a
 stub of the declared type returning ``-ENOSYS``, so any upstream guest instantiates and
 learns at its first call what is missing.
@@ -40,6 +41,8 @@ from spear_rt.hostcalls.cchat import ChatSession, Complete
 from spear_rt.hostcalls.chatcalls import ChatCalls
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.mic import MicCalls
+from spear_rt.hostcalls.oneshotfd import OneShotCalls, Send
+from spear_rt.hostcalls.oneshotfd import imports as oneshot_imports
 from spear_rt.hostcalls.rtasr import RtasrCalls
 from spear_rt.hostcalls.userstream import UserStreams, not_connected
 
@@ -178,8 +181,10 @@ class UpstreamImports:
         clock: Callable[[], float] = time.monotonic,
         recording: bytes | None = None,
         streams: UserStreams | None = None,
+        send: Send | None = None,
     ) -> None:
         self.memory = memory
+        self.oneshot = OneShotCalls(table, send) if send is not None else None
         self.streams = streams  # None: no outside clients (user_stream_* -> -ENOTCONN)
         self.log = GuestLog(sink)
         self.tools = ToolCallbacks(memory)
@@ -248,8 +253,16 @@ def link_upstream(
     linker.define_func("spear", "wall_time_s", clock, lambda: time.time_ns() // 1_000_000_000)
     linker.define_func("spear", "random_i64", clock, lambda: secrets.randbits(63))
     _link_user_streams(linker, imports.streams, with_memory)
+    families = oneshot_imports(imports.oneshot) if imports.oneshot is not None else {}
+    for name, (arity, memory, fn) in families.items():
+        if memory:
+            linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
+        else:
+            linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
     with_caller_or_i64 = {"cchat_send", "time_now_ms", "wall_time_s", "random_i64"}
-    provided = defined | set(calls) | set(plain) | set(_STREAM_CALLS) | with_caller_or_i64
+    provided = (
+        defined | set(calls) | set(plain) | set(_STREAM_CALLS) | set(families) | with_caller_or_i64
+    )
     for imp in module.imports:
         if (
             imp.module != "spear"

@@ -53,6 +53,7 @@ from spear_rt.hostcalls.abi import (
 from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_body
 from spear_rt.hostcalls.epoll import EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.oneshotfd import Send, Sent
 from spear_rt.hostcalls.upstream import LogSink, UpstreamImports, link_upstream
 from spear_rt.hostcalls.userstream import UserStreams
 
@@ -160,6 +161,7 @@ class WasmGuest:
         limits: GuestLimits = DEFAULT_LIMITS,
         audio: bytes | None = None,
         complete: Complete | None = None,
+        send: Send | None = None,
         log_sink: LogSink | None = None,
         stdout: str | None = None,
         streams: UserStreams | None = None,
@@ -178,7 +180,14 @@ class WasmGuest:
         self._instance: wasmtime.Instance | None = None
         self._memory = WasmMemory()
         self.upstream = UpstreamImports(
-            table, self._memory, complete or _no_chat, log_sink, epolls.clock.now, audio, streams
+            table,
+            self._memory,
+            complete or _no_chat,
+            log_sink,
+            epolls.clock.now,
+            audio,
+            streams,
+            send or _no_router,
         )
         self._deadline: float | None = None  # monotonic; set by the first call
         self._timed_out = False
@@ -355,6 +364,11 @@ class WasmGuest:
 def _no_chat(body: dict[str, Any], session: ChatSession) -> Completed:
     """What ``cchat_send`` answers when the guest runs without a router (unit tests)."""
     return Completed(503, error_body("no_backend", "this host routes no chat requests"))
+
+
+def _no_router(path: str, content_type: str, body: bytes, *_routing: Any) -> Sent:
+    """What the one-shot families answer when the guest runs without a router (unit tests)."""
+    return Sent(503, error_body("no_backend", "this host routes no requests"), "application/json")
 
 
 def _func_type(arity: int) -> wasmtime.FuncType:

@@ -266,3 +266,34 @@ async def test_run_wasm_listen_prints_the_streams_url_before_the_guest_starts(
                 rest += chunk
             assert await process.wait() == 0
     assert "session closed" in rest.decode()
+
+
+async def test_the_one_shot_families_answer_as_the_http_endpoints_do(server: Server) -> None:
+    lines = await run_c("oneshot_families", server)
+    base = f"http://127.0.0.1:{server.port}/v1"
+    async with httpx.AsyncClient() as client:
+        speech = await client.post(
+            f"{base}/audio/speech",
+            json={
+                "model": "tts-1",
+                "input": "open the window",
+                "voice": "alloy",
+                "response_format": "wav",
+            },
+        )
+        heard = await client.post(
+            f"{base}/audio/transcriptions",
+            data={"model": "whisper-1", "response_format": "json"},
+            files={"file": ("audio", speech.content)},
+        )
+        embedded = await client.post(
+            f"{base}/embeddings",
+            json={"model": "text-embedding-3-small", "input": "open the window", "dimensions": 4},
+        )
+    assert int(lines.value("tts_bytes=")) == len(speech.content) > 1000
+    tts = json.loads(lines.value("tts_status="))
+    assert tts == {"status": 200, "content_type": "audio/wav", "backend": "stub",
+                   "bytes": len(speech.content)}  # fmt: skip
+    assert json.loads(lines.value("asr_json=")) == heard.json()
+    assert json.loads(lines.value("emb_json=")) == embedded.json()
+    assert json.loads(lines.value("img_status="))["status"] == 200

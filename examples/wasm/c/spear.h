@@ -95,6 +95,22 @@ SPEAR_IMPORT(user_stream_read) int32_t user_stream_read(int32_t fd, void *out, u
 SPEAR_IMPORT(user_stream_write) int32_t user_stream_write(int32_t fd, const void *frame, int32_t len);
 SPEAR_IMPORT(user_stream_close) int32_t user_stream_close(int32_t fd);
 
+/* One-shot families, the shape of cchat_*: X is emb (embeddings), asr (speech to text: write
+ * the audio file's bytes), tts (text to speech: recv gives the audio) or img (an image). */
+#define ONESHOT_CTL_SET_PARAM 1 /* {"key":K,"value":V}: model, backend, timeout_ms, fields */
+#define ONESHOT_CTL_GET_STATUS 2 /* response fd: {status, content_type, backend, bytes} */
+#define SPEAR_ONESHOT(X)                                                                     \
+  SPEAR_IMPORT(X##_create) int32_t X##_create(void);                                         \
+  SPEAR_IMPORT(X##_write) int32_t X##_write(int32_t fd, const void *buf, int32_t len);       \
+  SPEAR_IMPORT(X##_ctl) int32_t X##_ctl(int32_t fd, int32_t cmd, void *arg, uint32_t *len); \
+  SPEAR_IMPORT(X##_send) int32_t X##_send(int32_t fd, int32_t flags);                        \
+  SPEAR_IMPORT(X##_recv) int32_t X##_recv(int32_t fd, void *out, uint32_t *out_len);         \
+  SPEAR_IMPORT(X##_close) int32_t X##_close(int32_t fd);
+SPEAR_ONESHOT(emb)
+SPEAR_ONESHOT(asr)
+SPEAR_ONESHOT(tts)
+SPEAR_ONESHOT(img)
+
 typedef int32_t (*spear_tool_fn)(const char *args, int32_t args_len, char *out,
                                  uint32_t *out_len);
 
