@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from spear_rt.hostcalls.abi import EACCES, EINVAL, EIO, EPOLLIN, EPOLLOUT
+from spear_rt.hostcalls.abi import EACCES, EINVAL, EIO, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 from spear_rt.hostcalls.params import carries_secret, host_only_key, routing_name_ok
 from spear_rt.hostcalls.rtfd import Watcher
 
@@ -42,6 +42,8 @@ MAX_ITERATIONS = (8, 128)
 MAX_MESSAGES_BYTES = 4 << 20  # a session's messages and tools together
 FLAG_METRICS = 1
 FLAG_AUTO_TOOL_CALL = 2
+FLAG_STREAM = 4  # ours, not upstream's: deltas readable on the response fd as they arrive
+MAX_STREAM_UNREAD = 4 << 20  # a guest not reading its stream: the request is cancelled
 _REFUSED_FIELDS = frozenset({"messages", "tools"})
 _COUNT_KEYS = frozenset({"max_tokens", "max_completion_tokens"})  # "token" is not a secret here
 
@@ -163,6 +165,77 @@ class ChatResponse(_Polled):
     def metrics(self) -> bytes:
         """The GET_METRICS object: the backend's usage (``{}`` unless asked for at send)."""
         return msgspec.json.encode(self.usage or {})
+
+
+class ChatStream(_Polled):
+    """A streaming ``cchat_send`` result (FLAG_STREAM): the answer's text as it arrives.
+
+    ``cchat_recv`` takes what arrived since the last read (consumed); ``-EAGAIN`` while the
+    request runs with nothing new; 0 at the end. Readiness: IN text unread or the end
+    reached, HUP at the end, ERR when it failed (the error JSON is then the last text).
+    Fed from the event loop (`ChatCalls.feed`), under the table lock.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.unread = bytearray()
+        self.done = False
+        self.failed = False
+        self.usage: dict[str, Any] = {}
+        self.cancel: Callable[[], None] | None = None  # stops the request (any thread)
+
+    def events(self) -> int:
+        """IN / HUP / ERR as the class docstring says."""
+        ready = EPOLLIN if self.unread or self.done else 0
+        if self.done:
+            ready |= EPOLLHUP
+        if self.failed:
+            ready |= EPOLLERR
+        return ready
+
+    def metrics(self) -> bytes:
+        """The usage the stream reported (``{}`` until it does)."""
+        return msgspec.json.encode(self.usage)
+
+
+class SseText:
+    """A chat completion's SSE bytes -> its content deltas and usage (chunks split anywhere)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.usage: dict[str, Any] = {}
+        self.done = False
+
+    def feed(self, chunk: bytes) -> str:
+        """The content text in `chunk`'s complete events."""
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        text = []
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                event = msgspec.json.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                self.usage = event["usage"]
+            delta = _first_delta(event)
+            if delta:
+                text.append(delta)
+        return "".join(text)
+
+
+def _first_delta(event: Any) -> str | None:
+    try:
+        content = event["choices"][0]["delta"].get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return content if isinstance(content, str) else None
 
 
 def _bounded(value: Any, limits: tuple[int, int]) -> int | None:

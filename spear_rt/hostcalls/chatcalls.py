@@ -8,9 +8,11 @@ through its `CallTool` (the guest's own function, in the guest's thread).
 
 from __future__ import annotations
 
-import msgspec
+from collections.abc import Callable
+from typing import Any
 
 from spear_rt.hostcalls.abi import (
+    EAGAIN,
     EBADF,
     EFAULT,
     EINVAL,
@@ -22,10 +24,14 @@ from spear_rt.hostcalls.abi import (
     read_input,
 )
 from spear_rt.hostcalls.cchat import (
+    FLAG_AUTO_TOOL_CALL,
     FLAG_METRICS,
+    FLAG_STREAM,
+    MAX_STREAM_UNREAD,
     CallTool,
     ChatResponse,
     ChatSession,
+    ChatStream,
     Complete,
     run_send,
 )
@@ -34,15 +40,57 @@ from spear_rt.hostcalls.fdtable import FdTable
 SET_PARAM = 1
 GET_METRICS = 2
 MAX_PARAM_BYTES = 65536
+_ANY_RESPONSE = ChatResponse | ChatStream
+
+# (request body, session, the stream fd, the feed) -> None: starts the request, returns at once
+StartStream = Callable[[dict[str, Any], ChatSession, ChatStream, "StreamFeed"], None]
+
+
+class StreamFeed:
+    """The event loop's side of a `ChatStream` (each call takes the table lock briefly)."""
+
+    def __init__(self, table: FdTable) -> None:
+        self.table = table
+
+    def text(self, stream: ChatStream, text: str) -> bool:
+        """Append answer text; False when the guest stopped reading (cancel the request)."""
+        with self.table.lock:
+            if stream.closed or len(stream.unread) > MAX_STREAM_UNREAD:
+                return False
+            stream.unread += text.encode()
+            _wake(stream)
+            return True
+
+    def end(self, stream: ChatStream, usage: dict[str, Any], error: bytes | None = None) -> None:
+        """The answer is complete (or failed with the error JSON `error`)."""
+        with self.table.lock:
+            stream.usage, stream.done = usage, True
+            if error is not None:
+                stream.failed = True
+                stream.unread += error
+            _wake(stream)
+
+
+def _wake(stream: ChatStream) -> None:
+    for watcher in stream.watchers:
+        watcher.wake()
 
 
 class ChatCalls:
     """``cchat_create`` .. ``cchat_close`` over `table`."""
 
-    def __init__(self, table: FdTable, complete: Complete, call_tool: CallTool) -> None:
+    def __init__(
+        self,
+        table: FdTable,
+        complete: Complete,
+        call_tool: CallTool,
+        start_stream: StartStream | None = None,
+    ) -> None:
         self.table = table
         self.complete = complete
         self.call_tool = call_tool
+        self.start_stream = start_stream
+        self.feed = StreamFeed(table)
 
     def cchat_create(self) -> int:
         """A new chat session fd."""
@@ -85,12 +133,12 @@ class ChatCalls:
         """SET_PARAM on a session (0 on a response: ignored) or GET_METRICS on a response."""
         with self.table.lock:
             target = self.table.others.get(fd)
-            if not isinstance(target, ChatSession | ChatResponse):
+            if not isinstance(target, ChatSession | _ANY_RESPONSE):
                 return -EBADF
             try:
                 if cmd == SET_PARAM:
                     raw = read_input(mem, arg_ptr, arg_len_ptr)
-                    if isinstance(target, ChatResponse):
+                    if isinstance(target, _ANY_RESPONSE):
                         return 0
                     return -EINVAL if len(raw) > MAX_PARAM_BYTES else target.set_param(raw)
                 if cmd == GET_METRICS:
@@ -103,6 +151,8 @@ class ChatCalls:
 
     def cchat_send(self, fd: int, flags: int) -> int:
         """Run the request; a new response fd (readable at once), or -errno for a bad fd."""
+        if flags & FLAG_STREAM:
+            return self._send_streaming(fd, flags)
         with self.table.lock:
             session = self._session(fd)
             if session is None:
@@ -116,13 +166,38 @@ class ChatCalls:
             self.table.others[response.fd] = response
             return response.fd
 
+    def _send_streaming(self, fd: int, flags: int) -> int:
+        """FLAG_STREAM: a `ChatStream` fd at once; the request runs in the event loop."""
+        with self.table.lock:
+            session = self._session(fd)
+            if session is None:
+                return -EBADF
+            if flags & FLAG_AUTO_TOOL_CALL or self.start_stream is None:
+                return -EINVAL  # the tool loop answers whole; no loop to stream from
+            if self.table.full():
+                return -EMFILE
+            stream = ChatStream(self.table.alloc())
+            self.table.others[stream.fd] = stream
+            body = {**session.request(), "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+        self.start_stream(body, session, stream, self.feed)
+        return stream.fd
+
     def cchat_recv(self, mem: GuestMemory, fd: int, out_ptr: int, out_len_ptr: int) -> int:
-        """The whole response body (not consumed); -ENOSPC with its length when too small."""
+        """The whole response body (not consumed); -ENOSPC with its length when too small.
+        On a stream: the text since the last read (consumed), -EAGAIN, or 0 at the end."""
         with self.table.lock:
             response = self.table.others.get(fd)
-            if not isinstance(response, ChatResponse):
-                return -EBADF
             try:
+                if isinstance(response, ChatStream):
+                    if not response.unread:
+                        return 0 if response.done else -EAGAIN
+                    n = deliver(mem, out_ptr, out_len_ptr, bytes(response.unread))
+                    if n > 0:
+                        response.unread.clear()
+                    return n
+                if not isinstance(response, ChatResponse):
+                    return -EBADF
                 return deliver(mem, out_ptr, out_len_ptr, response.body)
             except MemoryFault:
                 return -EFAULT
@@ -130,10 +205,15 @@ class ChatCalls:
     def cchat_close(self, fd: int) -> int:
         """Close a session or response fd."""
         with self.table.lock:
-            if not isinstance(self.table.others.get(fd), ChatSession | ChatResponse):
+            target = self.table.others.get(fd)
+            if not isinstance(target, ChatSession | _ANY_RESPONSE):
                 return -EBADF
+            target.closed = True
+            cancel = target.cancel if isinstance(target, ChatStream) else None
             self.table.close_other(fd)
-            return 0
+        if cancel is not None:
+            cancel()
+        return 0
 
     def _session(self, fd: int) -> ChatSession | None:
         session = self.table.others.get(fd)
@@ -143,8 +223,3 @@ class ChatCalls:
 def _text(mem: GuestMemory, ptr: int, length: int) -> str:
     """UTF-8 text from guest memory, decoded lossily (as upstream does)."""
     return mem.read(ptr, length).decode("utf-8", "replace")
-
-
-def usage_json(usage: dict[str, int]) -> bytes:
-    """Usage as a guest reads it (tests)."""
-    return msgspec.json.encode(usage)

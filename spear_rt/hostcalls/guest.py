@@ -22,7 +22,15 @@ import anyio.from_thread
 import msgspec
 from anyio.lowlevel import RunVar
 
-from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_body
+from spear_rt.hostcalls.cchat import (
+    ChatSession,
+    ChatStream,
+    Complete,
+    Completed,
+    SseText,
+    error_body,
+)
+from spear_rt.hostcalls.chatcalls import StartStream, StreamFeed
 from spear_rt.hostcalls.epoll import Clock, EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.link import SessionHost
@@ -73,9 +81,11 @@ async def guest_host(
     (the server's), the guest's user streams are served at its execution's path while it runs.
     """
     table = FdTable(policy=policy)
+    host = SessionHost(manager, table, client_key_id=client_key_id)
     streams = UserStreams(table) if executions is not None else None
     send = routed_send(oneshot, client_key_id) if oneshot is not None else None
     complete = routed_chat(send) if send is not None else None
+    start_stream = routed_stream(oneshot, client_key_id, host) if oneshot is not None else None
     epolls = EpollSet(table, clock)
     guest = WasmGuest(
         module,
@@ -85,11 +95,11 @@ async def guest_host(
         audio=audio,
         complete=complete,
         send=send,
+        start_stream=start_stream,
         log_sink=log_sink,
         stdout=stdout,
         streams=streams,
     )
-    host = SessionHost(manager, table, client_key_id=client_key_id)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(host.run)
@@ -121,11 +131,7 @@ def routed_send(handle: OneShotHandler, client_key_id: str | None) -> Send:
     def send(
         path: str, content_type: str, body: bytes, backend: str | None, timeout_ms: int | None
     ) -> Sent:
-        headers = [(b"content-type", content_type.encode())]
-        if backend is not None:
-            headers.append((b"spear-backend", backend.encode()))
-        if timeout_ms is not None:
-            headers.append((b"spear-timeout-ms", str(timeout_ms).encode()))
+        headers = _routing_headers(content_type, backend, timeout_ms)
         request = HttpRequest("POST", path, "", headers, body, client_key_id=client_key_id)
         try:
             response: Response = anyio.from_thread.run(handle, request)
@@ -137,6 +143,61 @@ def routed_send(handle: OneShotHandler, client_key_id: str | None) -> Send:
         return Sent(response.status, response.body, response.content_type, instance)
 
     return send
+
+
+def routed_stream(
+    handle: OneShotHandler, client_key_id: str | None, host: SessionHost
+) -> StartStream:
+    """A `StartStream`: a streaming chat request as a task of the guest's session host, its
+    text fed to the stream fd as it arrives (cancelled when the guest closes the fd)."""
+
+    def start(
+        body: dict[str, Any], session: ChatSession, stream: ChatStream, feed: StreamFeed
+    ) -> None:
+        async def run() -> None:
+            headers = _routing_headers("application/json", session.backend, session.timeout_ms)
+            request = HttpRequest("POST", CHAT_PATH, "", headers, msgspec.json.encode(body),
+                                  client_key_id=client_key_id)  # fmt: skip
+            with anyio.CancelScope() as scope:
+                stream.cancel = lambda: host.call_soon(scope.cancel)
+                await _stream_into(handle, request, stream, feed)
+
+        host.spawn(run)
+
+    return start
+
+
+async def _stream_into(
+    handle: OneShotHandler, request: HttpRequest, stream: ChatStream, feed: StreamFeed
+) -> None:
+    sse = SseText()
+    try:
+        answer: Any = await handle(request)
+        if isinstance(answer, Response):  # refused or failed before streaming
+            feed.end(stream, {}, answer.body if answer.status != 200 else None)
+            return
+        chunks = answer.response.stream
+        try:
+            async for chunk in chunks:
+                if not feed.text(stream, sse.feed(chunk)):
+                    break  # closed, or not read: stop the upstream request
+        finally:
+            await chunks.aclose()
+        feed.end(stream, sse.usage)
+    except Exception:
+        log.exception("a guest's streaming chat request failed in the host")
+        feed.end(stream, {}, error_body("internal_error", "the host failed the request"))
+
+
+def _routing_headers(
+    content_type: str, backend: str | None, timeout_ms: int | None
+) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", content_type.encode())]
+    if backend is not None:
+        headers.append((b"spear-backend", backend.encode()))
+    if timeout_ms is not None:
+        headers.append((b"spear-timeout-ms", str(timeout_ms).encode()))
+    return headers
 
 
 def routed_chat(send: Send) -> Complete:

@@ -22,8 +22,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -141,7 +142,8 @@ class SessionHost:
         table.port = self
         self._client_key_id = client_key_id
         self._lock = threading.Lock()
-        self._commands: deque[tuple[bool, RtFd]] = deque()  # (connect?, fd); one each per fd
+        # (True, fd) connect, (False, fd) cancel: one each per fd; (None, fn) start a task
+        self._commands: deque[tuple[bool | None, Any]] = deque()
         self._signalled = False
         self._ready = anyio.Event()
         self._links: dict[int, FdLink] = {}
@@ -180,9 +182,13 @@ class SessionHost:
         except RuntimeError:  # the loop has finished: nobody is left to wake
             pass
 
-    def _post(self, connect: bool, fd: RtFd) -> None:
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `fn()` as a task of this host's group (from any thread; never blocks)."""
+        self._post(None, fn)
+
+    def _post(self, connect: bool | None, what: Any) -> None:
         with self._lock:
-            self._commands.append((connect, fd))
+            self._commands.append((connect, what))
             if self._signalled:
                 return
             self._signalled = True
@@ -200,7 +206,10 @@ class SessionHost:
                 commands = list(self._commands)
                 self._commands.clear()
             for connect, rt in commands:
-                if connect:
+                if connect is None:
+                    assert self._tg is not None
+                    self._tg.start_soon(rt)
+                elif connect:
                     self._start(rt)
                 elif (link := self._links.get(rt.fd)) is not None:
                     link.scope.cancel()

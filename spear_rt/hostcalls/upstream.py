@@ -38,7 +38,7 @@ from spear_rt.hostcalls.abi import (
     write_u32,
 )
 from spear_rt.hostcalls.cchat import ChatSession, Complete
-from spear_rt.hostcalls.chatcalls import ChatCalls
+from spear_rt.hostcalls.chatcalls import ChatCalls, StartStream
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.mic import MicCalls
 from spear_rt.hostcalls.oneshotfd import OneShotCalls, Send
@@ -182,13 +182,14 @@ class UpstreamImports:
         recording: bytes | None = None,
         streams: UserStreams | None = None,
         send: Send | None = None,
+        start_stream: StartStream | None = None,
     ) -> None:
         self.memory = memory
         self.oneshot = OneShotCalls(table, send) if send is not None else None
         self.streams = streams  # None: no outside clients (user_stream_* -> -ENOTCONN)
         self.log = GuestLog(sink)
         self.tools = ToolCallbacks(memory)
-        self.chat = ChatCalls(table, complete, self.tools)
+        self.chat = ChatCalls(table, complete, self.tools, start_stream)
         self.rtasr = RtasrCalls(table, clock)
         self.mic = MicCalls(table, clock, recording)
         self._table = table

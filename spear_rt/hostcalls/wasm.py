@@ -51,6 +51,7 @@ from spear_rt.hostcalls.abi import (
     write_u32,
 )
 from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_body
+from spear_rt.hostcalls.chatcalls import StartStream
 from spear_rt.hostcalls.epoll import EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.oneshotfd import Send, Sent
@@ -162,6 +163,7 @@ class WasmGuest:
         audio: bytes | None = None,
         complete: Complete | None = None,
         send: Send | None = None,
+        start_stream: StartStream | None = None,
         log_sink: LogSink | None = None,
         stdout: str | None = None,
         streams: UserStreams | None = None,
@@ -188,6 +190,7 @@ class WasmGuest:
             audio,
             streams,
             send or _no_router,
+            start_stream,
         )
         self._deadline: float | None = None  # monotonic; set by the first call
         self._timed_out = False

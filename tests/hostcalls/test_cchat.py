@@ -16,16 +16,26 @@ import pytest
 
 from spear_rt.hostcalls.abi import (
     EACCES,
+    EAGAIN,
     EBADF,
     EFAULT,
     EINVAL,
     EIO,
     ENOSPC,
+    EPOLLERR,
+    EPOLLHUP,
     EPOLLIN,
     BytesMemory,
     write_u32,
 )
-from spear_rt.hostcalls.cchat import FLAG_AUTO_TOOL_CALL, FLAG_METRICS, ChatSession, Completed
+from spear_rt.hostcalls.cchat import (
+    FLAG_AUTO_TOOL_CALL,
+    FLAG_METRICS,
+    FLAG_STREAM,
+    ChatSession,
+    Completed,
+    SseText,
+)
 from spear_rt.hostcalls.chatcalls import GET_METRICS, SET_PARAM, ChatCalls
 from spear_rt.hostcalls.epoll import EpollSet, FakeClock
 from spear_rt.hostcalls.fdtable import FdTable
@@ -267,3 +277,69 @@ def test_without_auto_tool_call_the_tool_calls_come_back_as_they_are() -> None:
 )
 def test_the_tool_arena_layout(ptr: int, length: int, n: int, expected: Any) -> None:
     assert arena_layout(ptr, length, n, 65536) == expected
+
+
+class Streams:
+    """A StartStream that only records; the test feeds the stream itself."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[dict[str, Any], Any, Any]] = []
+
+    def __call__(self, body: dict[str, Any], session: ChatSession, stream: Any, feed: Any) -> None:
+        stream.cancel = lambda: self.started.append(({"cancelled": True}, None, None))
+        self.started.append((body, stream, feed))
+
+
+def test_a_streaming_send_reads_text_as_it_arrives() -> None:
+    starter = Streams()
+    calls = ChatCalls(FdTable(), Script().complete, Script().call_tool, starter)
+    mem = BytesMemory(65536)
+    fd = calls.cchat_create()
+    assert calls.cchat_send(fd, FLAG_STREAM | FLAG_AUTO_TOOL_CALL) == -EINVAL
+    response = calls.cchat_send(fd, FLAG_STREAM)
+    [(body, stream, feed)] = starter.started
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    write_u32(mem, LEN, OUT_CAP)
+    assert calls.cchat_recv(mem, response, OUT, LEN) == -EAGAIN and stream.events() == 0
+    assert feed.text(stream, "Par") and feed.text(stream, "is")
+    assert stream.events() == EPOLLIN
+    write_u32(mem, LEN, OUT_CAP)
+    assert calls.cchat_recv(mem, response, OUT, LEN) == 5 and mem.read(OUT, 5) == b"Paris"
+    write_u32(mem, LEN, OUT_CAP)
+    assert calls.cchat_recv(mem, response, OUT, LEN) == -EAGAIN  # consumed
+    feed.end(stream, {"total_tokens": 3})
+    assert stream.events() == EPOLLIN | EPOLLHUP
+    write_u32(mem, LEN, OUT_CAP)
+    assert calls.cchat_recv(mem, response, OUT, LEN) == 0  # the end
+    write_u32(mem, LEN, 64)
+    n = calls.cchat_ctl(mem, response, GET_METRICS, OUT, LEN)
+    assert json.loads(mem.read(OUT, n)) == {"total_tokens": 3}
+    assert calls.cchat_close(response) == 0
+    assert starter.started[-1][0] == {"cancelled": True}  # closing stops the request
+    assert not feed.text(stream, "late")
+
+
+def test_a_failed_stream_ends_with_its_error() -> None:
+    starter = Streams()
+    calls = ChatCalls(FdTable(), Script().complete, Script().call_tool, starter)
+    mem = BytesMemory(65536)
+    response = calls.cchat_send(calls.cchat_create(), FLAG_STREAM)
+    _body, stream, feed = starter.started[0]
+    feed.end(stream, {}, b'{"error":{"message":"no backend"}}')
+    assert stream.events() == EPOLLIN | EPOLLHUP | EPOLLERR
+    write_u32(mem, LEN, OUT_CAP)
+    n = calls.cchat_recv(mem, response, OUT, LEN)
+    assert json.loads(mem.read(OUT, n)) == {"error": {"message": "no backend"}}
+
+
+def test_sse_text_survives_chunks_split_anywhere() -> None:
+    events = [{"choices": [{"delta": {"role": "assistant"}}]},
+              {"choices": [{"delta": {"content": "hel"}}]},
+              {"choices": [{"delta": {"content": "lo"}}]},
+              {"choices": [], "usage": {"total_tokens": 2}}]  # fmt: skip
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    raw += b"data: [DONE]\n\n"
+    for size in (1, 7, len(raw)):
+        sse = SseText()
+        text = "".join(sse.feed(raw[i : i + size]) for i in range(0, len(raw), size))
+        assert text == "hello" and sse.usage == {"total_tokens": 2} and sse.done

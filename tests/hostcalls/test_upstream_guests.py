@@ -28,7 +28,14 @@ from spear_rt.hostcalls.guest import guest_host, run_guest
 from spear_rt.hostcalls.link import loop_waker
 from spear_rt.hostcalls.wasm import GuestError, audio_file_source
 from spear_rt.server.app import Server
-from tests.conftest import FIXTURES, HandshakeRefused, ServerFactory, WsClient, make_config
+from tests.conftest import (
+    FIXTURES,
+    HandshakeRefused,
+    ServerFactory,
+    WsClient,
+    load_fixture_24k,
+    make_config,
+)
 from tests.hostcalls.cguests import build
 
 
@@ -297,3 +304,32 @@ async def test_the_one_shot_families_answer_as_the_http_endpoints_do(server: Ser
     assert json.loads(lines.value("asr_json=")) == heard.json()
     assert json.loads(lines.value("emb_json=")) == embedded.json()
     assert json.loads(lines.value("img_status="))["status"] == 200
+
+
+async def test_one_epoll_loop_streams_a_chat_answer_and_a_transcription(server: Server) -> None:
+    from tests.hostcalls.test_wasm import over_websocket
+
+    assert server.port is not None
+    pcm = load_fixture_24k("speech_open_window.wav")
+    lines = Lines()
+    await run_guest(
+        build("chat_and_rt"),
+        server.sessions,
+        audio=pcm.astype("<i2").tobytes(),
+        oneshot=server.oneshot.handle,
+        log_sink=lines,
+    )
+    texts = [t.removeprefix("chat text: ").removesuffix("\n") for t in lines.info()
+             if t.startswith("chat text: ")]  # fmt: skip
+    question = [{"role": "user", "content": "what is the capital of France"}]
+    request = {"model": "gpt-4o-mini", "messages": question}
+    async with httpx.AsyncClient() as client:
+        whole = await client.post(
+            f"http://127.0.0.1:{server.port}/v1/chat/completions", json=request
+        )
+    assert "".join(texts) == whole.json()["choices"][0]["message"]["content"]
+    done = lines.value("chat done after ")
+    assert done.startswith(f"{len(texts)} reads, usage ") and '"total_tokens"' in done
+    event = json.loads(lines.value("transcript event: "))
+    _deltas, expected = await over_websocket(server.port, pcm, 4800)
+    assert event["transcript"] == expected  # the same session as a WebSocket client's

@@ -28,6 +28,9 @@ SPEAR_IMPORT(sleep_ms) int32_t sleep_ms(int32_t ms);
 #define CCHAT_CTL_GET_METRICS 2 /* response fd: usage JSON into (arg_ptr, arg_len_ptr) */
 #define CCHAT_SEND_METRICS 1
 #define CCHAT_SEND_AUTO_TOOL_CALL 2 /* the host runs the tool loop through the callbacks */
+/* spear_rt's extension: the response fd streams the answer's text (recv: what arrived since
+ * the last read; -EAGAIN until more; 0 at the end; EPOLLIN/EPOLLHUP as it goes). */
+#define CCHAT_SEND_STREAM 4
 
 SPEAR_IMPORT(cchat_create) int32_t cchat_create(void);
 SPEAR_IMPORT(cchat_write_msg)
@@ -42,6 +45,24 @@ int32_t cchat_ctl(int32_t fd, int32_t cmd, void *arg, uint32_t *arg_len);
 SPEAR_IMPORT(cchat_send) int32_t cchat_send(int32_t fd, int32_t flags);
 SPEAR_IMPORT(cchat_recv) int32_t cchat_recv(int32_t fd, char *out, uint32_t *out_len);
 SPEAR_IMPORT(cchat_close) int32_t cchat_close(int32_t fd);
+
+/* spear_rt's realtime fds (rt_*): a transcription session per fd. */
+#define RT_CTL_SET_PARAM 1
+#define RT_CTL_CONNECT 2
+#define RT_CTL_GET_STATUS 3
+#define RT_CTL_SEND_EVENT 4
+#define RT_CTL_COMMIT 5
+#define RT_CTL_CLEAR 6
+#define RT_CTL_SHUTDOWN_WRITE 7
+#define RT_CTL_GET_METRICS 8
+SPEAR_IMPORT(rt_create) int32_t rt_create(void);
+SPEAR_IMPORT(rt_ctl) int32_t rt_ctl(int32_t fd, int32_t cmd, void *arg, uint32_t *arg_len);
+SPEAR_IMPORT(rt_write) int32_t rt_write(int32_t fd, const void *buf, int32_t len);
+SPEAR_IMPORT(rt_read) int32_t rt_read(int32_t fd, void *out, uint32_t *out_len);
+SPEAR_IMPORT(rt_close) int32_t rt_close(int32_t fd);
+/* The run's audio (run-wasm --audio), pcm16 24 kHz mono: bytes copied, 0 at the end. */
+__attribute__((import_module("spear_host"), import_name("audio_read")))
+int32_t spear_audio_read(void *out, uint32_t *out_len);
 
 /* Realtime ASR (upstream's names for rt fds; its own ctl codes). */
 #define RTASR_CTL_SET_PARAM 1
