@@ -24,6 +24,14 @@ noise as 20 ms frames into a real session (stub backend with ``block_ms = 10``: 
 drains until ``completed``. Reported: frames/s written, events/s read, and audio speed
 (x real time).
 
+Chat rows (``--chat-requests N``, 0 to skip): the anchors' fast fake OpenAI upstream
+(``../shared/anchors/fake_openai.py``, its own process) behind an ``openai_http`` instance of
+a spear_rt server in this process; N sequential chat completions (i) straight to the fake
+over HTTP (the floor), (ii) through spear_rt over HTTP (``POST /v1/chat/completions``,
+keep-alive), (iii) from a WAT guest in a loop of cchat_create / write_msg / ctl model /
+send / recv / close. Requests/s and mean latency; the hostcall path's added latency is
+(iii) - (ii), same run.
+
 Writes bench/results/hostcalls-<time>.json and .md; prints the table.
 """
 
@@ -31,8 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +67,7 @@ from spear_rt.router import Router  # noqa: E402
 from spear_rt.session.manager import SessionManager  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
+ANCHORS = Path(os.environ.get("SPEAR_ANCHORS", str(REPO.parent / "shared" / "anchors")))
 AUDIO_AT = 131072
 FRAME = 960
 CREATED = b'{"type":"transcription_session.created","session":{}}'
@@ -179,6 +191,49 @@ GUEST = """
         (call $wait (local.get $ep) (local.get $fd))
         (br $events)))
     (global.get $events)))
+"""
+
+
+CHAT_GUEST = """
+(module
+  (import "spear" "cchat_create" (func $create (result i32)))
+  (import "spear" "cchat_write_msg" (func $msg (param i32 i32 i32 i32 i32) (result i32)))
+  (import "spear" "cchat_ctl" (func $ctl (param i32 i32 i32 i32) (result i32)))
+  (import "spear" "cchat_send" (func $send (param i32 i32) (result i32)))
+  (import "spear" "cchat_recv" (func $recv (param i32 i32 i32) (result i32)))
+  (import "spear" "cchat_close" (func $close (param i32) (result i32)))
+  (memory (export "memory") 4)
+  (data (i32.const 64) "user")
+  (data (i32.const 96) "Say hello in one word.")
+  (data (i32.const 128) "{\\"key\\":\\"model\\",\\"value\\":\\"fake\\"}")
+  (global $bytes (export "bytes") (mut i32) (i32.const 0))
+  ;; n chat completions, one after the other; returns how many answered with a body
+  (func (export "chats") (param $n i32) (result i32)
+    (local $i i32) (local $fd i32) (local $resp i32) (local $ok i32) (local $got i32)
+    (loop $l
+      (local.set $fd (call $create))
+      (drop (call $msg (local.get $fd) (i32.const 64) (i32.const 4) (i32.const 96) (i32.const 22)))
+      (i32.store (i32.const 0) (i32.const 38))
+      (drop (call $ctl (local.get $fd) (i32.const 1) (i32.const 128) (i32.const 0)))
+      (local.set $resp (call $send (local.get $fd) (i32.const 0)))
+      (i32.store (i32.const 4) (i32.const 131072))
+      (local.set $got (call $recv (local.get $resp) (i32.const 4096) (i32.const 4)))
+      (if (i32.gt_s (local.get $got) (i32.const 0))
+        (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))
+              (global.set $bytes (local.get $got))))
+      (drop (call $close (local.get $resp)))
+      (drop (call $close (local.get $fd)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (local.get $n))))
+    (local.get $ok)))
+"""
+CHAT_CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+[[backends]]
+name = "fake"
+kind = "openai_http"
+base_url = "http://127.0.0.1:{port}/v1"
 """
 
 
@@ -318,6 +373,116 @@ async def live(audio_seconds: float) -> dict[str, Any]:
     }
 
 
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def chat(requests: int, fake_port: int) -> list[dict[str, Any]]:
+    """The chat rows (module docstring), one server, one run."""
+    import httpx
+
+    from spear_rt.server.app import Server
+
+    server = Server(parse_config(CHAT_CONFIG.format(port=fake_port), "bench"))
+    body = {"model": "fake", "messages": [{"role": "user", "content": "Say hello in one word."}]}
+    rows = []
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.serve)
+        async with httpx.AsyncClient() as client:
+            for name, url in (
+                ("HTTP straight to the fake (floor)", f"http://127.0.0.1:{fake_port}"),
+                ("HTTP through spear_rt", f"http://127.0.0.1:{port}"),
+            ):
+                for _ in range(20):  # warm up: connections, JIT-less caches
+                    (await client.post(f"{url}/v1/chat/completions", json=body)).raise_for_status()
+                samples = []
+                for _ in range(requests):
+                    start = time.perf_counter()
+                    answer = await client.post(f"{url}/v1/chat/completions", json=body)
+                    samples.append(time.perf_counter() - start)
+                    answer.raise_for_status()
+                rows.append(_chat_row(name, samples))
+        limits = GuestLimits(fuel=10**15, memory_bytes=64 << 20)
+        await run_guest_chats(server, 20, limits)  # warm up
+        start = time.perf_counter()
+        answered = await run_guest_chats(server, requests, limits)
+        elapsed = time.perf_counter() - start
+        if answered != requests:
+            raise SystemExit(f"the guest got {answered} of {requests} answers")
+        rows.append(_chat_row("cchat_* from a guest", [elapsed / requests] * requests))
+        tg.cancel_scope.cancel()
+    floor, http, guest = (r["mean_ms"] for r in rows)
+    rows[1]["added_ms_vs_floor"] = round(http - floor, 3)
+    rows[2]["added_ms_vs_floor"] = round(guest - floor, 3)
+    rows[2]["added_ms_vs_http"] = round(guest - http, 3)
+    return rows
+
+
+async def run_guest_chats(server: Any, requests: int, limits: GuestLimits) -> int:
+    """The chat guest's loop of `requests` completions; how many answered."""
+    async with guest_host(CHAT_GUEST, server.sessions, limits=limits,
+                          oneshot=server.oneshot.handle) as run:  # fmt: skip
+        return int(await run.call("chats", requests))
+
+
+def _chat_row(name: str, samples: list[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+    mean = statistics.fmean(samples)
+    return {
+        "row": name,
+        "requests": len(samples),
+        "requests_per_s": round(1 / mean),
+        "mean_ms": round(mean * 1000, 3),
+        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+    }
+
+
+def chat_md(rows: list[dict[str, Any]]) -> str:
+    """The chat rows as markdown."""
+    head = "| chat completion, sequential | requests/s | mean ms | p50 ms | p99 ms "
+    lines = [
+        head + "| added vs floor ms | added vs HTTP ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {r['requests_per_s']:,} | {r['mean_ms']} | {r['p50_ms']} "
+            f"| {r['p99_ms']} | {r.get('added_ms_vs_floor', '')} "
+            f"| {r.get('added_ms_vs_http', '')} |"
+        )
+    lines.append("")
+    lines.append("(the guest row times the whole loop: its p50/p99 are its mean)")
+    return "\n".join(lines)
+
+
+def chat_bench(requests: int) -> list[dict[str, Any]]:
+    """Start the anchors' fake upstream, run the chat rows, stop it."""
+    port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, str(ANCHORS / "fake_openai.py"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or fake.poll() is not None:
+                    raise SystemExit("the anchors' fake_openai.py did not start") from None
+                time.sleep(0.05)
+        return anyio.run(chat, requests, port)
+    finally:
+        fake.terminate()
+        fake.wait(10)
+
+
 def table_md(micro_rows: list[dict[str, Any]], live_rows: dict[str, dict[str, Any]]) -> str:
     """The results as markdown."""
     lines = [
@@ -350,12 +515,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=30, help="rounds per micro row (median kept)")
     ap.add_argument("--audio-seconds", type=float, default=20.0, help="audio per live run")
     ap.add_argument("--loops", default="trio,asyncio", help="event loops for the live rows")
+    ap.add_argument("--chat-requests", type=int, default=500, help="per chat row (0: skip)")
     args = ap.parse_args()
     micro_rows = micro(args.calls, args.rounds)
     live_rows = {
         loop: anyio.run(live, args.audio_seconds, backend=loop) for loop in args.loops.split(",")
     }
+    chat_rows = chat_bench(args.chat_requests) if args.chat_requests > 0 else []
     md = table_md(micro_rows, live_rows)
+    if chat_rows:
+        md += "\n\n" + chat_md(chat_rows)
     print(md)
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / time.strftime("hostcalls-%Y%m%d-%H%M%S")
@@ -365,6 +534,7 @@ def main() -> int:
         "machine": platform.machine(),
         "micro": micro_rows,
         "live": live_rows,
+        "chat": chat_rows,
     }
     base.with_suffix(".json").write_text(json.dumps(record, indent=1))
     base.with_suffix(".md").write_text(md + "\n")
