@@ -207,7 +207,7 @@ class ChatCalls:
         with self.table.lock:
             target = self.table.others.get(fd)
             if not isinstance(target, ChatSession | _ANY_RESPONSE):
-                return -EBADF
+                return self.table.closed_before(fd)
             target.closed = True
             cancel = target.cancel if isinstance(target, ChatStream) else None
             self.table.close_other(fd)

@@ -125,6 +125,13 @@ class FdTable:
         """The fd of any family, for epoll (lock held)."""
         return self.fds.get(fd) or self.others.get(fd)
 
+    def closed_before(self, fd: int) -> int:
+        """What closing `fd` again answers in upstream's families: 0 for a number this table
+        gave out and closed (numbers are never reused), -EBADF for any other (lock held)."""
+        live = fd in self.fds or fd in self.others
+        live = live or any(getattr(w, "epfd", None) == fd for w in self.watchers)
+        return 0 if 0 < fd < self._next and not live else -EBADF
+
     def close_other(self, fd: int) -> bool:
         """Close an fd of another family: its watchers get EPOLLHUP (lock held)."""
         other = self.others.pop(fd, None)

@@ -301,7 +301,7 @@ class MicCalls:
         with self.table.lock:
             mic = self._mic(fd)
             if mic is None:
-                return -EBADF
+                return self.table.closed_before(fd)
             mic.running, mic.closed = False, True
             self.table.close_other(fd)
             return 0

@@ -253,7 +253,7 @@ class OneShotCalls:
         """``X_close``."""
         with self.table.lock:
             if not isinstance(self.table.others.get(fd), OneShotFd | OneShotResponse):
-                return -EBADF
+                return self.table.closed_before(fd)
             self.table.close_other(fd)
             return 0
 

@@ -27,6 +27,7 @@ from typing import Any
 import wasmtime
 
 from spear_rt.hostcalls.abi import (
+    EBADF,
     EFAULT,
     EINVAL,
     EIO,
@@ -232,7 +233,7 @@ def link_upstream(
         "cchat_close": (1, chat.cchat_close),
         "sleep_ms": (1, imports.sleep_ms),
         "rtasr_create": (0, rtasr.rtasr_create),
-        "rtasr_close": (1, table.rt_close),
+        "rtasr_close": (1, lambda fd: _upstream_close(table, fd)),
         "mic_create": (0, mic.mic_create),
         "mic_close": (1, mic.mic_close),
     }
@@ -296,6 +297,15 @@ def _link_user_streams(
             linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
         else:
             linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
+
+
+def _upstream_close(table: FdTable, fd: int) -> int:
+    """``rtasr_close``: ``rt_close``, but closing a closed fd answers 0 as upstream's does."""
+    result = table.rt_close(fd)
+    if result == -EBADF:
+        with table.lock:
+            return table.closed_before(fd)
+    return result
 
 
 def _ftype(arity: int) -> wasmtime.FuncType:

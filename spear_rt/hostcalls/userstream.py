@@ -259,7 +259,7 @@ class UserStreams:
             elif isinstance(target, CtlFd):
                 self._ctls.remove(target)
             else:
-                return -EBADF
+                return self.table.closed_before(fd)
             target.closed = True
             self.table.close_other(fd)
             return 0
