@@ -115,7 +115,6 @@ class StubKind:
                 Feature.SUPPORTS_DIMENSIONS,
                 Feature.SUPPORTS_TIMESTAMPS,
                 Feature.SUPPORTS_VOICES,
-                Feature.SUPPORTS_TOOLS,  # a deterministic tool-call rule (stub_oneshot)
             }
         ),
         transports=frozenset({Transport.HTTP, Transport.WEBSOCKET}),

@@ -11,6 +11,8 @@ same bytes (``created`` is a fixed 1700000000, ids are hashes of the input):
   With ``tools`` (non-streaming): when the last user message holds two integers and no tool
   result came after it, the answer is a ``tool_calls`` for the first tool with arguments
   ``{"a": x, "b": y}``; after a tool result the reply is ``"stub: after tool <its output>"``.
+  (The kind does not declare ``supports_tools``, so the router sends it tool requests only
+  when an instance's config declares it, or the request names the stub.)
 * embeddings: unit vectors from SHAKE-256 of each input, so ``dimensions=d`` is the renormalized
   first ``d`` values of the full vector (like OpenAI's shortened embeddings). Default 1536
   dimensions (option ``dimensions``); ``encoding_format: "base64"`` is float32 little-endian.

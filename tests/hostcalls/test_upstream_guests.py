@@ -89,7 +89,13 @@ async def test_chat_completion_answers_as_the_http_endpoint_does(server: Server)
     assert body == answer.json()  # the same path: normalize, router, backend
 
 
-async def test_the_host_runs_the_tool_loop_through_the_guests_function(server: Server) -> None:
+TOOL_STUB = '[[backends]]\nname = "stub"\nkind = "stub"\nfeatures = ["supports_tools"]\n'
+
+
+async def test_the_host_runs_the_tool_loop_through_the_guests_function(
+    serve: ServerFactory,
+) -> None:
+    server = await serve(make_config(backends=TOOL_STUB))
     lines = await run_c("chat_tool_sum", server)
     assert lines.value("tool_fn_offset=") != "0"
     assert lines.value("cchat_write_fn_rc=") == "0"
