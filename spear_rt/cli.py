@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -54,9 +55,13 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 async def serve(
-    config: Config, *, config_path: str | None = None, announce: Callable[[int], None] | None = None
+    config: Config,
+    *,
+    config_path: str | None = None,
+    announce: Callable[[int], None] | None = None,
+    wasm: Sequence[str] = (),
 ) -> int:
-    """Run the server until a signal; returns the exit code.
+    """Run the server until a signal; returns the exit code; `wasm` guests run inside it.
 
     SIGTERM or a first SIGINT drains (`Server.drain`) and exits 0 once every session and
     request is done (or `drain_deadline_s` + 5 s passed); a second SIGINT/SIGTERM exits at
@@ -86,6 +91,11 @@ async def serve(
             _announce(server, port)  # once the signals are ours: a SIGTERM from now on drains
             if announce is not None:
                 announce(port)
+            host = server.config.server.listen.rpartition(":")[0]
+            for module in wasm:
+                from spear_rt.hostcalls.cli import run_in_server
+
+                tg.start_soon(run_in_server, server, Path(module), host, port)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     _reload(server)
@@ -126,9 +136,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     code = 0
 
+    missing = [m for m in args.wasm if not Path(m).is_file()]
+    if missing:
+        print(f"spear-rt: serve: no such module: {missing[0]}", file=sys.stderr)
+        return 2
+
     async def main() -> None:
         nonlocal code
-        code = await serve(config, config_path=args.config)
+        code = await serve(config, config_path=args.config, wasm=args.wasm)
 
     run_on_loop(args.loop, main)
     return code
@@ -168,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file (default: the embedded default)")
     p.add_argument("--listen", help="HOST:PORT to bind (overrides the config)")
     p.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP, help="event loop")
+    p.add_argument(
+        "--wasm",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="run this WASM guest inside the server (repeatable); its user streams are served",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

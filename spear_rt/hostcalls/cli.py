@@ -158,6 +158,42 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_in_server(server: Any, module: Path, host: str, port: int) -> None:
+    """``spear-rt serve --wasm MODULE``: run a guest inside a serving server; its user streams
+    are served on the server's port, its log lines go to stderr, its end is said, and a
+    failing guest never stops the server."""
+    from spear_rt.hostcalls.guest import leaves, run_guest
+    from spear_rt.hostcalls.wasm import GuestError
+    from spear_rt.server.streams_ws import streams_url
+
+    name = module.name
+
+    def log_line(level: str, text: str) -> None:
+        print(f"spear-rt: wasm {name}: {text.rstrip()}", file=sys.stderr, flush=True)
+
+    def announce(run: Any) -> None:
+        url = streams_url(host, port, run.streams.execution_id)
+        print(f"spear-rt: wasm {name}: user streams: {url}", file=sys.stderr, flush=True)
+
+    try:
+        fuel = await run_guest(
+            module,
+            server.sessions,
+            oneshot=server.oneshot.handle,
+            log_sink=log_line,
+            stdout="inherit",
+            executions=server.executions,
+            on_start=announce,
+        )
+    except (GuestError, BaseExceptionGroup) as exc:
+        errors = leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+        if not all(isinstance(e, GuestError) for e in errors):
+            raise
+        print(f"spear-rt: wasm {name}: {errors[0]}", file=sys.stderr, flush=True)
+        return
+    print(f"spear-rt: wasm {name}: ended (fuel used {fuel})", file=sys.stderr, flush=True)
+
+
 async def _cancel_on_signal(scope: anyio.CancelScope, stopped_by: list[int]) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:

@@ -339,3 +339,36 @@ async def test_one_epoll_loop_streams_a_chat_answer_and_a_transcription(server: 
     event = json.loads(lines.value("transcript event: "))
     _deltas, expected = await over_websocket(server.port, pcm, 4800)
     assert event["transcript"] == expected  # the same session as a WebSocket client's
+
+
+async def test_serve_runs_a_guest_and_serves_its_user_streams_on_its_port(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "stub.toml"
+    config.write_text('[[backends]]\nname = "stub"\nkind = "stub"\n')
+    spear = str(Path(sys.executable).parent / "spear-rt")
+    guest = str(build("user_stream_echo"))
+    command = [spear, "serve", "--listen", "127.0.0.1:0", "--config", str(config),
+               "--loop", "trio", "--wasm", guest]  # fmt: skip
+    with anyio.fail_after(60):
+        async with await anyio.open_process(command) as process:
+            assert process.stderr is not None
+            said = b""
+            while b"waiting for user streams" not in said:
+                said += await process.stderr.receive()
+            [line] = [x for x in said.decode().splitlines() if "user streams: " in x]
+            url = urlsplit(line.split("user streams: ", 1)[1])
+            assert url.port is not None
+            client = await WsClient.connect(url.port, url.path)
+            frame = ssf.build(2, b"inside serve")
+            await client.send_bytes(frame)
+            assert await client.recv_bytes() == frame
+            await client.close()
+            while b"ended (fuel used" not in said:
+                said += await process.stderr.receive()
+            assert b"wasm user_stream_echo" in said and b"session closed" in said
+            async with httpx.AsyncClient() as http:  # the guest ended; the server did not
+                health = await http.get(f"http://127.0.0.1:{url.port}/healthz")
+            assert health.status_code == 200
+            process.terminate()
+            assert await process.wait() == 0
