@@ -33,8 +33,8 @@ from typing import Any
 import msgspec
 
 from spear_rt.hostcalls.abi import EACCES, EINVAL, EIO, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from spear_rt.hostcalls.params import carries_secret, host_only_key, routing_name_ok
-from spear_rt.hostcalls.rtfd import Watcher
+from spear_rt.hostcalls.params import carries_secret, host_only_key, key_value, routing_name_ok
+from spear_rt.hostcalls.rtfd import PlainFd
 
 MAX_TOOL_OUTPUT_BYTES = (65536, 1 << 20)  # (default, cap)
 MAX_TOTAL_TOOL_CALLS = (32, 10_000)
@@ -62,24 +62,7 @@ Complete = Callable[[dict[str, Any], "ChatSession"], Completed]
 CallTool = Callable[[int, bytes, "ChatSession"], tuple[int, bytes]]
 
 
-class _Polled:
-    """What epoll needs of an fd: readiness bits and the instances watching it."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.watchers: set[Watcher] = set()
-        self.closed = False
-
-    def events(self) -> int:
-        """Readiness bits (level-triggered)."""
-        return 0
-
-    def next_change(self) -> float | None:
-        """Never by itself."""
-        return None
-
-
-class ChatSession(_Polled):
+class ChatSession(PlainFd):
     """A ``cchat_create`` fd: the request being built."""
 
     def __init__(self, fd: int) -> None:
@@ -129,15 +112,10 @@ class ChatSession(_Polled):
 
     def set_param(self, raw: bytes) -> int:
         """Apply one SET_PARAM (rule 1): 0 or -errno."""
-        try:
-            param = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        param = key_value(raw)
+        if param is None:
             return -EIO
-        if not isinstance(param, dict) or not isinstance(param.get("key"), str):
-            return -EIO
-        key, value = param["key"], param.get("value")
-        if not key:
-            return -EIO
+        key, value = param
         if (host_only_key(key) and key not in _COUNT_KEYS) or carries_secret(value):
             return -EACCES
         return _apply(self, key, value)
@@ -150,7 +128,7 @@ class ChatSession(_Polled):
         return {**body, **self.fields}
 
 
-class ChatResponse(_Polled):
+class ChatResponse(PlainFd):
     """A ``cchat_send`` result: readable at once, read whole by every ``cchat_recv``."""
 
     def __init__(self, fd: int, body: bytes, usage: dict[str, Any] | None) -> None:
@@ -167,7 +145,7 @@ class ChatResponse(_Polled):
         return msgspec.json.encode(self.usage or {})
 
 
-class ChatStream(_Polled):
+class ChatStream(PlainFd):
     """A streaming ``cchat_send`` result (FLAG_STREAM): the answer's text as it arrives.
 
     ``cchat_recv`` takes what arrived since the last read (consumed); ``-EAGAIN`` while the

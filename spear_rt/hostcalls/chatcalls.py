@@ -58,7 +58,7 @@ class StreamFeed:
             if stream.closed or len(stream.unread) > MAX_STREAM_UNREAD:
                 return False
             stream.unread += text.encode()
-            _wake(stream)
+            stream.changed()
             return True
 
     def end(self, stream: ChatStream, usage: dict[str, Any], error: bytes | None = None) -> None:
@@ -68,12 +68,7 @@ class StreamFeed:
             if error is not None:
                 stream.failed = True
                 stream.unread += error
-            _wake(stream)
-
-
-def _wake(stream: ChatStream) -> None:
-    for watcher in stream.watchers:
-        watcher.wake()
+            stream.changed()
 
 
 class ChatCalls:

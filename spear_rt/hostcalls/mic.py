@@ -52,7 +52,7 @@ from spear_rt.hostcalls.abi import (
     write_u32,
 )
 from spear_rt.hostcalls.fdtable import FdTable
-from spear_rt.hostcalls.rtfd import Watcher
+from spear_rt.hostcalls.rtfd import PlainFd
 
 RATE_HZ = 24000  # the recording's rate (run-wasm --audio gives pcm16 24 kHz mono)
 MAX_STUB_BYTES = 10 << 20
@@ -78,14 +78,12 @@ class MicConfig(msgspec.Struct, frozen=True):
         return self.sample_rate_hz * self.frame_ms // 1000 * self.channels * 2
 
 
-class MicFd:
+class MicFd(PlainFd):
     """One ``mic_create`` fd (guarded by the table lock)."""
 
     def __init__(self, fd: int, clock: Callable[[], float], on_end: Callable[[], None]) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.on_end = on_end
-        self.watchers: set[Watcher] = set()
-        self.closed = False
         self.clock = clock
         self.config: MicConfig | None = None
         self.queue: deque[bytes] = deque()
@@ -113,12 +111,12 @@ class MicFd:
         elif config.source == "device" and not config.to_stub:
             self.running = False
             self.last_error = "no audio device: the host was given no recording (--audio)"
-            self._changed()
+            self.changed()
             return -EIO
         else:
             self._pcm, self._loop = _convert(config.stub_pcm, config), True
         self.running = True
-        self._changed()
+        self.changed()
         return 0
 
     def events(self) -> int:
@@ -179,10 +177,6 @@ class MicFd:
                 "max_queue_bytes": config.max_queue_bytes if config else 524288,
                 "dropped_frames": self.dropped, "generation": self.generation,
                 "config": shape}  # fmt: skip
-
-    def _changed(self) -> None:
-        for watcher in self.watchers:
-            watcher.wake()
 
 
 def _convert(pcm: bytes, config: MicConfig) -> bytes:

@@ -35,8 +35,8 @@ from spear_rt.hostcalls.abi import (
     read_input,
 )
 from spear_rt.hostcalls.fdtable import FdTable
-from spear_rt.hostcalls.params import carries_secret, host_only_key, routing_name_ok
-from spear_rt.hostcalls.rtfd import Watcher
+from spear_rt.hostcalls.params import carries_secret, host_only_key, key_value, routing_name_ok
+from spear_rt.hostcalls.rtfd import PlainFd
 
 MAX_INPUT_BYTES = 32 << 20
 SET_PARAM, GET_STATUS = 1, 2
@@ -73,18 +73,7 @@ FAMILIES = {
 }
 
 
-class _Polled:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.watchers: set[Watcher] = set()
-        self.closed = False
-
-    def next_change(self) -> float | None:
-        """Never by itself."""
-        return None
-
-
-class OneShotFd(_Polled):
+class OneShotFd(PlainFd):
     """A request being built."""
 
     def __init__(self, fd: int, family: Family) -> None:
@@ -102,13 +91,10 @@ class OneShotFd(_Polled):
 
     def set_param(self, raw: bytes) -> int:
         """``{"key","value"}``: 0 or -errno (cchat's rules)."""
-        try:
-            param = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        param = key_value(raw)
+        if param is None:
             return -EIO
-        if not isinstance(param, dict) or not isinstance(param.get("key"), str) or not param["key"]:
-            return -EIO
-        key, value = param["key"], param.get("value")
+        key, value = param
         if host_only_key(key) or carries_secret(value):
             return -EACCES
         if key in ("model", "backend") and not routing_name_ok(key, value):
@@ -135,7 +121,7 @@ class OneShotFd(_Polled):
         return "application/json", msgspec.json.encode({**self.fields, family.input_field: value})
 
 
-class OneShotResponse(_Polled):
+class OneShotResponse(PlainFd):
     """A send's result: readable at once, read whole by every recv."""
 
     def __init__(self, fd: int, sent: Sent) -> None:

@@ -119,6 +119,17 @@ def carries_secret(value: Any) -> bool:
     return False
 
 
+def key_value(raw: bytes) -> tuple[str, Any] | None:
+    """A SET_PARAM argument ``{"key": K, "value": V}`` with a non-empty string K, or None."""
+    try:
+        param = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(param, dict) or not isinstance(param.get("key"), str) or not param["key"]:
+        return None
+    return param["key"], param.get("value")
+
+
 def routing_name_ok(key: str, value: Any) -> bool:
     """Whether `value` is a valid ``model`` / ``backend`` name (None: the router picks)."""
     pattern = _MODEL_NAME if key == "model" else _BACKEND_NAME

@@ -44,6 +44,7 @@ from spear_rt.hostcalls.abi import (
     read_input,
 )
 from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.params import key_value
 from spear_rt.hostcalls.rtfd import FdState, RtFd
 
 SET_PARAM, CONNECT, GET_STATUS, SEND_EVENT, FLUSH, CLEAR, SET_AUTOFLUSH, GET_AUTOFLUSH = range(1, 9)
@@ -126,13 +127,10 @@ class RtasrCalls:
         return -EINVAL
 
     def _set_param(self, fd: int, raw: bytes) -> int:
-        try:
-            param = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        param = key_value(raw)
+        if param is None:
             return -EINVAL
-        if not isinstance(param, dict) or not isinstance(param.get("key"), str):
-            return -EINVAL
-        key, value = param["key"], param.get("value")
+        key, value = param
         if key in _REFUSED:
             return -EACCES
         if key == "transport":

@@ -79,6 +79,29 @@ class Pollable(Protocol):
         ...
 
 
+class PlainFd:
+    """An fd of the other families: its number, its watchers, whether it is closed; its
+    readiness changes only when its owner says so (`changed`), never by itself."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.watchers: set[Watcher] = set()
+        self.closed = False
+
+    def events(self) -> int:
+        """Readiness bits (level-triggered); subclasses say which."""
+        return 0
+
+    def next_change(self) -> float | None:
+        """Never by itself."""
+        return None
+
+    def changed(self) -> None:
+        """Readiness may have changed: wake the watchers (lock held)."""
+        for watcher in self.watchers:
+            watcher.wake()
+
+
 class EventHead(msgspec.Struct):
     """The part of an event JSON the fd looks at."""
 

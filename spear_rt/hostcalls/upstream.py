@@ -238,8 +238,8 @@ def link_upstream(
         "mic_close": (1, mic.mic_close),
     }
     for name, (arity, fn) in plain.items():
-        linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
-    send = _guard("cchat_send", chat.cchat_send)
+        linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
+    send = guarded("cchat_send", chat.cchat_send)
     tools = imports.tools
 
     def cchat_send(caller: wasmtime.Caller, fd: int, flags: int) -> int:
@@ -260,7 +260,7 @@ def link_upstream(
         if memory:
             linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
         else:
-            linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
+            linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
     with_caller_or_i64 = {"cchat_send", "time_now_ms", "wall_time_s", "random_i64"}
     provided = (
         defined | set(calls) | set(plain) | set(_STREAM_CALLS) | set(families) | with_caller_or_i64
@@ -296,7 +296,7 @@ def _link_user_streams(
         if memory:
             linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
         else:
-            linker.define_func("spear", name, _ftype(arity), _guard(name, fn))
+            linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
 
 
 def _upstream_close(table: FdTable, fd: int) -> int:
@@ -312,7 +312,9 @@ def _ftype(arity: int) -> wasmtime.FuncType:
     return wasmtime.FuncType([_I32] * arity, [_I32])
 
 
-def _guard(name: str, fn: Callable[..., int]) -> Callable[..., int]:
+def guarded(name: str, fn: Callable[..., int]) -> Callable[..., int]:
+    """`fn` as a host function: an unexpected host error is logged and answered -EIO."""
+
     def call(*args: int) -> int:
         try:
             return fn(*args)

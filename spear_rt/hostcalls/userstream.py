@@ -52,7 +52,7 @@ from spear_rt.hostcalls.abi import (
     write_u32,
 )
 from spear_rt.hostcalls.fdtable import FdTable
-from spear_rt.hostcalls.rtfd import Watcher
+from spear_rt.hostcalls.rtfd import PlainFd
 from spear_rt.hostcalls.ssf import SsfError, parse
 
 QUEUE_BYTES = 2 << 20
@@ -83,22 +83,7 @@ class _Channel:
             fd.changed()
 
 
-class _Fd:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.watchers: set[Watcher] = set()
-        self.closed = False
-
-    def next_change(self) -> float | None:
-        """Never by itself."""
-        return None
-
-    def changed(self) -> None:
-        for watcher in self.watchers:
-            watcher.wake()
-
-
-class StreamFd(_Fd):
+class StreamFd(PlainFd):
     """A ``user_stream_open`` fd."""
 
     def __init__(self, fd: int, channel: _Channel, direction: int) -> None:
@@ -121,7 +106,7 @@ class StreamFd(_Fd):
         return ready
 
 
-class CtlFd(_Fd):
+class CtlFd(PlainFd):
     """A ``user_stream_ctl_open`` fd."""
 
     def __init__(self, fd: int) -> None:

@@ -55,7 +55,7 @@ from spear_rt.hostcalls.chatcalls import StartStream
 from spear_rt.hostcalls.epoll import EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.oneshotfd import Send, Sent
-from spear_rt.hostcalls.upstream import LogSink, UpstreamImports, link_upstream
+from spear_rt.hostcalls.upstream import LogSink, UpstreamImports, guarded, link_upstream
 from spear_rt.hostcalls.userstream import UserStreams
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ class WasmGuest:
             "spear_epoll_wait": (4, ep.spear_epoll_wait),
         }
         for name, (arity, fn) in plain.items():
-            linker.define_func("spear", name, _func_type(arity), _guarded(name, fn))
+            linker.define_func("spear", name, _func_type(arity), guarded(name, fn))
         for name, (arity, fn) in with_memory.items():
             linker.define_func("spear", name, _func_type(arity), self._with_memory(name, fn), True)
         link_upstream(linker, module, self.upstream, self._with_memory, {*plain, *with_memory})
@@ -376,17 +376,6 @@ def _no_router(path: str, content_type: str, body: bytes, *_routing: Any) -> Sen
 
 def _func_type(arity: int) -> wasmtime.FuncType:
     return wasmtime.FuncType([_I32] * arity, [_I32])
-
-
-def _guarded(name: str, fn: Callable[..., int]) -> Callable[..., int]:
-    def call(*args: int) -> int:
-        try:
-            return fn(*args)
-        except Exception:
-            log.exception("hostcall %s failed", name)
-            return -EIO
-
-    return call
 
 
 def _guest_error(exc: wasmtime.WasmtimeError | wasmtime.Trap) -> GuestError:

@@ -23,7 +23,7 @@ from spear_rt.ir import CanonicalError, ErrorCode
 from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.server.aio import CallbackRunner, ProtocolStream
 from spear_rt.server.http import HttpConnection, error_response, match_key, request_header
-from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, WebSocketConnection
+from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, accept
 from spear_rt.session.machine import SessionMachine
 from spear_rt.session.manager import (
     ConnectRequest,
@@ -108,15 +108,8 @@ async def _accept_and_run(
     client_keys: list[str],
     sessions: SessionManager,
 ) -> None:
-    protocol.receive_data(http.upgrade_head(request))
-    ws_request = next((e for e in protocol.events_received()), None)
-    if ws_request is None:
-        return
-    response = protocol.accept(ws_request)  # type: ignore[arg-type]
-    protocol.send_response(response)
-    conn = WebSocketConnection(stream, protocol)
-    await conn.flush()
-    if response.status_code != 101:
+    conn = await accept(stream, http, request, protocol)
+    if conn is None:
         return
     authorized, key_id = client_key_id(client_keys, request)
     if not authorized:

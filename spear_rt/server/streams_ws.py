@@ -26,7 +26,7 @@ from spear_rt.hostcalls.userstream import (
 )
 from spear_rt.server.http import HttpConnection, error_response
 from spear_rt.server.realtime import client_key_id
-from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, WebSocketConnection
+from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, WebSocketConnection, accept
 
 STREAMS_PREFIX = "/api/v1/executions/"
 SUBPROTOCOL = "spear.stream.v1"
@@ -65,15 +65,8 @@ async def serve_user_streams(
         frame_budget, select_subprotocol=_select, max_size=MAX_FRAME_BYTES + 4096
     )
     try:
-        protocol.receive_data(http.upgrade_head(request))
-        ws_request = next(iter(protocol.events_received()), None)
-        if ws_request is None:
-            return
-        response = protocol.accept(ws_request)  # type: ignore[arg-type]
-        protocol.send_response(response)
-        conn = WebSocketConnection(stream, protocol)
-        await conn.flush()
-        if response.status_code != 101:
+        conn = await accept(stream, http, request, protocol)
+        if conn is None:
             return
         if not streams.socket_opened():
             await conn.close(1008, "this execution already has a client")

@@ -13,9 +13,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import h11
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
+
+from spear_rt.server.http import HttpConnection
 
 READ_SIZE = 65536
 CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
@@ -210,3 +213,19 @@ class WebSocketConnection:
             await self.stream.aclose()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+
+
+async def accept(
+    stream: anyio.abc.ByteStream, http: HttpConnection, request: h11.Request, protocol: Any
+) -> WebSocketConnection | None:
+    """Answer the opening handshake on `protocol`; the connection, or None when refused (the
+    refusal has been sent)."""
+    protocol.receive_data(http.upgrade_head(request))
+    ws_request = next(iter(protocol.events_received()), None)
+    if ws_request is None:
+        return None
+    response = protocol.accept(ws_request)
+    protocol.send_response(response)
+    conn = WebSocketConnection(stream, protocol)
+    await conn.flush()
+    return conn if response.status_code == 101 else None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -185,26 +187,32 @@ class Started(Lines):
             self.call_soon(self.started.set)  # from the guest's thread
 
 
+@asynccontextmanager
+async def echo_guest(server: Server) -> AsyncIterator[tuple[Started, str]]:
+    """user_stream_echo running against `server`: (its log, its streams path), once started."""
+    lines = Started("user_stream_echo started")
+    runs: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            partial(
+                run_guest,
+                build("user_stream_echo"),
+                server.sessions,
+                log_sink=lines,
+                executions=server.executions,
+                on_start=runs.append,
+            )
+        )
+        await lines.started.wait()
+        yield lines, f"/api/v1/executions/{runs[0].streams.execution_id}/streams/ws"
+
+
 async def test_user_stream_echo_sends_every_frame_back_and_ends_with_the_socket(
     server: Server,
 ) -> None:
-    lines = Started("user_stream_echo started")
-    runs: list[Any] = []
     assert server.port is not None
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                partial(
-                    run_guest,
-                    build("user_stream_echo"),
-                    server.sessions,
-                    log_sink=lines,
-                    executions=server.executions,
-                    on_start=runs.append,
-                )
-            )
-            await lines.started.wait()
-            path = f"/api/v1/executions/{runs[0].streams.execution_id}/streams/ws"
+        async with echo_guest(server) as (lines, path):
             client = await WsClient.connect(server.port, path)
             frames = [ssf.build(1, b"hello", seq=1), ssf.build(1, b"x" * 70000, seq=2),
                       ssf.build(7, b"", meta=b'{"k":1}', seq=3)]  # fmt: skip
@@ -226,22 +234,8 @@ async def test_a_user_streams_socket_is_refused_for_bad_frames_and_unknown_runs(
     with pytest.raises(HandshakeRefused) as info:
         await WsClient.connect(server.port, "/api/v1/executions/exec_nope/streams/ws")
     assert info.value.response.status_code == 404
-    lines = Started("user_stream_echo started")
-    runs: list[Any] = []
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                partial(
-                    run_guest,
-                    build("user_stream_echo"),
-                    server.sessions,
-                    log_sink=lines,
-                    executions=server.executions,
-                    on_start=runs.append,
-                )
-            )
-            await lines.started.wait()
-            path = f"/api/v1/executions/{runs[0].streams.execution_id}/streams/ws"
+        async with echo_guest(server) as (lines, path):
             client = await WsClient.connect(server.port, path)
             second = await WsClient.connect(server.port, path)
             assert (await second.wait_closed())[0] == 1008  # one client per execution
