@@ -11,15 +11,16 @@ Rules:
 1. SET_PARAM takes ``{"key":K,"value":V}``; bad JSON or an empty key -> ``-EIO`` (upstream's
    code); a key naming a URL or a credential, or a value carrying one -> ``-EACCES`` (the
    guest names a backend or a model, never where or with what key); ``stream: true``,
-   ``messages`` and ``tools`` -> ``-EINVAL``; ``mcp.enabled: true`` and ``mcp.task_*`` ->
-   ``-EACCES`` (this host runs no MCP servers for guests); the bounded keys are clamped to
+   ``messages`` and ``tools`` -> ``-EINVAL``; ``mcp.*`` is accepted (this host runs no MCP
+   servers for guests, so no MCP tool joins the request) but ``mcp.task_*`` -> ``-EACCES``
+   (task policy is the host's); the bounded keys are clamped to
    their caps; any other key becomes a field of the request. On a response fd: 0, ignored.
 2. A failed completion still gives a response fd whose body is ``{"error":{...}}``; only a
    bad session fd (or a host fault) makes `cchat_send` negative.
 3. The tool loop: at most ``max_iterations`` model calls and ``max_total_tool_calls`` tool
    calls (over either: a ``tool_call_limit`` error body); a registered tool runs in the
-   guest, an unknown one or a failed callback gives the model an error object as the tool's
-   output and the loop goes on.
+   guest, an unknown one (``mcp__`` ones too: no MCP servers here) or a failed callback gives
+   the model an error object as the tool's output and the loop goes on.
 4. A successful body gets ``_spear: {backend, model}`` (the routed instance; the requested
    model, else the response's); a non-object body is wrapped as ``{"_spear":…,"result":…}``.
    Encoded compact, as upstream guests search its text.
@@ -78,6 +79,7 @@ class ChatSession(PlainFd):
         self.max_total_tool_calls = MAX_TOTAL_TOOL_CALLS[0]
         self.max_iterations = MAX_ITERATIONS[0]
         self.mcp: dict[str, list[str]] = {}
+        self.mcp_enabled = False
         self.size = 0  # bytes of messages and tools held
 
     def events(self) -> int:
@@ -251,13 +253,15 @@ def _apply(session: ChatSession, key: str, value: Any) -> int:
         case "mcp.enabled":
             if not isinstance(value, bool):
                 return -EINVAL
-            return -EACCES if value else 0
+            session.mcp_enabled = value
         case "mcp.server_ids" | "mcp.tool_allowlist" | "mcp.tool_denylist":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 return -EINVAL
             session.mcp[key] = value
-        case _ if key.startswith("mcp."):
+        case _ if key.startswith("mcp.task_"):
             return -EACCES
+        case _ if key.startswith("mcp."):
+            return -EINVAL  # not an MCP parameter upstream knows
         case "stream":
             if value is not False:
                 return -EINVAL  # not in upstream's ABI; our guests read deltas another way
@@ -355,6 +359,9 @@ def _run_tool(session: ChatSession, call: Any, call_tool: CallTool) -> str:
     name = function.get("name") if isinstance(function, dict) else None
     arguments = function.get("arguments", "") if isinstance(function, dict) else ""
     registered = session.tools.get(name) if isinstance(name, str) else None
+    if registered is None and isinstance(name, str) and name.startswith(("mcp__", "mcp.")):
+        message = f"MCP tool {name}: this host runs no MCP servers"
+        return error_body("mcp_unavailable", message).decode()
     if registered is None:
         return error_body("unknown_tool", f"unknown tool: {name}").decode()
     args = arguments.encode() if isinstance(arguments, str) else msgspec.json.encode(arguments)

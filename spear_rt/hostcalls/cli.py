@@ -12,8 +12,8 @@ user streams (upstream's ``user_stream_*``) at the path printed before the guest
 ``--audio FILE`` hands the guest the file's audio (pcm16 24 kHz mono) through the
 ``spear_host.audio_read`` import (see `spear_rt.hostcalls.wasm`), and it is what upstream's
 ``mic_*`` calls ``source: "device"``, played at real-time pace (`spear_rt.hostcalls.mic`).
-A guest's ``log`` calls (upstream SPEAR's ``printf``) print as they come: trace, debug and
-info on stdout, warn and error on stderr, each text as the guest wrote it; its ``cchat_*``
+A guest's ``log`` calls (upstream SPEAR's ``printf``) print on stdout as they come, one line
+per message, each text as the guest wrote it (levels go to the server log); its ``cchat_*``
 requests go through the server's one-shot path, as ``POST /v1/chat/completions`` would.
 
 Exit status: 0 when ``_start`` returned, 1 when the guest trapped, ran out of fuel or time
@@ -98,9 +98,8 @@ def run_wasm_cli(args: argparse.Namespace) -> int:
         out.flush()
 
     def print_log(level: str, text: str) -> None:
-        stream = sys.stderr if level in ("warn", "error") else out
-        stream.write(text if text.endswith("\n") else text + "\n")
-        stream.flush()
+        out.write(text if text.endswith("\n") else text + "\n")  # one line per message
+        out.flush()
 
     fuel_used = 0
     stopped_by: list[int] = []

@@ -357,6 +357,12 @@ class FdTable:
                 if waker is not None:
                     waker()  # schedules a callback in the loop: never blocks
 
+    def upstream_sessions_settled(self) -> bool:
+        """No rtasr session is still live or holds unread events (lock held)."""
+        return all(
+            rt.state in ENDED and not rt.recv for rt in self.fds.values() if rt.upstream_family
+        )
+
     def shutdown(self) -> None:
         """Host shutdown: every live fd hangs up and every waiter wakes."""
         with self.lock:

@@ -13,12 +13,15 @@ Rules:
    of little-endian pcm16, the recording resampled to the asked rate and copied to every
    channel. A full queue (``max_queue_bytes``) drops its oldest frame, counted.
 2. ``mic_read`` pops one frame (before the size check, as upstream: ``-ENOSPC`` loses it);
-   an empty queue is ``-EAGAIN``. Readiness: IN queue non-empty, ERR ``last_error`` set, HUP
-   closed. `next_change` tells epoll when the next frame is due, so a waiting guest wakes.
+   an empty queue is ``-EAGAIN``, or 0 once the recording is over. Readiness: IN queue
+   non-empty, ERR ``last_error`` set, HUP closed or ended (rule 4). `next_change` tells
+   epoll when the next frame is due, so a waiting guest wakes.
 3. Each SET_PARAM restarts the source and clears the queue (``generation`` counts them).
 4. When the recording is over, the fd stops producing and `on_end` runs once, with the table
-   lock held (the table drains its rtasr sessions: their last turns finish, then they hang
-   up), so a guest like upstream's mic_rtasr ends after the last transcript, not never.
+   lock held (the table drains its rtasr sessions: their last turns finish, then they close);
+   the mic hangs up (end of stream) once `settled` says no rtasr session is live or holds
+   unread events, so a guest like upstream's mic_rtasr, which exits at the first hang-up,
+   has read the last transcript by then.
 """
 
 from __future__ import annotations
@@ -81,9 +84,16 @@ class MicConfig(msgspec.Struct, frozen=True):
 class MicFd(PlainFd):
     """One ``mic_create`` fd (guarded by the table lock)."""
 
-    def __init__(self, fd: int, clock: Callable[[], float], on_end: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        fd: int,
+        clock: Callable[[], float],
+        on_end: Callable[[], None],
+        settled: Callable[[], bool],
+    ) -> None:
         super().__init__(fd)
         self.on_end = on_end
+        self.settled = settled
         self.clock = clock
         self.config: MicConfig | None = None
         self.queue: deque[bytes] = deque()
@@ -125,7 +135,7 @@ class MicFd(PlainFd):
         ready = EPOLLIN if self.queue else 0
         if self.last_error is not None:
             ready |= EPOLLERR
-        if self.closed:
+        if self.closed or (self.ended and not self.queue and self.settled()):
             ready |= EPOLLHUP
         return ready
 
@@ -245,8 +255,14 @@ class MicCalls:
                 return -EMFILE
             if self.table.down:
                 return -EIO
-            mic = MicFd(self.table.alloc(), self.clock, self.table.drain_upstream_sessions)
-            self.table.others[mic.fd] = mic
+            table = self.table
+            mic = MicFd(
+                table.alloc(),
+                self.clock,
+                table.drain_upstream_sessions,
+                table.upstream_sessions_settled,
+            )
+            table.others[mic.fd] = mic
             return mic.fd
 
     def mic_ctl(self, mem: GuestMemory, fd: int, cmd: int, arg_ptr: int, arg_len_ptr: int) -> int:
@@ -276,7 +292,7 @@ class MicCalls:
             try:
                 capacity = out_capacity(mem, out_ptr, out_len_ptr)
                 if not mic.queue:
-                    result = -EAGAIN
+                    result = 0 if mic.ended else -EAGAIN  # 0: the recording is over
                 else:
                     frame = mic.queue.popleft()  # upstream pops before the size check
                     mic.queue_bytes -= len(frame)

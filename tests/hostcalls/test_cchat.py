@@ -115,8 +115,10 @@ def recv(calls: ChatCalls, mem: BytesMemory, fd: int) -> Any:
         (param("api_key", "x"), -EACCES),
         (param("user", "https://evil.example/"), -EACCES),
         (param("user", "sk-abcdef"), -EACCES),
-        (param("mcp.enabled", True), -EACCES),
+        (param("mcp.enabled", True), 0),
+        (param("mcp.server_ids", ["fs"]), 0),
         (param("mcp.task_policy", "any"), -EACCES),
+        (param("mcp.bogus", 1), -EINVAL),
         (param("mcp.enabled", "yes"), -EINVAL),
         (param("stream", True), -EINVAL),
         (param("messages", []), -EINVAL),
@@ -344,3 +346,14 @@ def test_sse_text_survives_chunks_split_anywhere() -> None:
         sse = SseText()
         text = "".join(sse.feed(raw[i : i + size]) for i in range(0, len(raw), size))
         assert text == "hello" and sse.usage == {"total_tokens": 2} and sse.done
+
+
+def test_an_mcp_tool_call_is_answered_that_no_mcp_server_runs_here() -> None:
+    script = Script(tool_answer("mcp__ZnM__cmVhZF9maWxl"), text_answer("no file"))
+    calls, mem = calls_for(script)
+    fd = calls.cchat_create()
+    assert set_param(calls, mem, fd, param("mcp.enabled", True)) == 0
+    body = recv(calls, mem, calls.cchat_send(fd, FLAG_AUTO_TOOL_CALL))
+    assert body["choices"][0]["message"]["content"] == "no file"
+    [tool] = [m for m in script.requests[1]["messages"] if m["role"] == "tool"]
+    assert json.loads(tool["content"])["error"]["code"] == "mcp_unavailable"

@@ -158,10 +158,15 @@ def test_the_recording_ending_drains_rtasr_sessions_which_hang_up_once_read(
     table.session_closed(table.fds[asr], 1000, "session ended")
     rt = table.fds[asr]
     assert not rt.events() & EPOLLHUP  # two events still to read
+    mic_fd = table.others[mic]
+    while read_frame(mics, mem, mic) != 0:  # the four frames, then the end of the stream
+        pass
+    assert not mic_fd.events() & EPOLLHUP  # a transcript is still unread
     for _ in range(2):
         write_u32(mem, LEN, OUT_CAP)
         assert table.rt_read(mem, asr, OUT, LEN) > 0
     assert rt.events() & EPOLLHUP
+    assert mic_fd.events() & EPOLLHUP  # now the mic ends too
 
 
 def test_rtasr_ctl_speaks_upstreams_codes(

@@ -156,7 +156,8 @@ async def test_mic_rtasr_transcribes_the_host_recording_and_ends_after_it(
             build("mic_rtasr"), server.sessions, audio=audio, log_sink=lines, stdout=str(stdout)
         )
     assert "mic_rtasr started\n" in lines.info()
-    assert lines.info()[-1] == "rtasr hup\n"  # the recording ended: the session drained
+    # the recording ended: the session drained, the guest read it all, then the mic hung up
+    assert lines.info()[-1] == "mic hup\n"
     assert "event_type=input_audio_buffer.committed\n" in lines.info()
     printed = stdout.read_text().splitlines()
     *deltas, transcript = printed
@@ -366,3 +367,12 @@ async def test_serve_runs_a_guest_and_serves_its_user_streams_on_its_port(
             assert health.status_code == 200
             process.terminate()
             assert await process.wait() == 0
+
+
+async def test_an_mcp_guest_runs_its_chat_without_mcp_servers(server: Server) -> None:
+    lines = await run_c("mcp_fs", server)
+    assert not [t for t in lines.info() if " failed: " in t]  # every mcp.* param was taken
+    body = json.loads(lines.value("response_json="))
+    assert body["_spear"]["backend"] == "stub"
+    assert body["choices"][0]["message"]["content"].startswith("stub: ")
+    assert int(lines.value("response_bytes=")) == len(lines.value("response_json=").encode())
