@@ -18,16 +18,18 @@ and GET_METRICS:
 SET_PARAM keys: ``backend``, ``model``, the queue bounds as ours; ``transport`` (``websocket``
 -> routed as any session, ``stub`` -> the stub instance); ``ws_url`` / ``client_secret`` ->
 ``-EACCES`` (where a session goes and with what key is host configuration); upstream's stub
-tuning and unknown keys -> 0, ignored. ``client_commit`` autoflush commits on the guest's
-writes: when the audio since the last commit reaches ``max_buffer_bytes`` or
-``flush_interval_ms`` has passed since it, at least ``min_flush_gap_ms`` apart and never
-without new audio.
+tuning and unknown keys -> 0, ignored. ``client_commit`` autoflush commits when the audio
+since the last commit reaches ``max_buffer_bytes``, when ``flush_interval_ms`` has passed
+since it (both checked at each write), or when no audio came for ``silence_ms`` (a deadline
+epoll waits for: `silence_due`), at least ``min_flush_gap_ms`` apart and never without new
+audio.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -58,6 +60,7 @@ _STATES = {
 }
 _OURS = frozenset({"backend", "model", "max_send_queue_bytes", "max_recv_queue_bytes"})
 _REFUSED = frozenset({"ws_url", "client_secret"})
+_COMMIT = b'{"type":"input_audio_buffer.commit"}'
 STRATEGIES = ("manual", "off", "server_vad", "client_commit")
 _VAD_FIELDS = (("threshold", "threshold"), ("prefix_padding_ms", "prefix_padding_ms"),
                ("silence_duration_ms", "silence_ms"))  # fmt: skip
@@ -73,6 +76,18 @@ class Autoflush(msgspec.Struct):
     client_commit: dict[str, Any] = msgspec.field(default_factory=dict)
     since_commit: int = 0  # audio bytes written since the last commit
     last_commit: float = 0.0  # monotonic seconds
+    last_write: float = 0.0
+
+    def gap_s(self) -> float:
+        """The least time between two commits."""
+        return float(self.client_commit.get("min_flush_gap_ms", 500)) / 1000
+
+    def silence_due(self) -> float | None:
+        """When the silence rule commits, if it is armed (audio uncommitted)."""
+        silence_ms = self.client_commit.get("silence_ms")
+        if self.strategy != "client_commit" or silence_ms is None or not self.since_commit:
+            return None
+        return max(self.last_write + float(silence_ms) / 1000, self.last_commit + self.gap_s())
 
 
 class RtasrCalls:
@@ -159,7 +174,23 @@ class RtasrCalls:
                 if rt is not None:
                     flush.last_commit = self.clock()
                     rt.autoflush = flush
+                    rt.deadline = flush.silence_due
+                    rt.on_deadline = partial(self._silence, rt, flush)
         return result
+
+    def _silence(self, rt: RtFd, flush: Autoflush) -> None:
+        """The silence deadline passed (lock held, from epoll): commit what is uncommitted."""
+        due = flush.silence_due()
+        if rt.state not in (FdState.INIT, FdState.CONNECTING, FdState.OPEN):
+            flush.since_commit = 0  # disarmed: nothing more goes to this session
+            return
+        if due is None or self.clock() + 1e-6 < due:  # a clock may land a hair early
+            return
+        flush.since_commit, flush.last_commit = 0, self.clock()
+        if rt.enqueue(_COMMIT, len(_COMMIT), control=True) == 0:
+            waker = rt.take_waker()
+            if waker is not None:
+                waker()  # schedules a callback in the loop: never blocks
 
     def _written(self, rt: RtFd, nbytes: int) -> bool:
         """client_commit: whether this write completes a chunk to commit (lock held)."""
@@ -168,9 +199,9 @@ class RtasrCalls:
             return False
         flush.since_commit += nbytes
         rule = flush.client_commit
-        now = self.clock()
+        now = flush.last_write = self.clock()
         elapsed_ms = (now - flush.last_commit) * 1000
-        if elapsed_ms < float(rule.get("min_flush_gap_ms", 500)):
+        if elapsed_ms < flush.gap_s() * 1000:
             return False
         by_bytes = flush.since_commit >= int(rule.get("max_buffer_bytes", 1 << 62))
         by_time = elapsed_ms >= float(rule.get("flush_interval_ms", float("inf")))

@@ -156,6 +156,9 @@ class RtFd:
         # hangs up only once its events are read (its guests exit on the first EPOLLHUP)
         self.upstream_family = False
         self.autoflush: Any = None  # rtasr SET_AUTOFLUSH, as the guest gave it
+        # a time-driven rule (rtasr's silence autoflush): when it is due, and what it does
+        self.deadline: Callable[[], float | None] | None = None
+        self.on_deadline: Callable[[], None] | None = None
         self.counters = dict.fromkeys(
             (
                 "writes",
@@ -170,7 +173,9 @@ class RtFd:
         )
 
     def events(self) -> int:
-        """Current readiness bits (level-triggered)."""
+        """Current readiness bits (level-triggered), after a due deadline rule ran."""
+        if self.on_deadline is not None:
+            self.on_deadline()
         ready = EPOLLIN if self.recv else 0
         if self.state in WRITABLE and self.send_bytes <= self.params.max_send_queue_bytes // 2:
             ready |= EPOLLOUT  # at least half the queue free: a frame-sized write will fit
@@ -181,8 +186,8 @@ class RtFd:
         return ready
 
     def next_change(self) -> float | None:
-        """Never by itself: only the session or the guest changes an rt fd."""
-        return None
+        """A deadline rule's time, if one is armed; else never by itself."""
+        return self.deadline() if self.deadline is not None else None
 
     def status(self) -> dict[str, Any]:
         """The GET_STATUS object."""

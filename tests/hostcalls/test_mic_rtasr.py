@@ -218,3 +218,32 @@ def test_client_commit_flushes_by_bytes_at_least_a_gap_apart(
         commits.append(len(sent))
     # 1920 bytes after two writes, but 500 ms apart at least: writes 2, 4 and 6
     assert commits == [0, 1, 1, 2, 2, 3], commits
+
+
+def test_client_commit_flushes_after_silence_when_epoll_waits(
+    rig: tuple[FdTable, MicCalls, RtasrCalls, BytesMemory], clock: FakeClock
+) -> None:
+    table, _mics, rtasr, mem = rig
+    asr = rtasr.rtasr_create()
+    rule = b'{"strategy":"client_commit","client_commit":{"silence_ms":600,"min_flush_gap_ms":0}}'
+    assert ctl(rtasr.rtasr_ctl, mem, asr, 7, rule) == 0
+    epolls = EpollSet(table, clock)
+    ep = epolls.spear_epoll_create()
+    assert epolls.spear_epoll_ctl(ep, 1, asr, EPOLLIN) == 0
+    mem.put(OUT, bytes(960))
+    assert rtasr.rtasr_write(mem, asr, OUT, 960) == 960
+    written_at = clock.time
+
+    def commits() -> int:
+        return sum(b"commit" in e for e, _ in table.fds[asr].send)
+
+    write_u32(mem, LEN, 64)
+    assert epolls.spear_epoll_wait(mem, ep, OUT + 1024, LEN, 300) == 0  # not silent long enough
+    assert commits() == 0
+    write_u32(mem, LEN, 64)
+    assert epolls.spear_epoll_wait(mem, ep, OUT + 1024, LEN, 2000) == 0
+    assert commits() == 1  # committed at the deadline, while the guest waited
+    assert clock.time == pytest.approx(written_at + 2.3)
+    write_u32(mem, LEN, 64)
+    assert epolls.spear_epoll_wait(mem, ep, OUT + 1024, LEN, 2000) == 0
+    assert commits() == 1  # never without new audio
