@@ -252,7 +252,8 @@ async def test_run_wasm_listen_prints_the_streams_url_before_the_guest_starts(
     config = tmp_path / "stub.toml"
     config.write_text('[[backends]]\nname = "stub"\nkind = "stub"\n')
     command = [sys.executable, "-m", "spear_rt.hostcalls.cli", str(build("user_stream_echo")),
-               "--listen", "127.0.0.1:0", "--config", str(config), "--loop", "trio"]  # fmt: skip
+               "--listen", "127.0.0.1:0", "--config", str(config),
+               "--loop", "asyncio"]  # fmt: skip  # the callback driver; serve --wasm runs trio
     with anyio.fail_after(60):
         async with await anyio.open_process(command) as process:
             assert process.stdout is not None
