@@ -243,11 +243,11 @@ def link_upstream(
     tools = imports.tools
 
     def cchat_send(caller: wasmtime.Caller, fd: int, flags: int) -> int:
-        tools.caller = caller
+        outer, tools.caller = tools.caller, caller  # a tool may itself send (re-entrant)
         try:
             return send(fd, flags)
         finally:
-            tools.caller = None
+            tools.caller = outer
 
     linker.define_func("spear", "cchat_send", _ftype(2), cchat_send, True)
     clock = wasmtime.FuncType([], [_I64])
