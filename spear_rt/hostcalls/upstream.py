@@ -205,6 +205,40 @@ class UpstreamImports:
         return 0
 
 
+Import = tuple[int, bool, Callable[..., int]]  # (arity, takes guest memory, function)
+
+
+def upstream_imports(imports: UpstreamImports) -> dict[str, Import]:
+    """Every i32 import of upstream's families this host provides, by name."""
+    chat, rtasr, mic, table = imports.chat, imports.rtasr, imports.mic, imports.chat.table
+    found: dict[str, Import] = {
+        "log": (3, True, imports.log.log),
+        "sleep_ms": (1, False, imports.sleep_ms),
+        "cchat_create": (0, False, chat.cchat_create),
+        "cchat_write_msg": (5, True, chat.cchat_write_msg),
+        "cchat_write_fn": (4, True, chat.cchat_write_fn),
+        "cchat_ctl": (4, True, chat.cchat_ctl),
+        "cchat_recv": (3, True, chat.cchat_recv),
+        "cchat_close": (1, False, chat.cchat_close),
+        "rtasr_create": (0, False, rtasr.rtasr_create),
+        "rtasr_ctl": (4, True, rtasr.rtasr_ctl),
+        "rtasr_write": (3, True, rtasr.rtasr_write),
+        "rtasr_read": (3, True, partial(table.rt_read, trace=False)),
+        "rtasr_close": (1, False, lambda fd: _upstream_close(table, fd)),
+        "mic_create": (0, False, mic.mic_create),
+        "mic_ctl": (4, True, mic.mic_ctl),
+        "mic_read": (3, True, mic.mic_read),
+        "mic_close": (1, False, mic.mic_close),
+    }
+    streams = imports.streams
+    for name, (arity, memory) in _STREAM_CALLS.items():
+        fn: Callable[..., int] = getattr(streams, name) if streams is not None else not_connected
+        found[name] = (arity, memory, fn)
+    if imports.oneshot is not None:
+        found.update(oneshot_imports(imports.oneshot))
+    return found
+
+
 def link_upstream(
     linker: wasmtime.Linker,
     module: wasmtime.Module,
@@ -213,34 +247,13 @@ def link_upstream(
     defined: set[str],
 ) -> None:
     """Define upstream's ``"spear"`` imports, and -ENOSYS stubs for the rest (module doc)."""
-    chat, rtasr, mic, table = imports.chat, imports.rtasr, imports.mic, imports.chat.table
-    calls: dict[str, tuple[int, Callable[..., int]]] = {
-        "log": (3, imports.log.log),
-        "cchat_write_msg": (5, chat.cchat_write_msg),
-        "cchat_write_fn": (4, chat.cchat_write_fn),
-        "cchat_ctl": (4, chat.cchat_ctl),
-        "cchat_recv": (3, chat.cchat_recv),
-        "rtasr_ctl": (4, rtasr.rtasr_ctl),
-        "rtasr_write": (3, rtasr.rtasr_write),
-        "rtasr_read": (3, partial(table.rt_read, trace=False)),
-        "mic_ctl": (4, mic.mic_ctl),
-        "mic_read": (3, mic.mic_read),
-    }
-    for name, (arity, fn) in calls.items():
-        linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
-    plain: dict[str, tuple[int, Callable[..., int]]] = {
-        "cchat_create": (0, chat.cchat_create),
-        "cchat_close": (1, chat.cchat_close),
-        "sleep_ms": (1, imports.sleep_ms),
-        "rtasr_create": (0, rtasr.rtasr_create),
-        "rtasr_close": (1, lambda fd: _upstream_close(table, fd)),
-        "mic_create": (0, mic.mic_create),
-        "mic_close": (1, mic.mic_close),
-    }
-    for name, (arity, fn) in plain.items():
-        linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
-    send = guarded("cchat_send", chat.cchat_send)
-    tools = imports.tools
+    found = upstream_imports(imports)
+    for name, (arity, memory, fn) in found.items():
+        if memory:
+            linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
+        else:
+            linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
+    send, tools = guarded("cchat_send", imports.chat.cchat_send), imports.tools
 
     def cchat_send(caller: wasmtime.Caller, fd: int, flags: int) -> int:
         outer, tools.caller = tools.caller, caller  # a tool may itself send (re-entrant)
@@ -254,26 +267,12 @@ def link_upstream(
     linker.define_func("spear", "time_now_ms", clock, lambda: time.time_ns() // 1_000_000)
     linker.define_func("spear", "wall_time_s", clock, lambda: time.time_ns() // 1_000_000_000)
     linker.define_func("spear", "random_i64", clock, lambda: secrets.randbits(63))
-    _link_user_streams(linker, imports.streams, with_memory)
-    families = oneshot_imports(imports.oneshot) if imports.oneshot is not None else {}
-    for name, (arity, memory, fn) in families.items():
-        if memory:
-            linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
-        else:
-            linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
-    with_caller_or_i64 = {"cchat_send", "time_now_ms", "wall_time_s", "random_i64"}
-    provided = (
-        defined | set(calls) | set(plain) | set(_STREAM_CALLS) | set(families) | with_caller_or_i64
-    )
+    provided = defined | set(found) | {"cchat_send", "time_now_ms", "wall_time_s", "random_i64"}
     for imp in module.imports:
-        if (
-            imp.module != "spear"
-            or imp.name in provided
-            or not isinstance(imp.type, wasmtime.FuncType)
-        ):
-            continue
-        provided.add(imp.name or "")
-        linker.define_func("spear", imp.name or "", imp.type, _enosys(imp.type))
+        if imp.module == "spear" and imp.name not in provided:
+            if isinstance(imp.type, wasmtime.FuncType):
+                provided.add(imp.name or "")
+                linker.define_func("spear", imp.name or "", imp.type, _enosys(imp.type))
 
 
 _STREAM_CALLS = {  # name -> (arity, takes memory)
@@ -284,19 +283,6 @@ _STREAM_CALLS = {  # name -> (arity, takes memory)
     "user_stream_write": (3, True),
     "user_stream_close": (1, False),
 }
-
-
-def _link_user_streams(
-    linker: wasmtime.Linker,
-    streams: UserStreams | None,
-    with_memory: Callable[[str, Callable[..., int]], Callable[..., int]],
-) -> None:
-    for name, (arity, memory) in _STREAM_CALLS.items():
-        fn: Callable[..., int] = getattr(streams, name) if streams is not None else not_connected
-        if memory:
-            linker.define_func("spear", name, _ftype(arity), with_memory(name, fn), True)
-        else:
-            linker.define_func("spear", name, _ftype(arity), guarded(name, fn))
 
 
 def _upstream_close(table: FdTable, fd: int) -> int:
