@@ -134,11 +134,15 @@ def routed_send(handle: OneShotHandler, client_key_id: str | None) -> Send:
         headers = _routing_headers(content_type, backend, timeout_ms)
         request = HttpRequest("POST", path, "", headers, body, client_key_id=client_key_id)
         try:
-            response: Response = anyio.from_thread.run(handle, request)
+            response: Any = anyio.from_thread.run(handle, request)
         except Exception:
             log.exception("a guest's request failed in the host")
             failed = error_body("internal_error", "the host failed the request")
             return Sent(500, failed, "application/json")
+        if not isinstance(response, Response):  # a stream nobody asked for: not ours to read
+            anyio.from_thread.run(response.response.stream.aclose)
+            failed = error_body("unexpected_stream", "the backend answered with a stream")
+            return Sent(502, failed, "application/json")
         instance = next((v for k, v in response.headers if k == "x-spear-instance"), None)
         return Sent(response.status, response.body, response.content_type, instance)
 

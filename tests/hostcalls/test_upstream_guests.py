@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ import pytest
 
 from spear_rt.hostcalls import cli, ssf
 from spear_rt.hostcalls.abi import EIO, ENOSYS
-from spear_rt.hostcalls.guest import guest_host, run_guest
+from spear_rt.hostcalls.guest import guest_host, routed_send, run_guest
 from spear_rt.hostcalls.link import loop_waker
 from spear_rt.hostcalls.wasm import GuestError, audio_file_source
 from spear_rt.server.app import Server
@@ -377,3 +378,19 @@ async def test_an_mcp_guest_runs_its_chat_without_mcp_servers(server: Server) ->
     assert body["_spear"]["backend"] == "stub"
     assert body["choices"][0]["message"]["content"].startswith("stub: ")
     assert int(lines.value("response_bytes=")) == len(lines.value("response_json=").encode())
+
+
+async def test_a_stream_answered_to_a_whole_request_is_closed_and_refused() -> None:
+    closed: list[bool] = []
+
+    class Chunks:
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def handle(request: Any) -> Any:
+        return SimpleNamespace(response=SimpleNamespace(stream=Chunks()), headers=[])
+
+    send = routed_send(handle, None)
+    sent = await anyio.to_thread.run_sync(send, "/v1/embeddings", "application/json", b"{}",
+                                          None, None)  # fmt: skip
+    assert sent.status == 502 and b"unexpected_stream" in sent.body and closed == [True]
