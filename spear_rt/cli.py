@@ -60,6 +60,7 @@ async def serve(
     config_path: str | None = None,
     announce: Callable[[int], None] | None = None,
     wasm: Sequence[str] = (),
+    worker: int | None = None,
 ) -> int:
     """Run the server until a signal; returns the exit code; `wasm` guests run inside it.
 
@@ -69,7 +70,7 @@ async def serve(
     """
     from spear_rt.server.app import Server
 
-    server = Server(config, config_path=config_path)
+    server = Server(config, config_path=config_path, worker=worker)
     exit_code = 0
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.serve)
@@ -140,10 +141,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if missing:
         print(f"spear-rt: serve: no such module: {missing[0]}", file=sys.stderr)
         return 2
+    from spear_rt.cluster.workers import supervise, worker_count
+
+    try:
+        workers = worker_count(args.workers)
+    except ValueError:
+        print(f"spear-rt: serve: --workers takes a number or auto, not {args.workers!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if workers > 1 and args.worker is None:
+        serve_args = ["--loop", args.loop, *(["--config", args.config] if args.config else [])]
+        common = ["-v"] if args.verbose else []
+        return supervise(config, workers, common, serve_args, args.wasm)
 
     async def main() -> None:
         nonlocal code
-        code = await serve(config, config_path=args.config, wasm=args.wasm)
+        code = await serve(config, config_path=args.config, wasm=args.wasm, worker=args.worker)
 
     run_on_loop(args.loop, main)
     return code
@@ -190,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="run this WASM guest inside the server (repeatable); its user streams are served",
     )
+    p.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="serving processes on the one port (SO_REUSEPORT; auto: one per core; default 1)",
+    )
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a child of --workers
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

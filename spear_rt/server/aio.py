@@ -562,6 +562,7 @@ async def serve_asyncio(
     *,
     ssl_context: ssl.SSLContext | None = None,
     ssl_handshake_timeout: float = 10.0,
+    reuse_port: bool = False,
 ) -> None:
     """Listen with `ConnectionProtocol`; each connection's handler runs as a task in `tg`.
 
@@ -582,7 +583,12 @@ async def serve_asyncio(
         {"ssl": ssl_context, "ssl_handshake_timeout": ssl_handshake_timeout} if ssl_context else {}
     )
     server = await loop.create_server(
-        lambda: ConnectionProtocol(on_connect), host, port, backlog=4096, **tls
+        lambda: ConnectionProtocol(on_connect),
+        host,
+        port,
+        backlog=4096,
+        reuse_port=reuse_port,
+        **tls,
     )
     started(server.sockets[0].getsockname()[1])
     try:

@@ -92,9 +92,12 @@ class Server:
         registry: BackendRegistry | None = None,
         *,
         config_path: str | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # one of `serve --workers N`: its listener shares the port (SO_REUSEPORT)
+        self.worker = worker
         self.metrics = MetricsRegistry()
         self.registry = registry or BackendRegistry.build(config)
         _register_secrets(self.registry)
@@ -191,13 +194,16 @@ class Server:
                         self._accepting,
                         ssl_context=self.ssl_context,
                         ssl_handshake_timeout=self.config.server.handshake_timeout_s,
+                        reuse_port=self.worker is not None,
                     )
                 except OSError as exc:
                     raise ListenError(host, port, exc) from None
                 self._listener_closed.set()  # serve_asyncio closed it when accepting stopped
             return
         try:
-            multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            multi = await anyio.create_tcp_listener(
+                local_host=host, local_port=port, reuse_port=self.worker is not None
+            )
         except OSError as exc:
             raise ListenError(host, port, exc) from None
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
@@ -418,15 +424,15 @@ class Server:
 
     async def _healthz(self, request: HttpRequest) -> Response:
         instances = self.registry.instances.values()
-        return json_response(
-            200,
-            {
-                "status": "draining" if self.sessions.draining else "ok",
-                "sessions": len(self.sessions.sessions),
-                "backends_available": sum(1 for i in instances if i.unavailable is None),
-                "backends_configured": len(self.registry.instances),
-            },
-        )
+        health: dict[str, object] = {
+            "status": "draining" if self.sessions.draining else "ok",
+            "sessions": len(self.sessions.sessions),
+            "backends_available": sum(1 for i in instances if i.unavailable is None),
+            "backends_configured": len(self.registry.instances),
+        }
+        if self.worker is not None:
+            health["worker"] = self.worker  # which of `serve --workers N` answered
+        return json_response(200, health)
 
     async def _backends(self, request: HttpRequest) -> Response:
         return json_response(

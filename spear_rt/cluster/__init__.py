@@ -1,0 +1,1 @@
+"""Scaling out: `spear-rt serve --workers N` (processes sharing one port)."""

@@ -1,0 +1,62 @@
+"""`spear-rt serve --workers N`: N processes on one port, one parent supervising them.
+
+What must hold: every worker serves the port (connections spread across them); a signal to
+the parent reaches each worker once (SIGHUP reloads all, SIGTERM drains all, exit 0); a bad
+--workers value is a one-line error.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+
+from spear_rt.cluster.workers import worker_count
+
+SPEAR = str(Path(sys.executable).parent / "spear-rt")
+STUB = '[[backends]]\nname = "stub"\nkind = "stub"\n'
+
+
+async def read_until(
+    stream: anyio.abc.ByteReceiveStream, said: bytearray, text: bytes, n: int
+) -> None:
+    while said.count(text) < n:
+        said.extend(await stream.receive())
+
+
+async def test_two_workers_share_the_port_and_take_the_parents_signals(tmp_path: Path) -> None:
+    config = tmp_path / "stub.toml"
+    config.write_text(STUB)
+    command = [SPEAR, "serve", "--workers", "2", "--listen", "127.0.0.1:0",
+               "--config", str(config), "--loop", "trio"]  # fmt: skip
+    with anyio.fail_after(60):
+        async with await anyio.open_process(command) as process:
+            assert process.stderr is not None
+            said = bytearray()
+            await read_until(process.stderr, said, b"listening on", 2)
+            port = int(said.split(b" workers on 127.0.0.1:", 1)[1].split(b" ", 1)[0])
+            seen: set[int] = set()
+            for _ in range(200):  # a new connection each time: the kernel picks a worker
+                async with httpx.AsyncClient() as client:
+                    health = (await client.get(f"http://127.0.0.1:{port}/healthz")).json()
+                seen.add(health["worker"])
+                if seen == {0, 1}:
+                    break
+            assert seen == {0, 1}
+            process.send_signal(signal.SIGHUP)
+            await read_until(process.stderr, said, b"reloaded", 2)
+            process.send_signal(signal.SIGTERM)
+            await read_until(process.stderr, said, b"draining", 2)
+            assert await process.wait() == 0
+    assert b"second signal" not in said  # each worker got each signal once
+
+
+def test_workers_takes_a_number_or_auto() -> None:
+    assert worker_count("auto") >= 1 and worker_count("3") == 3
+    done = subprocess.run([SPEAR, "serve", "--workers", "lots"], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "--workers takes a number or auto" in done.stderr
