@@ -7,20 +7,24 @@ SIGHUP to the parent reach every child (drain, exit, reload); the parent exits w
 children have, with the worst exit status, and stops the rest if one child dies early.
 WASM guests given with ``--wasm`` run in worker 0 only.
 
-Not yet: /metrics aggregated across workers, and a resume that lands on another worker than
-its session's (it is refused as unknown there: 4004).
+``/metrics`` on any worker sums every worker's samples (`metrics_share`, through a directory
+the parent makes and removes). Not yet: a resume that lands on another worker than its
+session's (it is refused as unknown there: 4004).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
+from spear_rt.cluster.metrics_share import ENV as METRICS_ENV
 from spear_rt.config import Config, listen_address
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -78,11 +82,15 @@ def supervise(
                 child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    shared = tempfile.mkdtemp(prefix="spear-rt-metrics-")
+    env = {**os.environ, METRICS_ENV: shared}
     try:
         for index in range(count):
             argv = [*child_argv(common, listen, index, wasm), *serve_args]
             # own process group: a terminal's Ctrl-C reaches them once, forwarded by us
-            children.append(subprocess.Popen(argv, process_group=0, preexec_fn=_die_with_parent))
+            children.append(
+                subprocess.Popen(argv, env=env, process_group=0, preexec_fn=_die_with_parent)
+            )
         print(f"spear-rt: {count} workers on {listen} (SO_REUSEPORT)", file=sys.stderr, flush=True)
         return _wait(children, signalled)
     finally:
@@ -93,6 +101,7 @@ def supervise(
                 child.kill()
                 child.wait()
         reserved.close()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _die_with_parent() -> None:

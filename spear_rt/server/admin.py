@@ -130,8 +130,12 @@ class AdminApi:
     async def metrics(self, request: HttpRequest) -> Response:
         """Prometheus text exposition."""
         self._authorize_metrics(request)
-        text = self.server.metrics.render().encode()
-        return Response(200, text, content_type=PROMETHEUS_TEXT)
+        text = self.server.metrics.render()
+        share = self.server.metrics_share
+        if share is not None:  # one of serve --workers N: every worker's samples, summed
+            share.publish(text)
+            text = share.aggregate(text)
+        return Response(200, text.encode(), content_type=PROMETHEUS_TEXT)
 
     async def reload(self, request: HttpRequest) -> Response:
         """Rebuild the registry from the config file; a bad file keeps the old one."""

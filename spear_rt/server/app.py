@@ -20,6 +20,8 @@ import h11
 import sniffio
 
 from spear_rt import web
+from spear_rt.cluster.metrics_share import ENV as SHARE_ENV
+from spear_rt.cluster.metrics_share import MetricsShare
 from spear_rt.config import Config, listen_address, load_config
 from spear_rt.errors import SpearError
 from spear_rt.hostcalls.userstream import Executions
@@ -96,8 +98,11 @@ class Server:
     ) -> None:
         self.config = config
         self.config_path = config_path
-        # one of `serve --workers N`: its listener shares the port (SO_REUSEPORT)
+        # one of `serve --workers N`: its listener shares the port (SO_REUSEPORT) and its
+        # metrics are summed with the others' (cluster/metrics_share.py)
         self.worker = worker
+        shared = os.environ.get(SHARE_ENV) if worker is not None else None
+        self.metrics_share = MetricsShare(shared, worker) if shared and worker is not None else None
         self.metrics = MetricsRegistry()
         self.registry = registry or BackendRegistry.build(config)
         _register_secrets(self.registry)
@@ -179,6 +184,7 @@ class Server:
         if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
             async with anyio.create_task_group() as connections:
                 connections.start_soon(self.oneshot.executor.mirror_worker)
+                connections.start_soon(self._publish_metrics)
 
                 def started(bound: int) -> None:
                     self.port = bound
@@ -209,6 +215,7 @@ class Server:
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as connections:
             connections.start_soon(self.oneshot.executor.mirror_worker)
+            connections.start_soon(self._publish_metrics)
             task_status.started(self.port)
             # Accepting has its own scope so that a drain can stop it while sessions finish;
             # the listening sockets close with it (the kernel would keep accepting otherwise).
@@ -222,6 +229,15 @@ class Server:
                 with anyio.CancelScope(shield=True):
                     await multi.aclose()
                 self._listener_closed.set()
+
+    async def _publish_metrics(self) -> None:
+        """A worker of several: its metrics for the others' /metrics, once a second."""
+        share = self.metrics_share
+        if share is None:
+            return
+        while True:
+            await anyio.to_thread.run_sync(share.publish, self.metrics.render())
+            await anyio.sleep(1.0)
 
     async def _accept_loop(
         self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup

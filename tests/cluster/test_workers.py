@@ -1,8 +1,9 @@
 """`spear-rt serve --workers N`: N processes on one port, one parent supervising them.
 
-What must hold: every worker serves the port (connections spread across them); a signal to
-the parent reaches each worker once (SIGHUP reloads all, SIGTERM drains all, exit 0); a bad
---workers value is a one-line error.
+What must hold: every worker serves the port (connections spread across them); `/metrics`
+on any of them counts every worker's requests; a signal to the parent reaches each worker
+once (SIGHUP reloads all, SIGTERM drains all, exit 0); a bad --workers value is a one-line
+error.
 """
 
 from __future__ import annotations
@@ -47,6 +48,26 @@ async def test_two_workers_share_the_port_and_take_the_parents_signals(tmp_path:
                 if seen == {0, 1}:
                     break
             assert seen == {0, 1}
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            for _ in range(20):  # new connections: both workers answer some
+                async with httpx.AsyncClient() as client:
+                    answer = await client.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        json=body,
+                        headers={"spear-backend": "stub"},
+                    )
+                    assert answer.status_code == 200
+            # any worker's /metrics counts every worker's requests (the others' snapshots are
+            # at most a second old: polled until they are in, on new connections)
+            total = 'spear_requests_total{operation="chat_completions",instance="stub"} 20'
+            with anyio.fail_after(10):
+                while True:
+                    async with httpx.AsyncClient() as client:
+                        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                    if total in text:
+                        break
+                    await anyio.sleep(0.2)
+            assert text.count("# TYPE spear_requests_total counter") == 1
             process.send_signal(signal.SIGHUP)
             await read_until(process.stderr, said, b"reloaded", 2)
             process.send_signal(signal.SIGTERM)
