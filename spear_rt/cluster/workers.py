@@ -76,7 +76,8 @@ def supervise(
     signalled: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        signalled.append(signum)
+        if signum != signal.SIGHUP:  # a reload is not a stop
+            signalled.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
