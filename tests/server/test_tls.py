@@ -37,7 +37,12 @@ from spear_rt.server.tls import server_ssl_context
 from tests.conftest import WsClient, b64, make_config, noise_pcm, running_server, serve_in_thread
 from tests.selfsigned import make_cert
 from tests.server.test_realtime import BETA, MANUAL_BETA, TRANSCRIPTION
-from tests.server.test_slow_client import MAX_OUTBOUND, WORDY_DELTA, wordy_registry
+from tests.server.test_slow_client import (
+    MAX_OUTBOUND,
+    NORMAL_APPENDS,
+    WORDY_DELTA,
+    wordy_registry,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -374,7 +379,7 @@ def test_a_tls_client_that_stops_reading_is_bounded(
                     if machine.close is not None:
                         break
                 other = await tls_ws(port, client_ssl)
-                for i in range(5):
+                for i in range(NORMAL_APPENDS):  # a burst of its deltas fits the bound
                     pcm = noise_pcm(4800, seed=100 + i)
                     await other.send({"type": "input_audio_buffer.append", "audio": b64(pcm)})
                 await other.send({"type": "input_audio_buffer.commit"})
@@ -386,4 +391,4 @@ def test_a_tls_client_that_stops_reading_is_bounded(
     assert result["dropped"] > 0  # the client did stop reading, through TLS
     assert result["peak"] <= 4 * MAX_OUTBOUND + 17_000  # hard limit + one event
     deltas = [e["delta"] for e in result["events"] if e["type"] == DELTA]
-    assert deltas == [WORDY_DELTA] * 5 and result["events"][-1]["transcript"] == "done"
+    assert deltas == [WORDY_DELTA] * NORMAL_APPENDS and result["events"][-1]["transcript"] == "done"
