@@ -351,11 +351,8 @@ class FdTable:
         """A host recording ended: rtasr sessions finish their turns, then close (lock held)."""
         for rt in self.fds.values():
             if rt.upstream_family and rt.state in WRITABLE:
-                rt.state = FdState.DRAINING
-                rt.changed()
-                waker = rt.take_waker()
-                if waker is not None:
-                    waker()  # schedules a callback in the loop: never blocks
+                self._shutdown_write(rt)  # as the guest's SHUTDOWN_WRITE would
+                rt.wake_reader()
 
     def upstream_sessions_settled(self) -> bool:
         """No rtasr session is still live or holds unread events (lock held)."""

@@ -25,8 +25,6 @@ from anyio.lowlevel import RunVar
 from spear_rt.hostcalls.cchat import (
     ChatSession,
     ChatStream,
-    Complete,
-    Completed,
     SseText,
     error_body,
 )
@@ -34,7 +32,7 @@ from spear_rt.hostcalls.chatcalls import StartStream, StreamFeed
 from spear_rt.hostcalls.epoll import Clock, EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.link import SessionHost
-from spear_rt.hostcalls.oneshotfd import Send, Sent
+from spear_rt.hostcalls.oneshotfd import CHAT_PATH, Send, Sent
 from spear_rt.hostcalls.params import DEFAULT_POLICY, HostPolicy
 from spear_rt.hostcalls.upstream import LogSink
 from spear_rt.hostcalls.userstream import Executions, UserStreams
@@ -45,7 +43,6 @@ from spear_rt.session.manager import SessionManager
 log = logging.getLogger(__name__)
 
 MAX_GUEST_THREADS = 64
-CHAT_PATH = "/v1/chat/completions"
 OneShotHandler = Callable[[HttpRequest], Coroutine[Any, Any, Response]]
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("spear_wasm_limiter")
 
@@ -84,7 +81,6 @@ async def guest_host(
     host = SessionHost(manager, table, client_key_id=client_key_id)
     streams = UserStreams(table) if executions is not None else None
     send = routed_send(oneshot, client_key_id) if oneshot is not None else None
-    complete = routed_chat(send) if send is not None else None
     start_stream = routed_stream(oneshot, client_key_id, host) if oneshot is not None else None
     epolls = EpollSet(table, clock)
     guest = WasmGuest(
@@ -93,7 +89,6 @@ async def guest_host(
         epolls,
         limits=limits,
         audio=audio,
-        complete=complete,
         send=send,
         start_stream=start_stream,
         log_sink=log_sink,
@@ -202,17 +197,6 @@ def _routing_headers(
     if timeout_ms is not None:
         headers.append((b"spear-timeout-ms", str(timeout_ms).encode()))
     return headers
-
-
-def routed_chat(send: Send) -> Complete:
-    """A `Complete` (cchat's request) over `send`."""
-
-    def complete(body: dict[str, Any], session: ChatSession) -> Completed:
-        sent = send(CHAT_PATH, "application/json", msgspec.json.encode(body), session.backend,
-                    session.timeout_ms)  # fmt: skip
-        return Completed(sent.status, sent.body, sent.instance)
-
-    return complete
 
 
 def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -55,6 +55,7 @@ from spear_rt.hostcalls.abi import (
     write_u32,
 )
 from spear_rt.hostcalls.fdtable import FdTable
+from spear_rt.hostcalls.params import json_object
 from spear_rt.hostcalls.rtfd import PlainFd
 
 RATE_HZ = 24000  # the recording's rate (run-wasm --audio gives pcm16 24 kHz mono)
@@ -205,11 +206,8 @@ def _convert(pcm: bytes, config: MicConfig) -> bytes:
 
 def parse_config(raw: bytes) -> MicConfig | None:
     """SET_PARAM's plain JSON object, validated (None: -EINVAL)."""
-    try:
-        given = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(given, dict):
+    given = json_object(raw)
+    if given is None:
         return None
     fallback = given.get("fallback", {})
     device = given.get("device", {})

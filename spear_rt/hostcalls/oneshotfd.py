@@ -34,6 +34,7 @@ from spear_rt.hostcalls.abi import (
     deliver,
     read_input,
 )
+from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed
 from spear_rt.hostcalls.fdtable import FdTable
 from spear_rt.hostcalls.params import carries_secret, host_only_key, key_value, routing_name_ok
 from spear_rt.hostcalls.rtfd import PlainFd
@@ -53,6 +54,18 @@ class Sent(msgspec.Struct, frozen=True):
 
 # (path, content type, body, backend, timeout_ms) -> the answer
 Send = Callable[[str, str, bytes, str | None, int | None], Sent]
+CHAT_PATH = "/v1/chat/completions"
+
+
+def chat_over(send: Send) -> Complete:
+    """cchat's request (`Complete`) sent as POST /v1/chat/completions through `send`."""
+
+    def complete(body: dict[str, Any], session: ChatSession) -> Completed:
+        sent = send(CHAT_PATH, "application/json", msgspec.json.encode(body), session.backend,
+                    session.timeout_ms)  # fmt: skip
+        return Completed(sent.status, sent.body, sent.instance)
+
+    return complete
 
 
 class Family(msgspec.Struct, frozen=True):

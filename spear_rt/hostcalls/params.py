@@ -119,13 +119,19 @@ def carries_secret(value: Any) -> bool:
     return False
 
 
-def key_value(raw: bytes) -> tuple[str, Any] | None:
-    """A SET_PARAM argument ``{"key": K, "value": V}`` with a non-empty string K, or None."""
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` decoded as one JSON object, or None (not JSON, or not an object)."""
     try:
-        param = msgspec.json.decode(raw)
+        value = msgspec.json.decode(raw)
     except msgspec.DecodeError:
         return None
-    if not isinstance(param, dict) or not isinstance(param.get("key"), str) or not param["key"]:
+    return value if isinstance(value, dict) else None
+
+
+def key_value(raw: bytes) -> tuple[str, Any] | None:
+    """A SET_PARAM argument ``{"key": K, "value": V}`` with a non-empty string K, or None."""
+    param = json_object(raw)
+    if param is None or not isinstance(param.get("key"), str) or not param["key"]:
         return None
     return param["key"], param.get("value")
 

@@ -46,7 +46,7 @@ from spear_rt.hostcalls.abi import (
     read_input,
 )
 from spear_rt.hostcalls.fdtable import FdTable
-from spear_rt.hostcalls.params import key_value
+from spear_rt.hostcalls.params import json_object, key_value
 from spear_rt.hostcalls.rtfd import FdState, RtFd
 
 SET_PARAM, CONNECT, GET_STATUS, SEND_EVENT, FLUSH, CLEAR, SET_AUTOFLUSH, GET_AUTOFLUSH = range(1, 9)
@@ -188,9 +188,7 @@ class RtasrCalls:
             return
         flush.since_commit, flush.last_commit = 0, self.clock()
         if rt.enqueue(_COMMIT, len(_COMMIT), control=True) == 0:
-            waker = rt.take_waker()
-            if waker is not None:
-                waker()  # schedules a callback in the loop: never blocks
+            rt.wake_reader()
 
     def _written(self, rt: RtFd, nbytes: int) -> bool:
         """client_commit: whether this write completes a chunk to commit (lock held)."""
@@ -213,11 +211,8 @@ class RtasrCalls:
 
 def parse_autoflush(raw: bytes) -> Autoflush | None:
     """SET_AUTOFLUSH's JSON (the current form or upstream's legacy one), or None if invalid."""
-    try:
-        given = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(given, dict):
+    given = json_object(raw)
+    if given is None:
         return None
     strategy = given.get("strategy")
     if strategy is None:  # legacy: {enabled, mode}

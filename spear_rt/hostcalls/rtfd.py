@@ -215,6 +215,13 @@ class RtFd:
         for watcher in self.watchers:
             watcher.wake()
 
+    def wake_reader(self) -> None:
+        """Wake the session's reader now, with the lock held: its waker only schedules a
+        callback in the event loop, so calling it here never blocks."""
+        waker = self.take_waker()
+        if waker is not None:
+            waker()
+
     def take_waker(self) -> Callable[[], None] | None:
         """The session reader's waker, if it is waiting (call it outside the lock)."""
         waker, self.input_waker = self.input_waker, None

@@ -50,11 +50,11 @@ from spear_rt.hostcalls.abi import (
     u32,
     write_u32,
 )
-from spear_rt.hostcalls.cchat import ChatSession, Complete, Completed, error_body
+from spear_rt.hostcalls.cchat import error_body
 from spear_rt.hostcalls.chatcalls import StartStream
 from spear_rt.hostcalls.epoll import EpollSet
 from spear_rt.hostcalls.fdtable import FdTable
-from spear_rt.hostcalls.oneshotfd import Send, Sent
+from spear_rt.hostcalls.oneshotfd import Send, Sent, chat_over
 from spear_rt.hostcalls.upstream import LogSink, UpstreamImports, guarded, link_upstream
 from spear_rt.hostcalls.userstream import UserStreams
 
@@ -161,7 +161,6 @@ class WasmGuest:
         *,
         limits: GuestLimits = DEFAULT_LIMITS,
         audio: bytes | None = None,
-        complete: Complete | None = None,
         send: Send | None = None,
         start_stream: StartStream | None = None,
         log_sink: LogSink | None = None,
@@ -184,7 +183,7 @@ class WasmGuest:
         self.upstream = UpstreamImports(
             table,
             self._memory,
-            complete or _no_chat,
+            chat_over(send or _no_router),
             log_sink,
             epolls.clock.now,
             audio,
@@ -364,13 +363,8 @@ class WasmGuest:
         return call
 
 
-def _no_chat(body: dict[str, Any], session: ChatSession) -> Completed:
-    """What ``cchat_send`` answers when the guest runs without a router (unit tests)."""
-    return Completed(503, error_body("no_backend", "this host routes no chat requests"))
-
-
 def _no_router(path: str, content_type: str, body: bytes, *_routing: Any) -> Sent:
-    """What the one-shot families answer when the guest runs without a router (unit tests)."""
+    """What every request answers when the guest runs without a router (unit tests)."""
     return Sent(503, error_body("no_backend", "this host routes no requests"), "application/json")
 
 
