@@ -36,6 +36,10 @@ Fault mode (``--fault none,client:T,upstream:T,...``): drop client sockets and/o
 upstream connections while N sessions stream; reports events lost, resume time and RSS per
 session. It lives in faults.py, fault_client.py and fault_net.py next to this file.
 
+Relay table (``--compare --load anchors``, bench/anchor_load.py): issue 16's side-by-side run.
+The anchors' own generator and fake upstream for every target; spear_rt relays through an
+``openai_realtime`` instance.
+
 Conversations (``--kind conversation``): the same two runs for speech-to-speech sessions.
 The ladder (with ``--compare``: side by side with the bare relay and direct) is s2s_ladder.py:
 user turns as appends, answers of 100 ms audio deltas from a fake speech-to-speech upstream,
@@ -1181,7 +1185,7 @@ def main_ladder(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown loop in {args.loop!r}")
         if args.compare:
             modes = ["direct", "relay", *modes]
-            for f in ("rt_upstream.py", "rt_relay_asyncio.py"):
+            for f in ("rt_upstream.py", "rt_relay_asyncio.py", "rt_loadgen.py"):
                 if not (ANCHORS / f).is_file():
                     raise SystemExit(f"--compare needs {ANCHORS / f} (set SPEAR_ANCHORS)")
     global NICE, RT_PRIO
@@ -1212,7 +1216,12 @@ def main_ladder(args: argparse.Namespace) -> int:
             log(f"step {i}/{len(order)}: {mode} N={n}")
             for attempt in range(args.retries + 1):
                 quiet = wait_quiet(args)
-                rec = run_step(args, mode, n, logdir, f"{tag}-a{attempt}")
+                if args.load == "anchors":
+                    import anchor_load
+
+                    rec = anchor_load.run_step(args, mode, n, logdir, f"{tag}-a{attempt}")
+                else:
+                    rec = run_step(args, mode, n, logdir, f"{tag}-a{attempt}")
                 rec.update(
                     {
                         "step": i,
@@ -1288,6 +1297,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         action="store_true",
         help="also run the anchors' bare relay and direct-to-fake-upstream at each N",
+    )
+    ap.add_argument(
+        "--load",
+        choices=("spear", "anchors"),
+        default="spear",
+        help="anchors: issue 16's relay table: the anchors' rt_loadgen.py (--commit-every-10, "
+        "session.update without VAD) and rt_upstream.py (--session-created --on-commit) for "
+        "every target; spear_rt relays through an openai_realtime instance (bench/anchor_load.py)",
     )
     ap.add_argument(
         "--kind",
