@@ -563,11 +563,13 @@ async def serve_asyncio(
     ssl_context: ssl.SSLContext | None = None,
     ssl_handshake_timeout: float = 10.0,
     reuse_port: bool = False,
+    unix_path: str | None = None,
 ) -> None:
     """Listen with `ConnectionProtocol`; each connection's handler runs as a task in `tg`.
 
     With `ssl_context` the loop does TLS (asyncio's and uvloop's SSL transports drive the same
-    protocol callbacks, pause/resume reading and writing included).
+    protocol callbacks, pause/resume reading and writing included). With `unix_path` it
+    listens there instead of host:port (a worker's socket for forwarded resumes).
     """
     loop = asyncio.get_running_loop()
     # Accepted connections waiting to become tasks: drained on the next loop turn, so it holds
@@ -582,15 +584,21 @@ async def serve_asyncio(
     tls: dict[str, Any] = (
         {"ssl": ssl_context, "ssl_handshake_timeout": ssl_handshake_timeout} if ssl_context else {}
     )
-    server = await loop.create_server(
-        lambda: ConnectionProtocol(on_connect),
-        host,
-        port,
-        backlog=4096,
-        reuse_port=reuse_port,
-        **tls,
-    )
-    started(server.sockets[0].getsockname()[1])
+    if unix_path is not None:
+        server = await loop.create_unix_server(
+            lambda: ConnectionProtocol(on_connect), unix_path, backlog=4096
+        )
+        started(0)
+    else:
+        server = await loop.create_server(
+            lambda: ConnectionProtocol(on_connect),
+            host,
+            port,
+            backlog=4096,
+            reuse_port=reuse_port,
+            **tls,
+        )
+        started(server.sockets[0].getsockname()[1])
     try:
         with accepting:
             while True:
