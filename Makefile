@@ -25,6 +25,10 @@ install-test: $(BIN)/python
 	  echo "installing clang, lld and wasi-libc (the tests compile C guests to wasm32-wasi)"; \
 	  (apt-get update -qq && apt-get install -y -qq clang lld wasi-libc libclang-rt-14-dev-wasm32) \
 	    >/dev/null 2>&1 || echo "warning: could not install clang/wasi-libc; the C guest tests will fail"; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (the cluster tests start one on 127.0.0.1)"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 || \
+	  echo "warning: could not install redis-server; the cluster tests will fail"; }
 	$(BIN)/pip install -q -e '.[test,uvloop,llama,whisper]'
 	@command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --prefix tests/node >/dev/null || \
 	  echo "warning: npm ci --prefix tests/node failed; the Node SDK tests will fail"

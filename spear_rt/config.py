@@ -259,6 +259,21 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     only_when_named: bool = False
 
 
+class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Nodes sharing state through Redis (`[cluster]`, cluster/shared.py); unset: alone."""
+
+    redis_url: str | None = None  # redis://host:port/db, no password in it
+    redis_password_env: str | None = None  # the env var holding Redis' password
+    # host:port where the other nodes reach this one (a resume is forwarded there)
+    node_address: str | None = None
+    key_prefix: str = "spear:"
+    redis_timeout_s: float = 0.5  # one call; past it the node counts alone for that call
+    # a node's sessions stay in the directory (and count against their key's cap) this long
+    # after its last refresh: a node that dies holds nothing for longer
+    session_ttl_s: float = 10.0
+    sync_interval_s: float = 0.2  # how often breaker and ejection state is read
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole server config."""
 
@@ -269,6 +284,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     credentials: list[CredentialConfig] = msgspec.field(default_factory=list)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     source: str = "embedded default"
@@ -362,6 +378,37 @@ def _check(config: Config) -> None:
     for field in ("max_bytes", "max_age_s", "max_fetch_bytes"):
         if getattr(config.media, field) <= 0:
             raise ConfigError(f"media.{field}", "must be positive")
+    _check_cluster(config.cluster)
+
+
+def _check_cluster(cluster: ClusterConfig) -> None:
+    if cluster.redis_url is None:
+        return
+    parts = urlsplit(cluster.redis_url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError("cluster.redis_url", "must be a URL such as 'redis://127.0.0.1:6379/0'")
+    if parts.password:
+        raise ConfigError(
+            "cluster.redis_url",
+            "holds a password: put it in an environment variable and name that variable in "
+            "cluster.redis_password_env",
+        )
+    env = cluster.redis_password_env
+    if env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env):
+        raise ConfigError("cluster.redis_password_env", "must be an environment variable name")
+    if cluster.node_address is None:
+        raise ConfigError(
+            "cluster.node_address", "is needed with redis_url: where other nodes reach this one"
+        )
+    try:
+        _parse_listen(cluster.node_address)
+    except ConfigError:
+        raise ConfigError(
+            "cluster.node_address", f"expected HOST:PORT, got {cluster.node_address!r}"
+        ) from None
+    for field in ("redis_timeout_s", "session_ttl_s", "sync_interval_s"):
+        if getattr(cluster, field) <= 0:
+            raise ConfigError(f"cluster.{field}", "must be positive")
 
 
 def _check_retry(retry: RetryConfig) -> None:

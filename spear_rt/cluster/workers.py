@@ -7,9 +7,9 @@ SIGHUP to the parent reach every child (drain, exit, reload); the parent exits w
 children have, with the worst exit status, and stops the rest if one child dies early.
 WASM guests given with ``--wasm`` run in worker 0 only.
 
-``/metrics`` on any worker sums every worker's samples (`metrics_share`, through a directory
-the parent makes and removes). Not yet: a resume that lands on another worker than its
-session's (it is refused as unknown there: 4004).
+``/metrics`` on any worker sums every worker's samples (`metrics_share`), and a resume that
+lands on another worker than its session's is forwarded to it (`directory`, `forward`),
+both through a private directory the parent makes and removes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from spear_rt.cluster.directory import RUN_DIR_ENV
 from spear_rt.cluster.metrics_share import ENV as METRICS_ENV
 from spear_rt.config import Config, listen_address
 
@@ -83,8 +84,8 @@ def supervise(
                 child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
-    shared = tempfile.mkdtemp(prefix="spear-rt-metrics-")
-    env = {**os.environ, METRICS_ENV: shared}
+    shared = tempfile.mkdtemp(prefix="spear-rt-workers-")  # 0700: only this user
+    env = {**os.environ, METRICS_ENV: shared, RUN_DIR_ENV: shared}
     try:
         for index in range(count):
             argv = [*child_argv(common, listen, index, wasm), *serve_args]

@@ -8,6 +8,7 @@ priced with the serving instance's declared prices. An exhausted budget is refus
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 from spear_rt.config import BudgetConfig, Price
 from spear_rt.ir import CanonicalError, ErrorCode, Usage
@@ -57,13 +58,7 @@ class BudgetTracker:
             return None
         entries = self._spent[key]
         retry = entries[0][0] + self.config.window_s - now if entries else self.config.window_s
-        return CanonicalError(
-            ErrorCode.BUDGET_EXCEEDED,
-            f"budget exhausted: spent {spent:.4g} of {limit:g} "
-            f"in the last {self.config.window_s:g}s",
-            retryable=True,
-            retry_after_s=max(retry, 0.0),
-        )
+        return budget_error(spent, limit, self.config.window_s, retry)
 
     def charge(self, key: str | None, amount: float, now: float) -> None:
         """Add `amount` to `key`'s spend."""
@@ -72,6 +67,49 @@ class BudgetTracker:
         self.spent(key, now)
         self._spent.setdefault(key, deque()).append((now, amount))
         self._totals[key] = self._totals.get(key, 0.0) + amount
+
+
+class SharedUnavailable(Exception):
+    """The state shared between nodes cannot be reached now: count locally."""
+
+
+class SharedCounters(Protocol):
+    """Rate limits and budgets counted across nodes (cluster/shared.py implements it).
+
+    Every method may raise `SharedUnavailable`; the router then counts on this node alone.
+    """
+
+    async def take_token(self, name: str, rate_per_s: float, burst: float) -> float | None:
+        """None when a token was taken from `name`'s bucket, else seconds until one."""
+        ...
+
+    async def spent(self, name: str, window_s: float) -> tuple[float, float]:
+        """(spent in the window, seconds until the oldest spend leaves it)."""
+        ...
+
+    async def spend(self, name: str, amount: float, window_s: float) -> None:
+        """Add `amount` to `name`'s spend."""
+        ...
+
+
+def budget_error(spent: float, limit: float, window_s: float, retry: float) -> CanonicalError:
+    """BudgetExceeded for a key that spent `spent` of `limit`."""
+    return CanonicalError(
+        ErrorCode.BUDGET_EXCEEDED,
+        f"budget exhausted: spent {spent:.4g} of {limit:g} in the last {window_s:g}s",
+        retryable=True,
+        retry_after_s=max(retry, 0.0),
+    )
+
+
+def rate_error(rate_per_s: float, retry: float) -> CanonicalError:
+    """RateLimited for a key over its rate."""
+    return CanonicalError(
+        ErrorCode.RATE_LIMITED,
+        f"client key over its rate of {rate_per_s:g} requests/s",
+        retryable=True,
+        retry_after_s=retry,
+    )
 
 
 class KeyLimiter:
@@ -96,12 +134,7 @@ class KeyLimiter:
             bucket = self._buckets[key] = TokenBucket(self.rate_per_s, self.burst, now)
         if bucket.take(now):
             return None
-        return CanonicalError(
-            ErrorCode.RATE_LIMITED,
-            f"client key over its rate of {self.rate_per_s:g} requests/s",
-            retryable=True,
-            retry_after_s=bucket.retry_after(now),
-        )
+        return rate_error(self.rate_per_s, bucket.retry_after(now))
 
 
 class RouterMetrics:

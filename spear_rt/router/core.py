@@ -22,7 +22,16 @@ from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError, echo
 from spear_rt.ir import CanonicalError, CanonicalRequestEnvelope, ErrorCode, Operation, Usage
 from spear_rt.metrics import MetricsRegistry
 from spear_rt.registry import BackendRegistry, RegisteredInstance
-from spear_rt.router.accounting import BudgetTracker, KeyLimiter, RouterMetrics, cost
+from spear_rt.router.accounting import (
+    BudgetTracker,
+    KeyLimiter,
+    RouterMetrics,
+    SharedCounters,
+    SharedUnavailable,
+    budget_error,
+    cost,
+    rate_error,
+)
 from spear_rt.router.filter import CAPABILITY, CAPACITY, UNHEALTHY, CandidateFilter
 from spear_rt.router.health import BreakerState, OutlierDetector
 from spear_rt.router.policies import DEFAULT_BY_OPERATION, EwmaLatency, Policy, make_policy
@@ -59,6 +68,10 @@ class Router:
         self._policies: dict[str, Policy] = {}
         self.metrics = RouterMetrics(metrics or MetricsRegistry())
         self.registry = registry
+        # Nodes of a cluster (cluster/shared.py): limits and budgets counted across nodes,
+        # and each ejection this node makes told to the others, (kind, instance, seconds).
+        self.shared: SharedCounters | None = None
+        self.on_ejection: Callable[[str, str, float], None] | None = None
         self.reload(registry)
 
     @staticmethod
@@ -158,6 +171,34 @@ class Router:
                 self.metrics.rate_limited.inc(req.operation, "")
                 raise CanonicalFailure(error)
 
+    async def admit_shared(self, req: CanonicalRequestEnvelope) -> None:
+        """`admit`, counted across the cluster's nodes when there is one (else this node's)."""
+        shared, key = self.shared, req.meta.client_key_id
+        if shared is None or key is None:
+            return self.admit(req)
+        try:
+            error = await self._shared_error(shared, key)
+        except SharedUnavailable:
+            return self.admit(req)  # Redis is away: this node counts alone meanwhile
+        if error is not None:
+            error.operation = req.operation
+            self.metrics.rate_limited.inc(req.operation, "")
+            raise CanonicalFailure(error)
+
+    async def _shared_error(self, shared: SharedCounters, key: str) -> CanonicalError | None:
+        budget = self.budgets.config
+        if budget.amount is not None:
+            spent, retry = await shared.spent(key, budget.window_s)
+            if spent >= budget.amount:
+                return budget_error(spent, budget.amount, budget.window_s, retry)
+        limiter = self.key_limiter
+        if limiter.rate_per_s is not None:
+            burst = limiter.burst if limiter.burst is not None else max(1.0, limiter.rate_per_s)
+            wait = await shared.take_token(key, limiter.rate_per_s, burst)
+            if wait is not None:
+                return rate_error(limiter.rate_per_s, wait)
+        return None
+
     def charge(
         self, req: CanonicalRequestEnvelope, instance: RegisteredInstance, usage: Usage
     ) -> float:
@@ -165,6 +206,32 @@ class Router:
         amount = cost(instance.config.price, usage)
         self.budgets.charge(req.meta.client_key_id, amount, self._clock())
         return amount
+
+    async def charge_shared(
+        self, req: CanonicalRequestEnvelope, instance: RegisteredInstance, usage: Usage
+    ) -> float:
+        """`charge`, and across the cluster's nodes when there is one."""
+        amount = self.charge(req, instance, usage)
+        shared, key = self.shared, req.meta.client_key_id
+        if shared is not None and key is not None and amount > 0:
+            try:
+                await shared.spend(key, amount, self.budgets.config.window_s)
+            except SharedUnavailable:
+                pass  # counted locally above
+        return amount
+
+    def apply_ejections(self, ejections: dict[tuple[str, str], float]) -> None:
+        """Ejections in force on other nodes ((kind, instance) -> seconds left): avoid them."""
+        now = self._clock()
+        for (kind, name), left in ejections.items():
+            instance = self.registry.instances.get(name)
+            if instance is None or left <= 0:
+                continue
+            if kind == "breaker":
+                instance.runtime.breaker.open_remotely(now + left, now)
+            elif kind == "outlier":
+                until = self.outliers.ejected_until.get(name, 0.0)
+                self.outliers.ejected_until[name] = max(until, now + left)
 
     # --- attempts -----------------------------------------------------------------------------
 
@@ -214,8 +281,12 @@ class Router:
         runtime = instance.runtime
         counts_against = isinstance(exc, (BackendFailure, TimeoutError, OSError))
         if counts_against:
-            runtime.breaker.on_result(False, now)
+            breaker = runtime.breaker
+            was_open = breaker.state is BreakerState.OPEN
+            breaker.on_result(False, now)
             runtime.interval_failures += 1
+            if not was_open and breaker.state is BreakerState.OPEN and self.on_ejection:
+                self.on_ejection("breaker", instance.name, breaker.open_until - now)
         else:
             runtime.breaker.on_cancel()  # the caller's mistake says nothing about the instance
         if isinstance(exc, TimeoutError):
@@ -233,7 +304,9 @@ class Router:
             rt = inst.runtime
             stats.append((inst.name, rt.interval_requests, rt.interval_failures))
             rt.interval_requests = rt.interval_failures = 0
-        self.outliers.evaluate(stats, now)
+        for name in self.outliers.evaluate(stats, now):
+            if self.on_ejection is not None:
+                self.on_ejection("outlier", name, self.outliers.ejected_until[name] - now)
 
     def count_fallback(self, operation: Operation) -> None:
         """A retry went to another instance."""

@@ -92,6 +92,15 @@ class CircuitBreaker:
         if self._should_trip():
             self._open(now, escalate=False)
 
+    def open_remotely(self, until: float, now: float) -> None:
+        """Another node's breaker for this instance is open until `until`: open ours as long
+        (without escalating our own cool-down); already open longer: no change."""
+        if until <= now or (self.state is BreakerState.OPEN and self.open_until >= until):
+            return
+        self.open_until = until
+        if self.state is not BreakerState.OPEN:
+            self._enter(BreakerState.OPEN, now)
+
     def error_rate(self, now: float) -> float:
         """Failures / outcomes within the window (0 when empty)."""
         self._expire(now)

@@ -22,6 +22,7 @@ import sniffio
 from spear_rt import web
 from spear_rt.cluster.metrics_share import ENV as SHARE_ENV
 from spear_rt.cluster.metrics_share import MetricsShare
+from spear_rt.cluster.node import Cluster
 from spear_rt.config import Config, listen_address, load_config
 from spear_rt.errors import SpearError
 from spear_rt.hostcalls.userstream import Executions
@@ -108,6 +109,12 @@ class Server:
         _register_secrets(self.registry)
         self.router = Router(self.registry, metrics=self.metrics)
         self.sessions = SessionManager(config, lambda: self.router)
+        # workers of one node and nodes sharing Redis (cluster/node.py); None: alone
+        self.cluster = Cluster.from_config(config, worker)
+        if self.cluster is not None:
+            self.sessions.shared = self.cluster
+            self.router.shared = self.cluster.redis
+            self.router.on_ejection = self.cluster.on_ejection
         register_gauges(self)
         self._client_keys = keys_from_env(config.server.client_keys_env)
         self.body_budget = BodyBudget(config.server.max_http_body_bytes_in_flight)
@@ -178,13 +185,15 @@ class Server:
             await self._listen(task_status)
         finally:
             await self._close_kinds()
+            if self.cluster is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.cluster.aclose()
 
     async def _listen(self, task_status: anyio.abc.TaskStatus[int]) -> None:
         host, port = listen_address(self.config)
         if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
             async with anyio.create_task_group() as connections:
-                connections.start_soon(self.oneshot.executor.mirror_worker)
-                connections.start_soon(self._publish_metrics)
+                self._start_background(connections)
 
                 def started(bound: int) -> None:
                     self.port = bound
@@ -214,8 +223,7 @@ class Server:
             raise ListenError(host, port, exc) from None
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as connections:
-            connections.start_soon(self.oneshot.executor.mirror_worker)
-            connections.start_soon(self._publish_metrics)
+            self._start_background(connections)
             task_status.started(self.port)
             # Accepting has its own scope so that a drain can stop it while sessions finish;
             # the listening sockets close with it (the kernel would keep accepting otherwise).
@@ -229,6 +237,29 @@ class Server:
                 with anyio.CancelScope(shield=True):
                     await multi.aclose()
                 self._listener_closed.set()
+
+    def _start_background(self, tg: anyio.abc.TaskGroup) -> None:
+        """The server's own loops: mirrors, shared metrics, the cluster's state."""
+        tg.start_soon(self.oneshot.executor.mirror_worker)
+        tg.start_soon(self._publish_metrics)
+        cluster = self.cluster
+        if cluster is not None:
+            tg.start_soon(cluster.run, lambda: self.router)
+            if cluster.workers is not None:
+                tg.start_soon(self._serve_worker_socket, cluster.workers.socket_path(), tg)
+
+    async def _serve_worker_socket(self, path: str, tg: anyio.abc.TaskGroup) -> None:
+        """Take resumes the other workers forward to this one (a socket in the run dir), on
+        the driver the port has: a session made by the callback driver resumes on it."""
+        if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
+            await serve_asyncio("", 0, tg, self._handle_connection, lambda _port: None,
+                                anyio.CancelScope(), unix_path=path)  # fmt: skip
+            return
+        listener = await anyio.create_unix_listener(path)
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                tg.start_soon(self._handle_connection, stream)
 
     async def _publish_metrics(self) -> None:
         """A worker of several: its metrics for the others' /metrics, once a second."""
@@ -332,6 +363,7 @@ class Server:
                     self._client_keys,
                     self.sessions,
                     self.frame_budget,
+                    self.cluster,
                 )
                 return
             self._http_active += 1

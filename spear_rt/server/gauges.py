@@ -81,3 +81,11 @@ def register_gauges(server: Server) -> None:
         (),
         lambda: {(): float(server.sessions.total_sessions)},
     )
+    cluster = server.cluster
+    if cluster is not None:
+        server.metrics.gauge(
+            "spear_resumes_forwarded_total",
+            "Resumes sent on to the worker or node holding their session",
+            (),
+            lambda: {(): float(cluster.forwarded)},
+        )

@@ -7,7 +7,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -391,9 +391,13 @@ class HttpConnection:
             if len(self._unfed) > MAX_HEAD_BYTES:  # stop reading (TCP pushes back)
                 return
 
-    def upgrade_head(self, request: h11.Request) -> bytes:
-        """The raw request head (plus bytes already read past it) for a WebSocket handshake."""
+    def upgrade_head(
+        self, request: h11.Request, headers: Sequence[tuple[bytes, bytes]] | None = None
+    ) -> bytes:
+        """The raw request head (plus bytes already read past it) for a WebSocket handshake,
+        with `headers` instead of the request's own when given."""
         lines = [b"%s %s HTTP/1.1" % (request.method, request.target)]
-        lines += [name + b": " + value for name, value in request.headers]
+        given = request.headers if headers is None else headers
+        lines += [name + b": " + value for name, value in given]
         trailing, _closed = self.h11.trailing_data
         return b"\r\n".join(lines) + b"\r\n\r\n" + bytes(trailing) + bytes(self._unfed)

@@ -166,7 +166,7 @@ class OneShotApi:
                 normalized = msgspec.structs.replace(
                     normalized, request=msgspec.structs.replace(req, payload=payload, raw_body=None)
                 )
-            self.server.router.admit(normalized.envelope)
+            await self.server.router.admit_shared(normalized.envelope)
             answer = await self._run(normalized, started)
             if wants_url and isinstance(answer, Response) and answer.status == 200:
                 answer = await self._images_as_urls(answer)
@@ -294,7 +294,9 @@ class OneShotApi:
 
         done = await self.executor.run(envelope, call, idempotent=True)
         response = done.result
-        self.server.router.charge(envelope, done.instance, response.usage or _estimate(normalized))
+        await self.server.router.charge_shared(
+            envelope, done.instance, response.usage or _estimate(normalized)
+        )
         overhead_ms = max((_stopwatch() - started - backend_time) * 1000, 0.0)
         headers = [
             ("x-spear-instance", done.instance.name),

@@ -17,6 +17,8 @@ import h11
 from websockets.server import ServerProtocol
 
 from spear_rt.backend import TranscriptionUpstream
+from spear_rt.cluster.forward import CONNECT_TIMEOUT_S, FORWARDED_HEADER, open_owner, splice
+from spear_rt.cluster.node import Cluster
 from spear_rt.config import Config
 from spear_rt.errors import echo
 from spear_rt.ir import CanonicalError, ErrorCode
@@ -81,11 +83,16 @@ async def upgrade_to_session(
     client_keys: list[str],
     sessions: SessionManager,
     frame_budget: FrameBudget,
+    cluster: Cluster | None = None,
 ) -> None:
-    """Accept the WebSocket on `/v1/realtime` and run (or resume) its session until it ends."""
+    """Accept the WebSocket on `/v1/realtime` and run (or resume) its session until it ends;
+    a resume of a session another worker or node holds is forwarded there."""
     url = urlsplit(request.target.decode("latin-1"))
     if url.path != REALTIME_PATH:
         await http.send(error_response(404, f"no WebSocket endpoint at {url.path}", "not_found"))
+        return
+    if cluster is not None and await _forwarded(stream, http, request, url, client_keys,
+                                                sessions, cluster):  # fmt: skip
         return
     protocol = BudgetedServerProtocol(
         frame_budget,
@@ -158,6 +165,36 @@ async def _accept_and_run(
     except Exception:
         log.exception("realtime session crashed")
         await conn.close(1011, "internal error")
+
+
+async def _forwarded(
+    stream: anyio.abc.ByteStream,
+    http: HttpConnection,
+    request: h11.Request,
+    url: SplitResult,
+    client_keys: list[str],
+    sessions: SessionManager,
+    cluster: Cluster,
+) -> bool:
+    """Forward a resume to the worker or node holding its session (True: done here)."""
+    session_id = parse_qs(url.query).get("session_id", [None])[-1]
+    if session_id is None or session_id in sessions.sessions:
+        return False
+    if not client_key_id(client_keys, request)[0]:
+        return False  # refused here, by the usual path
+    hop = request_header(request, FORWARDED_HEADER)
+    target = await cluster.target(session_id, hop.encode("latin-1") if hop else None)
+    if target is None:
+        return False
+    address, next_hop = target
+    owner = await open_owner(address, CONNECT_TIMEOUT_S)
+    if owner is None:
+        return False  # the owner is gone: refused here as unknown (4004)
+    headers = [(k, v) for k, v in request.headers if k != FORWARDED_HEADER]
+    headers.append((FORWARDED_HEADER, next_hop))
+    cluster.forwarded += 1
+    await splice(stream, http.upgrade_head(request, headers), owner)
+    return True
 
 
 def _resume_request(

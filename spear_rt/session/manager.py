@@ -44,6 +44,7 @@ from spear_rt.protocol.conversation_settings import ConversationSettings
 from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
 from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
+from spear_rt.router.accounting import SharedUnavailable
 from spear_rt.router.execute import Executor
 from spear_rt.session.machine import ResumeError, SessionMachine, State, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
@@ -93,6 +94,29 @@ _SESSION_COUNTERS: dict[str, Callable[[SessionMachine], int]] = {
 }
 
 
+class SharedSessions(Protocol):
+    """Session caps and the session directory shared with other workers and nodes (cluster/).
+
+    `hold` may raise SharedUnavailable: the manager then counts on this server alone.
+    """
+
+    async def hold(self, key_id: str, member: str, cap: int) -> bool:
+        """Take one of `key_id`'s `cap` places for `member`; False at the cap."""
+        ...
+
+    def release(self, key_id: str, member: str) -> None:
+        """Give `member`'s place back."""
+        ...
+
+    def register(self, session_id: str) -> None:
+        """This server holds `session_id` (resumes elsewhere are forwarded here)."""
+        ...
+
+    def unregister(self, session_id: str) -> None:
+        """`session_id` ended."""
+        ...
+
+
 class ConnectRequest(msgspec.Struct, frozen=True):
     """What the edge learned from the upgrade request."""
 
@@ -120,6 +144,7 @@ class SessionManager:
         self._router = router
         self.executor: Executor | None = None  # the server's: conversations route through it
         self.conversation_metrics: ConversationMetrics | None = None
+        self.shared: SharedSessions | None = None  # a cluster's (cluster/node.py)
         self._reconnect = reconnect_policy(config)
         self.sessions: dict[str, Runner] = {}
         self._owners: dict[str, str | None] = {}  # session id -> client key id
@@ -225,11 +250,15 @@ class SessionManager:
         `make_runner` lets an edge driver run the session its own way (the asyncio driver's
         callback runner); by default the task-based `SessionRunner` drives `conn`.
         """
-        error = self._admission_error(req.client_key_id)
+        key = req.client_key_id
+        error = self._admission_error(key)
+        place = None
+        if error is None and key is not None and self.shared is not None:
+            place = new_id("place")
+            error = await self._hold_shared(self.shared, key, place)
         if error is not None:
             await reject(conn, error, 1013)
             return
-        key = req.client_key_id
         if key is not None:
             self._per_key[key] = self._per_key.get(key, 0) + 1
         self._admitted += 1
@@ -241,6 +270,25 @@ class SessionManager:
                 self._per_key[key] -= 1
                 if not self._per_key[key]:
                     del self._per_key[key]
+                if place is not None and self.shared is not None:
+                    self.shared.release(key, place)
+
+    async def _hold_shared(
+        self, shared: SharedSessions, key: str, place: str
+    ) -> CanonicalError | None:
+        """The per-key cap counted over every node (this node's count alone without Redis)."""
+        cap = self._config.server.max_sessions_per_key
+        try:
+            if await shared.hold(key, place, cap):
+                return None
+        except SharedUnavailable:
+            return None  # the local check passed
+        return CanonicalError(
+            ErrorCode.RATE_LIMITED,
+            f"this key holds its maximum of {cap} sessions (over every node)",
+            retryable=True,
+            retry_after_s=1.0,
+        )
 
     async def _serve_routed(
         self, conn: ClientLink, req: ConnectRequest, make_runner: RunnerFactory | None
@@ -379,9 +427,13 @@ class SessionManager:
         self.sessions[machine.session_id] = runner
         self._owners[machine.session_id] = req.client_key_id
         self.total_sessions += 1
+        if self.shared is not None and resumable:
+            self.shared.register(machine.session_id)
         try:
             await runner.run()
         finally:
+            if self.shared is not None and resumable:
+                self.shared.unregister(machine.session_id)
             del self.sessions[machine.session_id]
             del self._owners[machine.session_id]
             for counter, of in _SESSION_COUNTERS.items():

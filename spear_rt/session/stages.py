@@ -173,7 +173,7 @@ class RoutedStages:
     async def _run(self, normalized: Normalized, stage: str) -> OneShotResponse:
         envelope = normalized.envelope
         router = self._router()
-        router.admit(envelope)
+        await router.admit_shared(envelope)
 
         async def call(instance: RegisteredInstance) -> OneShotResponse:
             assert instance.kind is not None
@@ -184,7 +184,7 @@ class RoutedStages:
         self._served[stage] = done.instance.name
         if getattr(done.instance.kind, "stub", False):
             self._served[f"{stage}_stub"] = "true"
-        router.charge(envelope, done.instance, done.result.usage or Usage())
+        await router.charge_shared(envelope, done.instance, done.result.usage or Usage())
         return done.result
 
     async def _run_with_fallback(

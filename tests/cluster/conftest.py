@@ -26,9 +26,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert binary is not None, "redis-server is not installed (make install-test installs it)"
     port = free_port()
     workdir: Path = tmp_path_factory.mktemp("redis")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", str(workdir)],  # fmt: skip
+        argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )

@@ -88,7 +88,7 @@ async def test_a_dead_nodes_places_and_sessions_lapse_a_live_ones_do_not(redis_u
     with anyio.fail_after(5):  # Redis' clock, not ours: wait for the dead node's entries
         async with anyio.create_task_group() as tg:
             tg.start_soon(live.refresh_forever)  # refreshes every ttl/3
-            while await dead.owner("sess_" + "b" * 20) is not None:
+            while await dead.owner("sess_" + "b" * 20) is not None:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
     assert await live.owner("sess_" + "a" * 20) == "127.0.0.3:1"

@@ -38,7 +38,13 @@ def test_every_reply_type_parses_even_one_byte_at_a_time() -> None:
 
 @pytest.mark.parametrize(
     "wire",
-    [b"?what\r\n", b":12x\r\n", b"$%d\r\n" % (MAX_BULK + 1), b"$3\r\nabcd\r\n", b"*1\r\n" * 10 + b":1\r\n"],
+    [
+        b"?what\r\n",
+        b":12x\r\n",
+        b"$%d\r\n" % (MAX_BULK + 1),
+        b"$3\r\nabcd\r\n",
+        b"*1\r\n" * 10 + b":1\r\n",
+    ],
     ids=["unknown type", "bad integer", "bulk too big", "unterminated bulk", "too deep"],
 )
 def test_what_is_not_resp_is_a_protocol_error(wire: bytes) -> None:

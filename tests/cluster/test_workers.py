@@ -15,8 +15,11 @@ from pathlib import Path
 
 import anyio
 import httpx
+import pytest
 
 from spear_rt.cluster.workers import worker_count
+from tests.conftest import WsClient, b64, noise_pcm
+from tests.server.test_realtime import BETA, COMPLETED, DELTA, MANUAL_BETA, TRANSCRIPTION
 
 SPEAR = str(Path(sys.executable).parent / "spear-rt")
 STUB = '[[backends]]\nname = "stub"\nkind = "stub"\n'
@@ -81,3 +84,50 @@ def test_workers_takes_a_number_or_auto() -> None:
     done = subprocess.run([SPEAR, "serve", "--workers", "lots"], capture_output=True, text=True,
                           timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2 and "--workers takes a number or auto" in done.stderr
+
+
+@pytest.mark.parametrize("loop", ["trio", "asyncio"])
+async def test_a_resume_landing_on_the_other_worker_reaches_its_session(
+    tmp_path: Path, loop: str
+) -> None:
+    """Each resume is a new connection the kernel gives to either worker: every one must
+    get the session; resumes go on until one was forwarded (each has a 1/2 chance)."""
+    config = tmp_path / "stub.toml"
+    config.write_text(STUB)
+    command = [SPEAR, "serve", "--workers", "2", "--listen", "127.0.0.1:0",
+               "--config", str(config), "--loop", loop]  # fmt: skip
+    with anyio.fail_after(60):
+        async with await anyio.open_process(command) as process:
+            assert process.stderr is not None
+            said = bytearray()
+            await read_until(process.stderr, said, b"listening on", 2)
+            port = int(said.split(b" workers on 127.0.0.1:", 1)[1].split(b" ", 1)[0])
+            client = await WsClient.connect(port, TRANSCRIPTION, headers=BETA)
+            created = await client.recv()
+            session_id, token = created["session"]["id"], created["spear"]["resume_token"]
+            await client.send(MANUAL_BETA)
+            last_seq = (await client.recv_until("transcription_session.updated"))[-1]["seq"]
+            forwarded = 0.0
+            for attempt in range(40):
+                await client.stream.aclose()
+                path = f"{TRANSCRIPTION}&session_id={session_id}&last_seq={last_seq}"
+                client = await WsClient.connect(
+                    port, path, headers=[*BETA, ("Spear-Resume-Token", token)]
+                )
+                resumed = await client.recv()
+                assert resumed["type"] == "spear.session.resumed", resumed
+                await client.send({"type": "input_audio_buffer.append",
+                                   "audio": b64(noise_pcm(4800, seed=attempt))})  # fmt: skip
+                last_seq = (await client.recv_until(DELTA))[-1]["seq"]
+                async with httpx.AsyncClient() as http:
+                    metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                forwarded = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                                if line.startswith("spear_resumes_forwarded_total"))  # fmt: skip
+                if forwarded >= 1:
+                    break
+            assert forwarded >= 1
+            await client.send({"type": "input_audio_buffer.commit"})
+            assert (await client.recv_until(COMPLETED))[-1]["transcript"]
+            await client.close()
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
