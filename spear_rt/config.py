@@ -264,7 +264,8 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
     redis_url: str | None = None  # redis://host:port/db, no password in it
     redis_password_env: str | None = None  # the env var holding Redis' password
-    # host:port where the other nodes reach this one (a resume is forwarded there)
+    # host:port where the other nodes reach this one (a resume is forwarded there);
+    # default: the address this node listens on (needed when that is a wildcard)
     node_address: str | None = None
     key_prefix: str = "spear:"
     redis_timeout_s: float = 0.5  # one call; past it the node counts alone for that call
@@ -378,10 +379,13 @@ def _check(config: Config) -> None:
     for field in ("max_bytes", "max_age_s", "max_fetch_bytes"):
         if getattr(config.media, field) <= 0:
             raise ConfigError(f"media.{field}", "must be positive")
-    _check_cluster(config.cluster)
+    _check_cluster(config.cluster, config.server.listen)
 
 
-def _check_cluster(cluster: ClusterConfig) -> None:
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def _check_cluster(cluster: ClusterConfig, listen: str) -> None:
     if cluster.redis_url is None:
         return
     parts = urlsplit(cluster.redis_url)
@@ -396,19 +400,24 @@ def _check_cluster(cluster: ClusterConfig) -> None:
     env = cluster.redis_password_env
     if env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env):
         raise ConfigError("cluster.redis_password_env", "must be an environment variable name")
+    for field in ("redis_timeout_s", "session_ttl_s", "sync_interval_s"):
+        if getattr(cluster, field) <= 0:
+            raise ConfigError(f"cluster.{field}", "must be positive")
     if cluster.node_address is None:
-        raise ConfigError(
-            "cluster.node_address", "is needed with redis_url: where other nodes reach this one"
-        )
+        host, _port = _parse_listen(listen)
+        if host in WILDCARD_HOSTS:
+            raise ConfigError(
+                "cluster.node_address",
+                f"is needed with redis_url when listening on {listen!r}: the address other "
+                "nodes reach this one at (HOST:PORT)",
+            )
+        return
     try:
         _parse_listen(cluster.node_address)
     except ConfigError:
         raise ConfigError(
             "cluster.node_address", f"expected HOST:PORT, got {cluster.node_address!r}"
         ) from None
-    for field in ("redis_timeout_s", "session_ttl_s", "sync_interval_s"):
-        if getattr(cluster, field) <= 0:
-            raise ConfigError(f"cluster.{field}", "must be positive")
 
 
 def _check_retry(retry: RetryConfig) -> None:

@@ -114,6 +114,32 @@ STUB = '[[backends]]\nname = "a"\nkind = "stub"\n'
         ),
         ("[server]\nmax_frame_bytes = 10\n", "server.max_frame_bytes", ["1024"]),
         ("[server\n", "config", ["TOML"]),
+        ('[cluster]\nredis_url = "http://x"\n', "cluster.redis_url", ["redis://"]),
+        (
+            '[cluster]\nredis_url = "redis://:hunter2@127.0.0.1:6379"\n',
+            "cluster.redis_url",
+            ["password", "redis_password_env"],
+        ),
+        (
+            '[server]\nlisten = "0.0.0.0:8787"\n[cluster]\nredis_url = "redis://127.0.0.1"\n',
+            "cluster.node_address",
+            ["0.0.0.0:8787", "HOST:PORT"],
+        ),
+        (
+            '[cluster]\nredis_url = "redis://127.0.0.1"\nnode_address = "nodeb"\n',
+            "cluster.node_address",
+            ["HOST:PORT", "nodeb"],
+        ),
+        (
+            '[cluster]\nredis_url = "redis://127.0.0.1"\nredis_password_env = "a b"\n',
+            "cluster.redis_password_env",
+            ["environment"],
+        ),
+        (
+            '[cluster]\nredis_url = "redis://127.0.0.1"\nsession_ttl_s = 0\n',
+            "cluster.session_ttl_s",
+            ["positive"],
+        ),
     ],
 )
 def test_bad_config_raises_config_error_naming_the_key(
@@ -133,6 +159,13 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(missing)
     assert info.value.key == str(missing)
+
+
+def test_a_redis_password_never_appears_in_the_error() -> None:
+    """The URL's password is refused without being repeated."""
+    with pytest.raises(ConfigError) as info:
+        parse_config('[cluster]\nredis_url = "redis://u:hunter2@127.0.0.1"\n', "x")
+    assert "hunter2" not in str(info.value)
 
 
 def test_credentials_are_env_var_names_never_values() -> None:

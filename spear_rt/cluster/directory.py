@@ -3,9 +3,9 @@
 The parent makes a private directory (mode 0700) and names it in the environment; worker i
 listens on ``worker-<i>.sock`` there for resumes forwarded by the other workers, and writes
 ``sessions/<session id>`` holding ``i`` for every resumable session it holds (deleted when
-the session ends). File I/O runs in a worker thread, queued and written by one loop, so the
-event loop never waits on the disk. Session ids from clients are checked against the shape
-`new_id` gives them before any path is made of one.
+the session ends). File I/O runs in a worker thread (an ending is queued and written by one
+loop), so the event loop never waits on the disk. Session ids from clients are checked
+against the shape `new_id` gives them before any path is made of one.
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ class WorkerDirectory:
         self.root = Path(run_dir)
         self.worker = worker
         self._sessions = self.root / "sessions"
-        self._queue: dict[str, bool] = {}  # session id -> held (True) or ended (False)
+        self._queue: dict[str, bool] = {}  # session id -> ended (False), to be written
         self._wake = anyio.Event()
 
     def socket_path(self, worker: int | None = None) -> str:
         """Where worker `worker` (default: this one) takes forwarded connections."""
         return str(self.root / f"worker-{self.worker if worker is None else worker}.sock")
 
-    def register(self, session_id: str) -> None:
-        """This worker holds `session_id`."""
-        self._queue[session_id] = True
-        self._wake.set()
+    async def register(self, session_id: str) -> None:
+        """This worker holds `session_id` (written before this returns)."""
+        self._queue.pop(session_id, None)
+        await anyio.to_thread.run_sync(self._write, {session_id: True})
 
     def unregister(self, session_id: str) -> None:
         """`session_id` ended."""
@@ -54,7 +54,7 @@ class WorkerDirectory:
 
     async def owner(self, session_id: str) -> int | None:
         """The worker holding `session_id`, when another one does."""
-        if not valid_session_id(session_id) or self._queue.get(session_id):
+        if not valid_session_id(session_id):
             return None
         text = await anyio.to_thread.run_sync(_read, self._sessions / session_id)
         if text is None or not text.isdigit() or int(text) == self.worker:

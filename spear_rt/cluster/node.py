@@ -56,7 +56,7 @@ class Cluster:
             client = Redis(RedisAddress(cluster.redis_url, password), cluster.redis_timeout_s)
             redis = RedisShare(
                 client,
-                node_address=cluster.node_address,
+                node_address=cluster.node_address or "",  # "": the listen address, once bound
                 prefix=cluster.key_prefix,
                 session_ttl_s=cluster.session_ttl_s,
             )
@@ -75,12 +75,17 @@ class Cluster:
         if self.redis is not None:
             self.redis.release(key_id, member)
 
-    def register(self, session_id: str) -> None:
-        """This server holds `session_id`."""
+    def bound(self, host: str, port: int) -> None:
+        """The server listens on host:port: the node's address unless the config names one."""
+        if self.redis is not None and not self.redis.node_address:
+            self.redis.node_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def register(self, session_id: str) -> None:
+        """This server holds `session_id` (written before the client hears of the session)."""
         if self.workers is not None:
-            self.workers.register(session_id)
+            await self.workers.register(session_id)
         if self.redis is not None:
-            self.redis.register(session_id)
+            await self.redis.register(session_id)
 
     def unregister(self, session_id: str) -> None:
         """`session_id` ended."""

@@ -13,8 +13,9 @@ Rules:
    node would: the same rate × time + burst, the same cap.
 2. A node keeps what it holds alive: every `session_ttl_s / 3` it refreshes its sessions'
    directory entries and cap places in one script call; a node that dies holds nothing
-   after `session_ttl_s`. Registrations and releases are queued (bounded by the node's live
-   sessions) and written by the same loop at once.
+   after `session_ttl_s`. A session is in the directory before its client hears of it;
+   endings and releases are queued (bounded by the node's live sessions) and written by the
+   same loop at once.
 3. Ejections: a breaker that opens (or an outlier ejection) is written with its duration;
    every node reads the ejections every `sync_interval_s` and applies those in force.
 4. Redis down: every call raises `SharedUnavailable` within `redis_timeout_s` and the caller
@@ -116,11 +117,19 @@ class RedisShare:
             self._released.add((key_id, member))
             self._dirty.set()
 
-    def register(self, session_id: str) -> None:
-        """This node owns `session_id` (a resume on another node is forwarded here)."""
+    async def register(self, session_id: str) -> None:
+        """This node owns `session_id` (a resume on another node is forwarded here): written
+        at once, so a resume right after the session's start finds it; the refresh loop
+        retries when Redis is away."""
         self._sessions.add(session_id)
         self._gone.discard(session_id)
-        self._dirty.set()
+        try:
+            await self.redis.call("SET", self._k("session", session_id), self.node_address,
+                                  "PX", self._ttl_ms)  # fmt: skip
+        except (RedisUnavailable, RedisError) as exc:
+            self.errors += 1
+            log.warning("cluster: cannot record a session's node: %s", exc)
+            self._dirty.set()
 
     def unregister(self, session_id: str) -> None:
         """`session_id` ended."""

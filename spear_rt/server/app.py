@@ -197,6 +197,8 @@ class Server:
 
                 def started(bound: int) -> None:
                     self.port = bound
+                    if self.cluster is not None:
+                        self.cluster.bound(host, bound)
                     task_status.started(bound)
 
                 try:
@@ -222,6 +224,8 @@ class Server:
         except OSError as exc:
             raise ListenError(host, port, exc) from None
         self.port = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
+        if self.cluster is not None:
+            self.cluster.bound(host, self.port)
         async with anyio.create_task_group() as connections:
             self._start_background(connections)
             task_status.started(self.port)

@@ -108,7 +108,7 @@ class SharedSessions(Protocol):
         """Give `member`'s place back."""
         ...
 
-    def register(self, session_id: str) -> None:
+    async def register(self, session_id: str) -> None:
         """This server holds `session_id` (resumes elsewhere are forwarded here)."""
         ...
 
@@ -427,9 +427,9 @@ class SessionManager:
         self.sessions[machine.session_id] = runner
         self._owners[machine.session_id] = req.client_key_id
         self.total_sessions += 1
-        if self.shared is not None and resumable:
-            self.shared.register(machine.session_id)
         try:
+            if self.shared is not None and resumable:
+                await self.shared.register(machine.session_id)
             await runner.run()
         finally:
             if self.shared is not None and resumable:
