@@ -48,9 +48,9 @@ def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     if getattr(args, "listen", None):
         config.server.listen = args.listen
-        from spear_rt.config import listen_address
+        from spear_rt.config import check_listen
 
-        listen_address(config)  # validates HOST:PORT
+        check_listen(config)  # HOST:PORT, and a node's address when listening on a wildcard
     return config
 
 

@@ -445,6 +445,12 @@ def _parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def check_listen(config: Config) -> None:
+    """Raise ConfigError when the listen address (maybe set after parsing) is not usable."""
+    _parse_listen(config.server.listen)
+    _check_cluster(config.cluster, config.server.listen)
+
+
 def listen_address(config: Config) -> tuple[str, int]:
     """The (host, port) the server binds."""
     return _parse_listen(config.server.listen)

@@ -6,7 +6,9 @@ The fenced blocks are discovered, not listed, so a new section is tested as soon
 * ```bash / ```sh: every command line is checked. `spear-rt ...` is parsed by the CLI's own
   parser; `spear-rt serve` lines are started (one server per port they name, on a free port) and
   `spear-rt stream` lines are run against them; `openssl` runs in the work dir (before the
-  servers start, so a README-made certificate is what a TLS server uses); `curl` runs with
+  servers start, so a README-made certificate is what a TLS server uses); `redis-server
+  --port P` is started on a free port before the servers (their configs naming
+  127.0.0.1:P are rewritten to it); `curl` runs with
   `--fail-with-body`; `node FILE` runs; `make T` needs a target T; `pip install -e '.[x]'` needs
   the extras; `VAR=value` prefixes and `export` lines set the environment. Anything else fails:
   teach this file to check it, or mark the block as skipped (below);
@@ -28,9 +30,11 @@ import queue
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -234,6 +238,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             done = w.run_now(step.argv, step.env)
             w.done[step.line] = f"exit {done.returncode}: {done.stderr[-500:]}"
     try:
+        for _, step in shell:  # before the servers: their configs name it
+            if step.argv[:1] == ["redis-server"]:
+                _start_redis(w, step)
+        for block in files:
+            (root / str(block.file)).write_text(w.substitute(block.code))
         pending = [_launch_server(w, step) for _, step in shell]
         for port, process in pending:
             if port is not None and process is not None:
@@ -273,6 +282,33 @@ def _launch_server(w: World, step: Step) -> tuple[int | None, subprocess.Popen[s
     return port, subprocess.Popen(
         argv, cwd=w.root, env={**w.env, **step.env}, stderr=subprocess.PIPE, text=True
     )
+
+
+def _start_redis(w: World, step: Step) -> None:
+    """A `redis-server --port P ...` line: started on a free port instead of P (bounded wait)."""
+    argv = list(step.argv)
+    at = argv.index("--port") + 1
+    readme_port = int(argv[at])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        argv[at] = str(sock.getsockname()[1])
+    process = subprocess.Popen(
+        [*argv, "--bind", "127.0.0.1", "--dir", str(w.root)], cwd=w.root,
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", int(argv[at])), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "redis-server failed"
+        time.sleep(0.05)
+    w.servers[readme_port] = Started(process, int(argv[at]), [])
+    w.done[step.line] = f"started redis-server for port {readme_port}"
 
 
 def _configured_port(root: Path, config: str | None, listen: str | None) -> int:
@@ -385,6 +421,8 @@ def _check_command(world: World, block: Block, step: Step) -> None:
                 _check_run(world, key, where)
         case "openssl":
             assert world.done[step.line].startswith("exit 0"), f"{where}: {world.done[step.line]}"
+        case "redis-server":
+            assert world.done[step.line].startswith("started"), where
         case "curl":
             _check_run(world, key, where)
         case "node":

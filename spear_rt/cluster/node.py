@@ -50,7 +50,6 @@ class Cluster:
         cluster = config.cluster
         redis = None
         if cluster.redis_url is not None:
-            assert cluster.node_address is not None  # config checked
             env = cluster.redis_password_env
             password = os.environ.get(env) if env else None
             client = Redis(RedisAddress(cluster.redis_url, password), cluster.redis_timeout_s)
