@@ -37,7 +37,7 @@ from websockets.frames import Frame
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-from spear_rt.backend import TranscriptionUpstream, UpstreamCommand
+from spear_rt.backend import TranscriptionUpstream, UpstreamCommand, UpstreamEvent
 from spear_rt.errors import BackendFailure
 from spear_rt.server.ws import BudgetedServerProtocol, Message, MessageAssembler
 from spear_rt.session import runner as task_runner
@@ -241,6 +241,11 @@ class CallbackRunner:
         connection = self.connection
         assert connection is not None
         self.machine.start(anyio.current_time())
+        set_sink: Callable[[Callable[[UpstreamEvent], bool] | None], None] | None = getattr(
+            self.upstream, "set_sink", None
+        )
+        if set_sink is not None:
+            set_sink(self._upstream_now)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._upstream_reader)
@@ -523,6 +528,29 @@ class CallbackRunner:
                 self.machine.upstream_failed(f"upstream failed: {exc}")
                 self.flush()
             self._update_reading()
+
+    def _upstream_now(self, event: UpstreamEvent) -> bool:
+        """An event from the upstream's own callbacks (`set_sink`): applied as
+        `_upstream_reader` would, without its task switches; False when it would wait."""
+        machine = self.machine
+        if self._done.is_set():
+            return False
+        if (
+            machine.relayed
+            and machine.close is None
+            and (
+                machine.state is State.DETACHED
+                or machine.outbound.nbytes > machine.outbound.max_bytes
+            )
+        ):
+            return False  # `_upstream_reader` takes it once there is room
+        try:
+            machine.upstream_event(event)
+            self._push_upstream()
+            self.flush()
+        except Exception:
+            self._crashed()
+        return True
 
     async def _upstream_reader(self) -> None:
         machine = self.machine

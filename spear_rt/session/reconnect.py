@@ -27,6 +27,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 import anyio
 import anyio.abc
 import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
 
 from spear_rt.backend import (
     Commit,
@@ -141,6 +142,8 @@ class ReconnectingUpstream:
         # A command that no longer applies when its turn to be sent comes (a cut response's
         # create that waited out the reconnect) is dropped, not sent.
         self.stale: Callable[[UpstreamCommand], bool] = lambda command: False
+        self._sink: Callable[[UpstreamEvent], bool] | None = None
+        self._receiving = False  # `receive` is waiting (see `set_sink`)
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
@@ -205,14 +208,25 @@ class ReconnectingUpstream:
             self._sending = False
         self.journal.record_command(command)
 
+    def set_sink(self, sink: Callable[[UpstreamEvent], bool] | None) -> None:
+        """Hand events to `sink` as the upstream reads them, where it can (an upstream with
+        `set_sink`, the asyncio link): only while the connection is open and `receive` waits
+        with nothing queued or in flight, so order holds. `sink` returning False (not now)
+        queues the event as usual. Failures and reconnects still go through `receive`.
+        """
+        self._sink = sink
+
     async def receive(self) -> UpstreamEvent:
         """Next event; after a final failure, the events before it, then the failure."""
+        self._receiving = True
         try:
             return await self._rx.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             if self._failure is not None:
                 raise self._failure from None
             raise anyio.EndOfStream from None
+        finally:
+            self._receiving = False
 
     def statistics(self) -> ReconnectStatistics:
         """Current state and occupancy."""
@@ -245,6 +259,25 @@ class ReconnectingUpstream:
         while not (self._state is _State.OPEN and self._generation > generation):
             self._raise_if_over()
             await self._changed.wait()
+
+    def _sink_for(self, generation: int) -> Callable[[UpstreamEvent], bool]:
+        """What connection `generation` hands its events to while `_pump` waits on it."""
+
+        def take(event: UpstreamEvent) -> bool:
+            sink = self._sink
+            if (
+                sink is None
+                or generation != self._generation
+                or self._state is not _State.OPEN
+                or not (self._receiving and _waits_idle(self._tx))
+            ):
+                return False
+            forwarded = self.journal.record_event(event)
+            if forwarded is not None and not sink(forwarded):
+                self._tx.send_nowait(forwarded)  # there is room: nothing is queued
+            return True
+
+        return take
 
     def _has_room(self) -> bool:
         stats = self._tx.statistics()
@@ -382,6 +415,11 @@ class ReconnectingUpstream:
         self._generation += 1
         generation = self._generation
         self._up, self._ending, self._drain_deadline = up, None, math.inf
+        set_sink: Callable[[Callable[[UpstreamEvent], bool]], None] | None = getattr(
+            up, "set_sink", None
+        )
+        if set_sink is not None:
+            set_sink(self._sink_for(generation))
         replay: list[UpstreamCommand] = []
         if task_status is not None:
             self.input_rate_hz = up.input_rate_hz
@@ -461,6 +499,12 @@ class ReconnectingUpstream:
         if self._ending is not None and not self._ending.retryable:
             return self._ending  # a send's final failure wins
         return failure
+
+
+def _waits_idle(tx: MemoryObjectSendStream[UpstreamEvent]) -> bool:
+    """A receiver waits on `tx` and nothing is buffered (or handed over and not yet taken)."""
+    stats = tx.statistics()
+    return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
 
 
 @asynccontextmanager

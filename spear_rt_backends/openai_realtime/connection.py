@@ -1,13 +1,21 @@
-"""One session's upstream WebSocket connection: buffers, and the reader/writer/keepalive tasks."""
+"""One session's upstream WebSocket connection: buffers, and the reader/writer/keepalive tasks.
+
+On asyncio the socket is an `aio_link.LinkProtocol` instead: commands are written where they
+are sent and reads are decoded in its callbacks (no reader or writer task; see aio_link.py).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
 import numpy as np
+from anyio.streams.memory import MemoryObjectSendStream
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -15,12 +23,15 @@ from websockets.protocol import State
 from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEvent
 from spear_rt.errors import BackendFailure
 
+from .aio_link import LinkProtocol, LinkStream
 from .options import RealtimeOptions
 from .translate import _DATA, RATE_HZ, Translator, _Assembler
 
 READ_SIZE = 65536
 FRAME_OVERHEAD = 96  # bytes of JSON and framing around an event's payload (an estimate)
 _NON_RETRYABLE_CLOSE = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -40,6 +51,11 @@ class RealtimeTranscription:
     (one frame is always accepted into an empty buffer). Events: at most
     `max_pending_events` wait for `receive`; past that the reader stops reading the socket,
     so TCP pushes back on the upstream. Nothing is dropped. One sender at a time.
+
+    On an asyncio link the send buffer is the transport's (its high-water mark is
+    `max_send_buffer_bytes`): `send_nowait` returns False while the transport has paused
+    writing, so it holds at most that plus one frame. Events of a read that find the queue
+    full are held (at most one read's worth) and reading pauses until `receive` takes them.
     """
 
     input_rate_hz = RATE_HZ
@@ -71,6 +87,13 @@ class RealtimeTranscription:
         self._closed = False
         self._io_scope = anyio.CancelScope()
         self._io_done = anyio.Event()
+        self._link: LinkProtocol | None = (
+            stream.protocol if isinstance(stream, LinkStream) else None
+        )
+        self._held: deque[UpstreamEvent] = deque()  # link: decoded while the queue was full
+        self._end_after_held = False  # link: failed; end the queue once `_held` is delivered
+        self._sink: Callable[[UpstreamEvent], bool] | None = None
+        self._receiving = False  # `receive` is waiting (see `set_sink`)
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
@@ -82,6 +105,21 @@ class RealtimeTranscription:
             raise anyio.ClosedResourceError
         if self._proto.state is not State.OPEN:  # the peer is closing: the reader will tell
             raise _closed_failure(self._proto)
+        link = self._link
+        if link is not None:
+            if isinstance(command, AppendAudio):
+                pcm = command.pcm
+                if pcm.dtype != np.int16 or pcm.ndim != 1:
+                    raise ValueError("AppendAudio.pcm must be a 1-D int16 array")
+                if not pcm.size:
+                    return True
+            if link.write_paused:
+                return False
+            frame = self._translator.encode(command)
+            if frame is not None:
+                self._proto.send_text(frame)
+                self._write()
+            return True
         size = FRAME_OVERHEAD
         if isinstance(command, AppendAudio):
             pcm = command.pcm
@@ -108,24 +146,43 @@ class RealtimeTranscription:
             self._space = anyio.Event()
             await self._space.wait()
 
+    def set_sink(self, sink: Callable[[UpstreamEvent], bool] | None) -> None:
+        """asyncio link: hand events to `sink` as they are read, instead of queueing them.
+
+        Only while `receive` waits with nothing queued or in flight, so a sunk event never
+        overtakes a queued one; `sink` returning False (not now) queues the event as usual.
+        Failures still end `receive`. This saves two task switches per event (issue 16).
+        """
+        self._sink = sink
+
     async def receive(self) -> UpstreamEvent:
         """The next event; after a failure, the events before it, then `BackendFailure`."""
+        self._receiving = True
         try:
-            return await self._rx.receive()
+            event = await self._rx.receive()
         except anyio.EndOfStream:
             if self._failure is not None:
                 raise self._failure from None
             raise
         except anyio.ClosedResourceError:
             raise anyio.EndOfStream from None
+        finally:
+            self._receiving = False
+        if self._held:
+            self._release_held()
+        return event
 
     def statistics(self) -> UpstreamStatistics:
         """Current buffer occupancy."""
         options = self._options
+        used = self._queued + self._writing
+        link = self._link
+        if link is not None and link.transport is not None:
+            used = link.transport.get_write_buffer_size()
         return UpstreamStatistics(
-            send_buffer_bytes=self._queued + self._writing,
+            send_buffer_bytes=used,
             max_send_buffer_bytes=options.max_send_buffer_bytes,
-            events_buffered=self._rx.statistics().current_buffer_used,
+            events_buffered=self._rx.statistics().current_buffer_used + len(self._held),
             max_pending_events=options.max_pending_events,
         )
 
@@ -136,10 +193,15 @@ class RealtimeTranscription:
         try:
             with self._io_scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._writer)
+                    if self._link is None:
+                        tg.start_soon(self._writer)
                     if self._options.ping_interval_s > 0:
                         tg.start_soon(self._keepalive)
-                    await self._reader()
+                    if self._link is None:
+                        await self._reader()
+                    else:
+                        self._switch_link(self._link)
+                        await anyio.sleep_forever()  # until `_fail` cancels `_io_scope`
                     tg.cancel_scope.cancel()
         finally:
             self._io_done.set()
@@ -183,7 +245,7 @@ class RealtimeTranscription:
                 except BackendFailure as exc:
                     return events, exc
             else:  # websockets queued the answer to a ping or a close: send it
-                self._wake.set()
+                self._kick()
                 if opcode is Opcode.PONG and self._pong is not None:
                     self._pong.set()
         return events, None
@@ -221,7 +283,7 @@ class RealtimeTranscription:
             self._pings += 1
             self._pong = anyio.Event()
             self._proto.send_ping(self._pings.to_bytes(4, "big"))
-            self._wake.set()
+            self._kick()
             with anyio.move_on_after(options.ping_timeout_s):
                 await self._pong.wait()
                 continue
@@ -232,12 +294,136 @@ class RealtimeTranscription:
                 ))  # fmt: skip
                 return
 
+    # --- the asyncio link (callbacks) ---------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Get what the protocol queued onto the wire: write it now, or wake the writer."""
+        if self._link is not None:
+            self._write()
+        else:
+            self._wake.set()
+
+    def _write(self) -> None:
+        link = self._link
+        assert link is not None
+        data = b"".join(self._proto.data_to_send())
+        transport = link.transport
+        if data and transport is not None and not link.lost and not transport.is_closing():
+            transport.write(data)
+
+    def _switch_link(self, link: LinkProtocol) -> None:
+        """Take the connection over from the opening's coroutines (see aio_link.py)."""
+        if link.transport is not None:
+            link.transport.set_write_buffer_limits(high=self._options.max_send_buffer_bytes)
+        early = link.switch(self)
+        if early:
+            self.link_data(early)
+        if link.lost:
+            self.link_lost(None)
+        elif link.eof:
+            self.link_eof()
+
+    def _ended(self) -> bool:
+        return self._io_scope.cancel_called
+
+    def link_data(self, data: bytes) -> None:
+        """One read: parse, decode, queue the events; answer pings and closes."""
+        if self._ended():
+            return
+        proto = self._proto
+        try:
+            proto.receive_data(data)
+            events, failure = self._frames(proto.events_received())
+            self._deliver_now(events)  # what came before a failure still counts
+        except Exception as exc:  # a callback must not raise: the transport would die silently
+            log.exception("an upstream read could not be handled")
+            self._fail(BackendFailure(f"upstream read failed: {type(exc).__name__}"))
+            return
+        if failure is not None:
+            self._fail(failure)
+        elif (error := proto.parser_exc) is not None:
+            message = f"upstream protocol error: {type(error).__name__}: {error}"
+            self._fail(BackendFailure(message))
+        elif proto.state is State.CLOSED:
+            self._fail(_closed_failure(proto))
+
+    def link_eof(self) -> None:
+        """The upstream ended the stream."""
+        if self._ended():
+            return
+        self._proto.receive_eof()
+        events, _ = self._frames(self._proto.events_received())
+        self._deliver_now(events)
+        self._fail(_closed_failure(self._proto))
+
+    def link_lost(self, exc: Exception | None) -> None:
+        """The connection is gone (after `link_eof`, nothing is left to do)."""
+        if not self._ended():
+            self._fail(BackendFailure("the upstream connection was lost", retryable=True))
+
+    def link_writable(self) -> None:
+        """The transport went under its high-water mark: a waiting `send` may go on."""
+        self._space.set()
+
+    def _deliver_now(self, events: list[UpstreamEvent]) -> None:
+        """Queue `events`; those that do not fit are held and reading pauses."""
+        held = self._held
+        for event in events:
+            if held:
+                held.append(event)
+                continue
+            sink = self._sink
+            if (
+                sink is not None
+                and self._receiving
+                and not self._closed
+                and waits_idle(self._tx)
+                and sink(event)
+            ):
+                continue
+            try:
+                self._tx.send_nowait(event)
+            except anyio.WouldBlock:
+                held.append(event)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # closing: nobody reads events any more
+        if held:
+            self._delivering = True  # the session does not read: pongs wait too
+            link = self._link
+            if link is not None and link.transport is not None and not link.lost:
+                link.transport.pause_reading()
+
+    def _release_held(self) -> None:
+        """`receive` made room: queue held events; once none are left, read again."""
+        held = self._held
+        while held:
+            try:
+                self._tx.send_nowait(held[0])
+            except anyio.WouldBlock:
+                return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                held.clear()
+                break
+            held.popleft()
+        self._delivering = False
+        if self._end_after_held:
+            self._tx.close()
+            return
+        link = self._link
+        if link is not None and link.transport is not None and not link.lost:
+            link.transport.resume_reading()
+
     def _fail(self, failure: BackendFailure) -> None:
         """The connection is over: keep the first failure, stop the I/O, wake everyone."""
         if self._failure is None and not self._closed:
             self._failure = failure
         self._io_scope.cancel()
-        self._tx.close()
+        if self._held and not self._closed:
+            self._end_after_held = True  # `receive` still gets the held events first
+            if self._link is not None and self._link.transport is not None:
+                self._link.transport.pause_reading()
+        else:
+            self._tx.close()
         self._space.set()
 
     async def aclose(self) -> None:
@@ -245,13 +431,22 @@ class RealtimeTranscription:
         self._closed = True
         self._rx.close()  # the reader now discards events, to see the peer's close
         self._space.set()
+        if self._held:
+            self._held.clear()
+            self._release_held()
         if self._failure is None and self._proto.state is State.OPEN:
             self._proto.send_close(1000)
-            self._wake.set()
+            self._kick()
             with anyio.move_on_after(self._options.close_timeout_s):
                 await self._io_done.wait()
         self._io_scope.cancel()
         self._tx.close()
+
+
+def waits_idle(tx: MemoryObjectSendStream[Any]) -> bool:
+    """A receiver waits on `tx` and nothing is buffered (or handed over and not yet taken)."""
+    stats = tx.statistics()
+    return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
 
 
 def _closed_failure(proto: ClientProtocol) -> BackendFailure:

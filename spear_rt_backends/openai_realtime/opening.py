@@ -22,6 +22,7 @@ from spear_rt.errors import BackendFailure
 from spear_rt.protocol.settings import Dialect
 from spear_rt.redact import redactor_for, register_secret
 
+from . import aio_link
 from .connection import READ_SIZE, RealtimeTranscription, _closed_failure
 from .conversation import ConversationTranslator
 from .options import RealtimeOptions, parse_options, realtime_url
@@ -86,7 +87,9 @@ async def _open(
     try:
         with anyio.fail_after(options.connect_timeout_s):
             stream: anyio.abc.ByteStream
-            if context is None:
+            if aio_link.on_asyncio():  # callbacks once open (aio_link.py says why)
+                stream = await aio_link.connect(uri.host, uri.port, context)
+            elif context is None:
                 stream = await anyio.connect_tcp(uri.host, uri.port)
             else:
                 stream = await anyio.connect_tcp(
