@@ -29,7 +29,7 @@ from spear_rt.config import Config, load_config
 from spear_rt.errors import SpearError
 from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.server.app import Server
-from spear_rt.session.manager import ConnectRequest
+from spear_rt.session.admission import ConnectRequest
 
 __all__ = [
     "Clip",

@@ -32,8 +32,9 @@ import sniffio
 
 from spear_rt.hostcalls.fdtable import FdTable, RtFd
 from spear_rt.protocol.settings import Dialect, SessionKind
+from spear_rt.session.admission import ConnectRequest
 from spear_rt.session.machine import Timeouts
-from spear_rt.session.manager import ConnectRequest, SessionManager
+from spear_rt.session.manager import SessionManager
 from spear_rt.session.runner import ClientMessage
 
 log = logging.getLogger(__name__)

@@ -26,16 +26,16 @@ from spear_rt.protocol.settings import Dialect, SessionKind
 from spear_rt.server.aio import CallbackRunner, ProtocolStream
 from spear_rt.server.http import HttpConnection, error_response, match_key, request_header
 from spear_rt.server.ws import BudgetedServerProtocol, FrameBudget, accept
-from spear_rt.session.machine import SessionMachine
-from spear_rt.session.manager import (
+from spear_rt.session.admission import (
     ConnectRequest,
     ResponderFactory,
     ResumeRequest,
     Runner,
     RunnerFactory,
-    SessionManager,
     reject,
 )
+from spear_rt.session.machine import SessionMachine
+from spear_rt.session.manager import SessionManager
 from spear_rt.session.runner import SessionRunner
 
 log = logging.getLogger(__name__)

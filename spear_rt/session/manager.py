@@ -17,12 +17,11 @@ import hmac
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
-import msgspec
 
 from spear_rt.backend import TranscriptionSpec, TranscriptionUpstream
 from spear_rt.config import Config
@@ -39,13 +38,23 @@ from spear_rt.ir import (
     RoutingHints,
     Transport,
 )
-from spear_rt.protocol import server_events as se
 from spear_rt.protocol.conversation_settings import ConversationSettings
-from spear_rt.protocol.settings import Dialect, SessionKind, SessionSettings, TranscriptionSettings
+from spear_rt.protocol.settings import SessionKind, SessionSettings, TranscriptionSettings
 from spear_rt.registry import RegisteredInstance, lease
 from spear_rt.router import Router
 from spear_rt.router.accounting import SharedUnavailable
 from spear_rt.router.execute import Executor
+from spear_rt.session.admission import (
+    Attach,
+    ConnectRequest,
+    ResponderFactory,
+    ResumeRequest,
+    Runner,
+    RunnerFactory,
+    SharedSessions,
+    reject,
+    reject_resume,
+)
 from spear_rt.session.machine import ResumeError, SessionMachine, State, Timeouts, new_id
 from spear_rt.session.outbound import OutboundQueue
 from spear_rt.session.reconnect import (
@@ -56,34 +65,12 @@ from spear_rt.session.reconnect import (
 )
 from spear_rt.session.replay import ReplayBuffer
 from spear_rt.session.responder import ConversationMetrics, Responder, ResponseHost
-from spear_rt.session.runner import CLOSE_GRACE_S, ClientLink, SessionRunner
+from spear_rt.session.runner import ClientLink, SessionRunner
 from spear_rt.session.stages import RoutedStages
 
 log = logging.getLogger(__name__)
 # Replay kept per second of answer audio: 24 kHz pcm16 in base64 and its events' JSON.
 AUDIO_REPLAY_BYTES_PER_S = 24000 * 2 * 4 / 3 * 1.1
-
-
-class Runner(Protocol):
-    """Drives one session: the task-based SessionRunner or an edge driver's own."""
-
-    machine: SessionMachine
-
-    async def run(self) -> None:
-        """Run until the session ends."""
-        ...
-
-    def drain(self, deadline_s: float) -> None:
-        """Finish turns in flight, then close 1001."""
-        ...
-
-
-ResponderFactory = Callable[[ResponseHost], Responder]
-RunnerFactory = Callable[[SessionMachine, TranscriptionUpstream, ResponderFactory | None], Runner]
-# Attach a resuming connection to a session's runner (raises ResumeError); the edge knows
-# which kind of runner its driver made, and what its connection is.
-Attach = Callable[[Runner, int], Awaitable[None]]
-RESUME_FAILED = 4004
 
 
 # Per-session counters the server reports summed over every session it has run.
@@ -92,48 +79,6 @@ _SESSION_COUNTERS: dict[str, Callable[[SessionMachine], int]] = {
     "upstream_reconnects": lambda m: m.upstream_reconnects,
     "resumes": lambda m: m.resumes,
 }
-
-
-class SharedSessions(Protocol):
-    """Session caps and the session directory shared with other workers and nodes (cluster/).
-
-    `hold` may raise SharedUnavailable: the manager then counts on this server alone.
-    """
-
-    async def hold(self, key_id: str, member: str, cap: int) -> bool:
-        """Take one of `key_id`'s `cap` places for `member`; False at the cap."""
-        ...
-
-    def release(self, key_id: str, member: str) -> None:
-        """Give `member`'s place back."""
-        ...
-
-    async def register(self, session_id: str) -> None:
-        """This server holds `session_id` (resumes elsewhere are forwarded here)."""
-        ...
-
-    def unregister(self, session_id: str) -> None:
-        """`session_id` ended."""
-        ...
-
-
-class ConnectRequest(msgspec.Struct, frozen=True):
-    """What the edge learned from the upgrade request."""
-
-    kind: SessionKind
-    dialect: Dialect
-    model: str | None = None
-    backend: str | None = None
-    client_key_id: str | None = None  # a hash of the key, never the key
-
-
-class ResumeRequest(msgspec.Struct, frozen=True):
-    """A reconnect naming a session (`?session_id=&last_seq=` plus the resume token)."""
-
-    session_id: str
-    token: str
-    last_seq: int
-    client_key_id: str | None = None
 
 
 class SessionManager:
@@ -518,31 +463,3 @@ def reconnect_policy(config: Config) -> ReconnectPolicy | None:
 
 def _backend_error(message: str, retryable: bool) -> CanonicalError:
     return CanonicalError(ErrorCode.BACKEND_ERROR, message, retryable=retryable)
-
-
-async def reject_resume(conn: ClientLink, message: str) -> None:
-    """Refuse a resume: `error` event with code `resume_failed`, then close 4004."""
-    error = CanonicalError(ErrorCode.INVALID_REQUEST, message)
-    await reject(conn, error, RESUME_FAILED, code="resume_failed")
-
-
-async def reject(
-    conn: ClientLink, error: CanonicalError, close_code: int, *, code: str | None = None
-) -> None:
-    """Tell a client why its session cannot run (an `error` event), then close."""
-    body = se.ErrorBody(
-        type="invalid_request_error" if error.code is ErrorCode.INVALID_REQUEST else "server_error",
-        code=code or str(error.code),
-        message=error.message,
-    )
-    event = se.Error(error=body, spear=msgspec.to_builtins(error), event_id="event_reject", seq=1)
-    conn.queue_text(se.encode_server_event(event))
-    reason = (
-        error.message
-        if error.retry_after_s is None
-        else f"retry after {error.retry_after_s:g}s: {error.message}"
-    )
-    await conn.close(close_code, reason)
-    with anyio.move_on_after(CLOSE_GRACE_S):
-        while await conn.receive() is not None:
-            pass
