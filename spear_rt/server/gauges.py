@@ -89,3 +89,17 @@ def register_gauges(server: Server) -> None:
             (),
             lambda: {(): float(cluster.forwarded)},
         )
+        redis = cluster.redis
+        if redis is not None:
+            server.metrics.gauge(
+                "spear_cluster_redis_errors_total",
+                "Redis calls that failed (the node counted alone meanwhile)",
+                (),
+                lambda: {(): float(redis.errors)},
+            )
+            server.metrics.gauge(
+                "spear_cluster_redis_down",
+                "1 while Redis is unreachable",
+                (),
+                lambda: {(): float(redis.down)},
+            )

@@ -1,0 +1,45 @@
+"""A node whose Redis cannot be reached serves as a node alone: sessions open on it, its own
+limiter counts, and /metrics says Redis is down."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import ServerFactory, WsClient, make_config
+from tests.server.test_realtime import BETA, TRANSCRIPTION
+
+from .conftest import free_port
+
+KEY = "alone-key-0123456789"
+
+
+async def test_without_its_redis_a_node_counts_alone(
+    serve: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALONE_KEY", KEY)
+    config = make_config(
+        server='per_key_rate_per_s = 0.01\nper_key_burst = 2\nclient_keys_env = ["ALONE_KEY"]',
+        extra=f'[cluster]\nredis_url = "redis://127.0.0.1:{free_port()}/0"\n'
+        "redis_timeout_s = 0.2\n",
+    )
+    server = await serve(config)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with anyio.fail_after(20):
+        client = await WsClient.connect(
+            server.port or 0, TRANSCRIPTION, headers=[*BETA, *auth.items()]
+        )
+        assert (await client.recv())["type"] == "transcription_session.created"
+        await client.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            codes = []
+            for _ in range(3):
+                answer = await http.post(
+                    "/v1/chat/completions", json=body, headers={**auth, "spear-backend": "stub"}
+                )
+                codes.append(answer.status_code)
+            metrics = (await http.get("/metrics")).text
+    assert codes == [200, 200, 429]  # the node's own bucket: burst 2
+    assert "spear_cluster_redis_down 1" in metrics
