@@ -4,7 +4,8 @@ The client's upgrade request is sent to the owner as it came, plus ``Spear-Forwa
 node`` or ``worker``; from then on bytes are copied both ways unchanged, so the owner
 answers the handshake, checks the client key and the resume token, and its close code
 reaches the client as sent. A request already forwarded to a node may be forwarded once
-more, to that node's worker; one forwarded to a worker never again (no loops).
+more, to that node's worker; one forwarded to a worker never again (no loops). Nodes that
+serve TLS forward over TLS, trusting only the certificate they share.
 
 Memory: one read (64 KiB at most) per direction in flight; each side is read only once
 the other took the previous read, so a slow reader slows its writer (TCP pushes back).
@@ -15,6 +16,8 @@ answer (its close frame) still comes back.
 from __future__ import annotations
 
 import logging
+import ssl
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -27,15 +30,32 @@ READ_SIZE = 65536
 CONNECT_TIMEOUT_S = 2.0
 
 
-async def open_owner(target: str, timeout_s: float) -> anyio.abc.ByteStream | None:
-    """A connection to `target` (``unix:PATH`` or ``HOST:PORT``), or None (logged)."""
+def node_tls(cert_path: str | None) -> ssl.SSLContext | None:
+    """How a node that serves TLS reaches the others: TLS, trusting the certificate the
+    nodes share (their common config's `tls_cert`), whatever address it is reached at."""
+    if cert_path is None:
+        return None
+    context = ssl.create_default_context(cafile=str(Path(cert_path).expanduser()))
+    context.check_hostname = False  # pinned to our own certificate instead of a name
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def open_owner(
+    target: str, timeout_s: float, tls: ssl.SSLContext | None = None
+) -> anyio.abc.ByteStream | None:
+    """A connection to `target` (``unix:PATH``, or ``HOST:PORT`` over `tls` when given), or
+    None (logged)."""
     try:
         with anyio.fail_after(timeout_s):
             if target.startswith("unix:"):
                 return await anyio.connect_unix(target[5:])
             host, _, port = target.rpartition(":")
-            return await anyio.connect_tcp(host.strip("[]"), int(port))
-    except (OSError, TimeoutError, ValueError) as exc:
+            if tls is None:
+                return await anyio.connect_tcp(host.strip("[]"), int(port))
+            return await anyio.connect_tcp(host.strip("[]"), int(port), ssl_context=tls,
+                                           tls_standard_compatible=False)  # fmt: skip
+    except (OSError, TimeoutError, ValueError, ssl.SSLError) as exc:
         log.warning("cannot forward a resume to %s: %s", target, exc or type(exc).__name__)
         return None
 

@@ -13,12 +13,13 @@ socket), else, when the request was not already forwarded, the node Redis names 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable
 
 import anyio
 
 from spear_rt.cluster.directory import RUN_DIR_ENV, WorkerDirectory, valid_session_id
-from spear_rt.cluster.forward import HOP_NODE, HOP_WORKER
+from spear_rt.cluster.forward import HOP_NODE, HOP_WORKER, node_tls
 from spear_rt.cluster.redis_client import Redis, RedisAddress
 from spear_rt.cluster.shared import RedisShare
 from spear_rt.config import ClusterConfig, Config
@@ -38,6 +39,7 @@ class Cluster:
         self.config = config
         self.workers = workers
         self.redis = redis
+        self.tls: ssl.SSLContext | None = None  # how to reach the other nodes (TLS ones)
         self.forwarded = 0  # resumes sent on to the worker or node holding their session
         self._ejections: dict[tuple[str, str], float] = {}  # to tell the others
         self._ejected = anyio.Event()
@@ -61,7 +63,10 @@ class Cluster:
             )
         if workers is None and redis is None:
             return None
-        return cls(cluster, workers, redis)
+        made = cls(cluster, workers, redis)
+        if redis is not None:
+            made.tls = node_tls(config.server.tls_cert)
+        return made
 
     # --- SharedSessions -----------------------------------------------------------------------
 

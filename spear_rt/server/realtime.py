@@ -187,7 +187,7 @@ async def _forwarded(
     if target is None:
         return False
     address, next_hop = target
-    owner = await open_owner(address, CONNECT_TIMEOUT_S)
+    owner = await open_owner(address, CONNECT_TIMEOUT_S, cluster.tls)
     if owner is None:
         return False  # the owner is gone: refused here as unknown (4004)
     headers = [(k, v) for k, v in request.headers if k != FORWARDED_HEADER]
