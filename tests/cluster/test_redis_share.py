@@ -54,6 +54,25 @@ async def test_two_nodes_share_one_token_bucket(redis_url: str) -> None:
     assert await a.take_token("key2", 0.01, 5) is None  # another key, its own bucket
 
 
+async def test_two_nodes_earn_tokens_back_at_the_rate_together(redis_url: str) -> None:
+    """20/s burst 2 over 0.5 s of Redis' clock, taken as fast as two nodes can: what one
+    bucket would give, burst + rate x time (+-1 for where the window's ends fall)."""
+    prefix = fresh_prefix()
+    a, b = node(redis_url, prefix=prefix), node(redis_url, prefix=prefix)
+    redis = a.redis
+    start = await redis.call("TIME")
+    taken = 0
+    while True:
+        for share in (a, b):
+            taken += await share.take_token("key", 20.0, 2) is None
+        now = await redis.call("TIME")
+        assert isinstance(start, list) and isinstance(now, list)
+        elapsed = (int(now[0]) - int(start[0])) + (int(now[1]) - int(start[1])) / 1e6
+        if elapsed >= 0.5:
+            break
+    assert abs(taken - (2 + 20 * elapsed)) <= 1.5, (taken, elapsed)
+
+
 async def test_two_nodes_spend_one_budget(redis_url: str) -> None:
     prefix = fresh_prefix()
     a, b = node(redis_url, prefix=prefix), node(redis_url, prefix=prefix)
