@@ -11,6 +11,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -32,17 +34,27 @@ async def read_until(
         said.extend(await stream.receive())
 
 
-async def test_two_workers_share_the_port_and_take_the_parents_signals(tmp_path: Path) -> None:
+@asynccontextmanager
+async def two_workers(
+    tmp_path: Path, loop: str
+) -> AsyncIterator[tuple[anyio.abc.Process, bytearray, int]]:
+    """`serve --workers 2` on a stub config: (process, its stderr so far, the port), once
+    both workers listen."""
     config = tmp_path / "stub.toml"
     config.write_text(STUB)
     command = [SPEAR, "serve", "--workers", "2", "--listen", "127.0.0.1:0",
-               "--config", str(config), "--loop", "trio"]  # fmt: skip
+               "--config", str(config), "--loop", loop]  # fmt: skip
+    async with await anyio.open_process(command) as process:
+        assert process.stderr is not None
+        said = bytearray()
+        await read_until(process.stderr, said, b"listening on", 2)
+        yield process, said, int(said.split(b" workers on 127.0.0.1:", 1)[1].split(b" ", 1)[0])
+
+
+async def test_two_workers_share_the_port_and_take_the_parents_signals(tmp_path: Path) -> None:
     with anyio.fail_after(60):
-        async with await anyio.open_process(command) as process:
+        async with two_workers(tmp_path, "trio") as (process, said, port):
             assert process.stderr is not None
-            said = bytearray()
-            await read_until(process.stderr, said, b"listening on", 2)
-            port = int(said.split(b" workers on 127.0.0.1:", 1)[1].split(b" ", 1)[0])
             seen: set[int] = set()
             for _ in range(200):  # a new connection each time: the kernel picks a worker
                 async with httpx.AsyncClient() as client:
@@ -92,16 +104,8 @@ async def test_a_resume_landing_on_the_other_worker_reaches_its_session(
 ) -> None:
     """Each resume is a new connection the kernel gives to either worker: every one must
     get the session; resumes go on until one was forwarded (each has a 1/2 chance)."""
-    config = tmp_path / "stub.toml"
-    config.write_text(STUB)
-    command = [SPEAR, "serve", "--workers", "2", "--listen", "127.0.0.1:0",
-               "--config", str(config), "--loop", loop]  # fmt: skip
     with anyio.fail_after(60):
-        async with await anyio.open_process(command) as process:
-            assert process.stderr is not None
-            said = bytearray()
-            await read_until(process.stderr, said, b"listening on", 2)
-            port = int(said.split(b" workers on 127.0.0.1:", 1)[1].split(b" ", 1)[0])
+        async with two_workers(tmp_path, loop) as (process, _said, port):
             client = await WsClient.connect(port, TRANSCRIPTION, headers=BETA)
             created = await client.recv()
             session_id, token = created["session"]["id"], created["spear"]["resume_token"]
