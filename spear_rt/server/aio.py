@@ -235,17 +235,19 @@ class CallbackRunner:
         self._waiting: deque[Message] = deque()
         self._reading_paused = False
         self._stall: asyncio.TimerHandle | None = None  # messages wait, the socket takes nothing
+        # anyio.current_time() is this loop's time, found anew (a getpid() each) per call
+        self._clock = asyncio.get_running_loop().time
 
     async def run(self) -> None:
         """Own the session until it ends (its first connection may be replaced by resumes)."""
         connection = self.connection
         assert connection is not None
         self.machine.start(anyio.current_time())
-        set_sink: Callable[[Callable[[UpstreamEvent], bool] | None], None] | None = getattr(
-            self.upstream, "set_sink", None
+        set_sink: Callable[[Callable[[UpstreamEvent], bool], Callable[[], None]], None] | None = (
+            getattr(self.upstream, "set_sink", None)
         )
         if set_sink is not None:
-            set_sink(self._upstream_now)
+            set_sink(self._upstream_now, self.after)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._upstream_reader)
@@ -348,7 +350,7 @@ class CallbackRunner:
                 self.flush()  # may take the queue at once if the transport is not paused
                 if machine.outbound.nbytes > machine.outbound.max_bytes:
                     break
-            handle_message(machine, waiting.popleft())
+            handle_message(machine, waiting.popleft(), self._clock())
         self._push_upstream()
         self.flush()
         self._update_reading()
@@ -427,6 +429,15 @@ class CallbackRunner:
     def flush(self) -> None:
         """Write queued events (unless the client is not reading) and any close or pong."""
         machine, ws, connection = self.machine, self.ws, self.connection
+        outbound = machine.outbound
+        if (
+            not outbound.nbytes
+            and machine.close is None
+            and not ws.writes
+            and connection is not None
+        ):
+            self._room.set()  # nothing to write (most client reads: appends answer nothing)
+            return
         if machine.outbound.overflowed and machine.close is None:
             machine.close = NOT_READING
         if connection is None:
@@ -531,7 +542,8 @@ class CallbackRunner:
 
     def _upstream_now(self, event: UpstreamEvent) -> bool:
         """An event from the upstream's own callbacks (`set_sink`): applied as
-        `_upstream_reader` would, without its task switches; False when it would wait."""
+        `_upstream_reader` would, without its task switches; False when it would wait.
+        The upstream calls `after` once the events of its read are applied."""
         machine = self.machine
         if self._done.is_set():
             return False
@@ -547,7 +559,8 @@ class CallbackRunner:
         try:
             machine.upstream_event(event)
             self._push_upstream()
-            self.flush()
+            if machine.outbound.nbytes > machine.outbound.max_bytes // 2:
+                self.flush()  # else once for the whole read (`after`): one write, not one each
         except Exception:
             self._crashed()
         return True

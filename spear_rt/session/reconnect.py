@@ -143,6 +143,7 @@ class ReconnectingUpstream:
         # create that waited out the reconnect) is dropped, not sent.
         self.stale: Callable[[UpstreamCommand], bool] = lambda command: False
         self._sink: Callable[[UpstreamEvent], bool] | None = None
+        self._sink_done: Callable[[], None] = _nothing
         self._receiving = False  # `receive` is waiting (see `set_sink`)
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
@@ -208,13 +209,18 @@ class ReconnectingUpstream:
             self._sending = False
         self.journal.record_command(command)
 
-    def set_sink(self, sink: Callable[[UpstreamEvent], bool] | None) -> None:
+    def set_sink(
+        self,
+        sink: Callable[[UpstreamEvent], bool] | None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
         """Hand events to `sink` as the upstream reads them, where it can (an upstream with
         `set_sink`, the asyncio link): only while the connection is open and `receive` waits
         with nothing queued or in flight, so order holds. `sink` returning False (not now)
         queues the event as usual. Failures and reconnects still go through `receive`.
+        `done` follows the events of one upstream read that `sink` took.
         """
-        self._sink = sink
+        self._sink, self._sink_done = sink, done or _nothing
 
     async def receive(self) -> UpstreamEvent:
         """Next event; after a final failure, the events before it, then the failure."""
@@ -415,11 +421,11 @@ class ReconnectingUpstream:
         self._generation += 1
         generation = self._generation
         self._up, self._ending, self._drain_deadline = up, None, math.inf
-        set_sink: Callable[[Callable[[UpstreamEvent], bool]], None] | None = getattr(
-            up, "set_sink", None
+        set_sink: Callable[[Callable[[UpstreamEvent], bool], Callable[[], None]], None] | None = (
+            getattr(up, "set_sink", None)
         )
         if set_sink is not None:
-            set_sink(self._sink_for(generation))
+            set_sink(self._sink_for(generation), lambda: self._sink_done())
         replay: list[UpstreamCommand] = []
         if task_status is not None:
             self.input_rate_hz = up.input_rate_hz
@@ -499,6 +505,10 @@ class ReconnectingUpstream:
         if self._ending is not None and not self._ending.retryable:
             return self._ending  # a send's final failure wins
         return failure
+
+
+def _nothing() -> None:
+    pass
 
 
 def _waits_idle(tx: MemoryObjectSendStream[UpstreamEvent]) -> bool:

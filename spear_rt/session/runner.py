@@ -105,15 +105,18 @@ class ClientLink(Protocol):
         ...
 
 
-def handle_message(machine: SessionMachine, message: ClientMessage) -> None:
+def handle_message(
+    machine: SessionMachine, message: ClientMessage, now: float | None = None
+) -> None:
     """Decode one client message and apply it; never raises (shared by both runners).
 
-    A failure in the handling itself (a bug) is logged with its traceback once per session,
+    `now`: the session clock's time, when the caller has it at hand. A failure in the
+    handling itself (a bug) is logged with its traceback once per session,
     answered with an `error` event and closes the session 1011.
     """
     try:
         event = decode_client_event(message.data) if message.text else _BINARY
-        machine.client_event(event, anyio.current_time())
+        machine.client_event(event, anyio.current_time() if now is None else now)
     except Exception:
         if machine.close is None:
             log.exception("session %s: handling a client event failed", machine.session_id)

@@ -7,6 +7,8 @@ are sent and reads are decoded in its callbacks (no reader or writer task; see a
 from __future__ import annotations
 
 import logging
+import os
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,11 @@ import numpy as np
 from anyio.streams.memory import MemoryObjectSendStream
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets without its C extension
+    from websockets.utils import apply_mask
 from websockets.protocol import State
 
 from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEvent
@@ -32,6 +39,8 @@ FRAME_OVERHEAD = 96  # bytes of JSON and framing around an event's payload (an e
 _NON_RETRYABLE_CLOSE = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 
 log = logging.getLogger(__name__)
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -93,6 +102,9 @@ class RealtimeTranscription:
         self._held: deque[UpstreamEvent] = deque()  # link: decoded while the queue was full
         self._end_after_held = False  # link: failed; end the queue once `_held` is delivered
         self._sink: Callable[[UpstreamEvent], bool] | None = None
+        self._sink_done: Callable[[], None] | None = None
+        self._sunk = False  # the sink took an event of the read being handled
+        self._keys = b""  # link: random masking keys, 4 bytes a frame (see `_send_text`)
         self._receiving = False  # `receive` is waiting (see `set_sink`)
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
@@ -117,8 +129,7 @@ class RealtimeTranscription:
                 return False
             frame = self._translator.encode(command)
             if frame is not None:
-                self._proto.send_text(frame)
-                self._write()
+                self._send_text(link, frame)
             return True
         size = FRAME_OVERHEAD
         if isinstance(command, AppendAudio):
@@ -146,14 +157,19 @@ class RealtimeTranscription:
             self._space = anyio.Event()
             await self._space.wait()
 
-    def set_sink(self, sink: Callable[[UpstreamEvent], bool] | None) -> None:
+    def set_sink(
+        self,
+        sink: Callable[[UpstreamEvent], bool] | None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
         """asyncio link: hand events to `sink` as they are read, instead of queueing them.
 
         Only while `receive` waits with nothing queued or in flight, so a sunk event never
         overtakes a queued one; `sink` returning False (not now) queues the event as usual.
         Failures still end `receive`. This saves two task switches per event (issue 16).
+        `done` is called after the events of one read that `sink` took (write them once).
         """
-        self._sink = sink
+        self._sink, self._sink_done = sink, done
 
     async def receive(self) -> UpstreamEvent:
         """The next event; after a failure, the events before it, then `BackendFailure`."""
@@ -311,6 +327,29 @@ class RealtimeTranscription:
         if data and transport is not None and not link.lost and not transport.is_closing():
             transport.write(data)
 
+    def _send_text(self, link: LinkProtocol, payload: bytes) -> None:
+        """One masked text frame, written now (websockets' `send_text` builds the same frame
+        through a generic serializer and one `os.urandom(4)` per frame; this path carries
+        every append, so it is done here). What the protocol queued (pongs) goes first."""
+        transport = link.transport
+        if transport is None or link.lost or transport.is_closing():
+            return
+        pending = self._proto.data_to_send()
+        if pending:
+            transport.write(b"".join(pending))
+        keys = self._keys
+        if len(keys) < 4:
+            keys = os.urandom(4096)
+        key, self._keys = keys[:4], keys[4:]
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            head = _HEAD16.pack(0x81, 0xFE, n)
+        else:
+            head = _HEAD64.pack(0x81, 0xFF, n)
+        transport.write(head + key + apply_mask(payload, key))
+
     def _switch_link(self, link: LinkProtocol) -> None:
         """Take the connection over from the opening's coroutines (see aio_link.py)."""
         if link.transport is not None:
@@ -335,6 +374,10 @@ class RealtimeTranscription:
             proto.receive_data(data)
             events, failure = self._frames(proto.events_received())
             self._deliver_now(events)  # what came before a failure still counts
+            if self._sunk:
+                self._sunk = False
+                if self._sink_done is not None:
+                    self._sink_done()
         except Exception as exc:  # a callback must not raise: the transport would die silently
             log.exception("an upstream read could not be handled")
             self._fail(BackendFailure(f"upstream read failed: {type(exc).__name__}"))
@@ -380,6 +423,7 @@ class RealtimeTranscription:
                 and waits_idle(self._tx)
                 and sink(event)
             ):
+                self._sunk = True
                 continue
             try:
                 self._tx.send_nowait(event)
