@@ -7,6 +7,7 @@ line and exit 2; nothing here prints a traceback for them.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -156,6 +157,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         nonlocal code
+        # `kill -USR1 <pid>`: every thread's stack on stderr, for a server that seems stuck
+        # (registered once the loop runs: uvloop resets signal handlers when it starts)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         code = await serve(config, config_path=args.config, wasm=args.wasm, worker=args.worker)
 
     run_on_loop(args.loop, main)

@@ -259,3 +259,26 @@ async def test_drain_lets_a_streamed_answer_finish(tmp_path: Path, loop: str, dr
             finally:
                 await server.stop()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("loop", "driver"), [("trio", "auto"), ("uvloop", "auto")], ids=["trio", "uvloop"]
+)
+async def test_sigusr1_prints_every_threads_stack_and_the_server_goes_on(
+    tmp_path: Path, loop: str, driver: str
+) -> None:
+    """For a server that seems stuck: its stacks on stderr, and it still answers."""
+    config = tmp_path / "stub.toml"
+    config.write_text(config_text(driver))
+    server = await ServeProcess.start(config, loop)
+    try:
+        with trio.fail_after(30):
+            port = await server.port()
+            server.process.send_signal(signal.SIGUSR1)
+            await server.wait_for(b"most recent call first")
+            http = await Http.connect(port)
+            await http.send("GET", "/healthz")
+            answer = await http.response()
+            assert answer is not None and answer[0] == 200
+    finally:
+        await server.stop()

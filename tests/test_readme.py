@@ -30,6 +30,7 @@ import queue
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -197,12 +198,29 @@ class World:
     def result(self, key: str) -> tuple[int, str, str]:
         """Wait for a launched command: (exit code, stdout, stderr)."""
         process, out = self.runs[key]
+        dump = ""
         try:
             code = process.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
             code = process.wait()
-        return code, out.with_suffix(".out").read_text(), out.with_suffix(".err").read_text()
+            dump = self.dump_servers()
+        err = out.with_suffix(".err").read_text()
+        return code, out.with_suffix(".out").read_text(), err + dump
+
+    def dump_servers(self) -> str:
+        """What the servers were doing (a run hung): their threads' stacks (SIGUSR1) and the
+        end of their stderr."""
+        for server in self.servers.values():
+            spear = "redis-server" not in str(server.process.args)
+            if spear and server.process.poll() is None:
+                server.process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        return "".join(
+            f"\n--- server for port {port} (stderr, last 8000 chars):\n"
+            + "".join(server.stderr)[-8000:]
+            for port, server in self.servers.items()
+        )
 
     def run_now(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         """Run a command in the work dir and wait for it (bounded)."""
