@@ -69,6 +69,18 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30)
         time.sleep(0.05)
 
 
+def wait_workers(port: int, workers: int, timeout_s: float = 30) -> None:
+    """Until every worker has answered /healthz (each listens on the port by then)."""
+    if workers == 1:
+        return
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < workers:  # a new connection each time: the kernel picks the worker
+        seen.add(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()["worker"])
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only workers {sorted(seen)} of {workers} answered")
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
@@ -146,7 +158,7 @@ def workers_ladder(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             )
             try:
                 wait_http(f"http://127.0.0.1:{port}/healthz", server)
-                time.sleep(0.5 * workers)  # every worker listening
+                wait_workers(port, workers)
                 result = loadgen_result(
                     loadgen(f"127.0.0.1:{port}", n, args, server.pid), args.seconds + 120
                 )
