@@ -36,19 +36,20 @@ async def read_until(
 
 @asynccontextmanager
 async def two_workers(
-    tmp_path: Path, loop: str
+    tmp_path: Path, loop: str, host: str = "127.0.0.1", extra: str = ""
 ) -> AsyncIterator[tuple[anyio.abc.Process, bytearray, int]]:
-    """`serve --workers 2` on a stub config: (process, its stderr so far, the port), once
-    both workers listen."""
-    config = tmp_path / "stub.toml"
-    config.write_text(STUB)
-    command = [SPEAR, "serve", "--workers", "2", "--listen", "127.0.0.1:0",
+    """`serve --workers 2` on a stub config (plus `extra` TOML): (process, its stderr so far,
+    the port), once both workers listen."""
+    config = tmp_path / f"stub-{host}.toml"
+    config.write_text(extra + STUB)
+    command = [SPEAR, "serve", "--workers", "2", "--listen", f"{host}:0",
                "--config", str(config), "--loop", loop]  # fmt: skip
     async with await anyio.open_process(command) as process:
         assert process.stderr is not None
         said = bytearray()
         await read_until(process.stderr, said, b"listening on", 2)
-        yield process, said, int(said.split(b" workers on 127.0.0.1:", 1)[1].split(b" ", 1)[0])
+        port = int(said.split(f" workers on {host}:".encode(), 1)[1].split(b" ", 1)[0])
+        yield process, said, port
 
 
 async def test_two_workers_share_the_port_and_take_the_parents_signals(tmp_path: Path) -> None:
@@ -135,3 +136,34 @@ async def test_a_resume_landing_on_the_other_worker_reaches_its_session(
             await client.close()
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+async def test_a_resume_crosses_a_node_and_then_a_worker(tmp_path: Path, redis_url: str) -> None:
+    """Two nodes of two workers each, one Redis: resumes alternate between the nodes and
+    each one reaches the session (node hop, then maybe the worker hop)."""
+    cluster = f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "w{id(tmp_path)}:"\n'
+    with anyio.fail_after(90):
+        async with (
+            two_workers(tmp_path, "trio", "127.0.0.2", cluster) as (a, _, port_a),
+            two_workers(tmp_path, "asyncio", "127.0.0.3", cluster) as (b, _, port_b),
+        ):
+            stream = await anyio.connect_tcp("127.0.0.2", port_a)
+            client = await WsClient.over(stream, port_a, TRANSCRIPTION, headers=BETA)
+            created = await client.recv()
+            session_id, token = created["session"]["id"], created["spear"]["resume_token"]
+            last_seq = created["seq"]
+            for attempt in range(8):
+                await client.stream.aclose()
+                host, port = ("127.0.0.3", port_b) if attempt % 2 == 0 else ("127.0.0.2", port_a)
+                path = f"{TRANSCRIPTION}&session_id={session_id}&last_seq={last_seq}"
+                stream = await anyio.connect_tcp(host, port)
+                client = await WsClient.over(
+                    stream, port, path, headers=[*BETA, ("Spear-Resume-Token", token)]
+                )
+                resumed = await client.recv()
+                assert resumed["type"] == "spear.session.resumed", (attempt, resumed)
+                last_seq = resumed["last_seq"]
+            await client.close()
+            for process in (a, b):
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
