@@ -96,27 +96,27 @@ class Redis:
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         """Send `commands` in one write and read their replies (errors as values)."""
         payload = b"".join(encode_command(*c) for c in commands)
-        async with self._slots:
-            conn = self._idle.pop() if self._idle else None
-            try:
-                with anyio.fail_after(self.timeout_s):
-                    if conn is None:
-                        conn = await self._connect()
+        conn: _Connection | None = None
+        try:
+            # the bound covers waiting for a free connection too: a slow Redis is a missing one
+            with anyio.fail_after(self.timeout_s):
+                async with self._slots:
+                    conn = self._idle.pop() if self._idle else await self._connect()
                     replies = await conn.roundtrip(payload, len(commands))
-            except (OSError, TimeoutError, ProtocolError, anyio.EndOfStream,
-                    anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:  # fmt: skip
-                if conn is not None:
-                    await _close(conn)
-                raise RedisUnavailable(f"{self.address!r}: {_reason(exc)}") from None
-            except BaseException:  # cancelled mid-reply: the stream is out of step
-                if conn is not None:
-                    await _close(conn)
-                raise
-            if self._closed:
+                    if self._closed:
+                        await _close(conn)
+                    else:
+                        self._idle.append(conn)
+                    return replies
+        except (OSError, TimeoutError, ProtocolError, anyio.EndOfStream,
+                anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:  # fmt: skip
+            if conn is not None:
                 await _close(conn)
-            else:
-                self._idle.append(conn)
-            return replies
+            raise RedisUnavailable(f"{self.address!r}: {_reason(exc)}") from None
+        except BaseException:  # cancelled mid-reply: the stream is out of step
+            if conn is not None:
+                await _close(conn)
+            raise
 
     async def script(self, source: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
         """Run a Lua script by its SHA1, loading it once when Redis does not know it."""

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.abc
 import pytest
 
 from spear_rt.cluster.redis_client import Redis, RedisAddress, RedisUnavailable
@@ -146,3 +147,31 @@ async def test_redis_gone_is_shared_unavailable_quickly() -> None:
         with pytest.raises(RedisUnavailable):
             await share._flush()
     assert share.down and share.errors == 6  # four calls, the lookup and the registration
+
+
+async def test_a_redis_that_never_answers_fails_every_call_within_its_timeout() -> None:
+    """Twenty calls at once through two connections to a silent server: every one is
+    RedisUnavailable by the timeout (waiting for a connection counts), none hangs."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    redis = Redis(RedisAddress(f"redis://127.0.0.1:{port}/0"), timeout_s=0.3, pool_size=2)
+    failures: list[float] = []
+
+    async def silent(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep_forever()
+
+    async def one() -> None:
+        start = anyio.current_time()
+        with pytest.raises(RedisUnavailable, match="no answer in time"):
+            await redis.call("PING")
+        failures.append(anyio.current_time() - start)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, silent)
+            async with anyio.create_task_group() as calls:
+                for _ in range(20):
+                    calls.start_soon(one)
+            tg.cancel_scope.cancel()
+    assert len(failures) == 20 and max(failures) < 0.3 + 0.2
