@@ -23,6 +23,8 @@ from spear_rt.cluster.forward import HOP_NODE, HOP_WORKER, node_tls
 from spear_rt.cluster.redis_client import Redis, RedisAddress
 from spear_rt.cluster.shared import RedisShare
 from spear_rt.config import ClusterConfig, Config
+from spear_rt.errors import ConfigError
+from spear_rt.redact import register_secret
 from spear_rt.router import Router
 from spear_rt.router.accounting import SharedUnavailable
 
@@ -54,6 +56,10 @@ class Cluster:
         if cluster.redis_url is not None:
             env = cluster.redis_password_env
             password = os.environ.get(env) if env else None
+            if env and not password:
+                raise ConfigError("cluster.redis_password_env", f"names {env}, which is not set")
+            if password:
+                register_secret(password)  # masked in every log line
             client = Redis(RedisAddress(cluster.redis_url, password), cluster.redis_timeout_s)
             redis = RedisShare(
                 client,

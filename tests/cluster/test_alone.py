@@ -7,6 +7,8 @@ import anyio
 import httpx
 import pytest
 
+from spear_rt.errors import ConfigError
+from spear_rt.server.app import Server
 from tests.conftest import ServerFactory, WsClient, make_config
 from tests.server.test_realtime import BETA, TRANSCRIPTION
 
@@ -43,3 +45,17 @@ async def test_without_its_redis_a_node_counts_alone(
             metrics = (await http.get("/metrics")).text
     assert codes == [200, 200, 429]  # the node's own bucket: burst 2
     assert "spear_cluster_redis_down 1" in metrics
+
+
+def test_a_redis_password_variable_that_is_not_set_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NO_SUCH_REDIS_PASSWORD", raising=False)
+    config = make_config(
+        extra='[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n'
+        'redis_password_env = "NO_SUCH_REDIS_PASSWORD"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        Server(config)
+    assert info.value.key == "cluster.redis_password_env"
+    assert "NO_SUCH_REDIS_PASSWORD" in str(info.value)
