@@ -330,8 +330,18 @@ class CallbackRunner:
     def data_received(self, data: bytes) -> None:
         """Parse, apply every complete message, forward upstream, write what resulted."""
         try:
-            self.ws.receive_data(data)
-            self._apply_frames()
+            ws = self.ws
+            if isinstance(ws, BudgetedServerProtocol):  # parses the common frames itself
+                assembler, waiting = self._assembler, self._waiting
+                for item in ws.receive_frames(data):
+                    if isinstance(item, Message):
+                        waiting.append(item)
+                    elif (message := assembler.feed(item)) is not None:
+                        waiting.append(message)
+                self._apply_waiting()
+            else:
+                ws.receive_data(data)
+                self._apply_frames()
         except Exception:  # a callback must not raise: the transport would die silently
             self._crashed()
 

@@ -18,11 +18,18 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets without its C extension
+    from websockets.utils import apply_mask
+
 from spear_rt.server.http import HttpConnection
 
 READ_SIZE = 65536
+_OPCODES = frozenset({0, 1, 2, 8, 9, 10})  # RFC 6455's: others fail the connection
 CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
 TRY_AGAIN_LATER = 1013
+OVER_BUDGET = "the server is receiving too many large frames at once; retry shortly"
 
 
 class FrameBudget:
@@ -58,6 +65,93 @@ class BudgetedServerProtocol(ServerProtocol):
         super().__init__(**kwargs)
         self._budget: FrameBudget | None = budget
         self._partial = 0
+        # `receive_frames`: an incomplete frame held here, not in websockets' reader; None
+        # once websockets parses everything itself (it was given a partial frame).
+        self._tail: bytes | None = b""
+
+    def receive_frames(self, data: bytes) -> list[Frame | Message]:
+        """Parse `data`: complete messages and websockets' frames (control frames, fragments),
+        in order. What `receive_data` + `events_received` give, with the common case done here.
+
+        A complete, unfragmented, masked data frame within `max_message_size` is unmasked here
+        and becomes a `Message` (websockets' generator-based parser costs several µs a frame:
+        this is every append of a realtime session). Every other complete frame goes to
+        websockets whole, so its parser always stands at a frame boundary; an incomplete
+        frame is kept here, counted in the budget like websockets' own partial bytes. Anything
+        websockets must judge (an oversized or invalid header, a message being fragmented,
+        the closing handshake, extensions) hands it everything from then on.
+        """
+        tail = self._tail
+        if (
+            tail is None
+            or self.state is not WsState.OPEN
+            or self.extensions
+            or self.max_fragment_size is not None
+        ):
+            return self._slow(data)
+        buf = tail + data if tail else data
+        out: list[Frame | Message] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4]), 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10]), 10
+            opcode, current = b0 & 0x0F, self.current_size
+            limit = self.max_message_size
+            if limit is not None and current is not None:
+                limit -= current
+            if (
+                b0 & 0x70
+                or not b1 & 0x80
+                or opcode not in _OPCODES
+                or (limit is not None and length > limit)
+            ):
+                return self._give_up(out, buf[pos:])  # websockets fails it at the header
+            stop = pos + head + 4 + length
+            if stop > end:
+                break
+            if b0 & 0x80 and opcode in (1, 2) and current is None:
+                key = buf[pos + head : pos + head + 4]
+                out.append(Message(apply_mask(buf[pos + head + 4 : stop], key), opcode == 1))
+            else:  # a control frame or a fragment, complete: websockets handles it
+                super().receive_data(buf[pos:stop])
+                out.extend(e for e in self.events_received() if isinstance(e, Frame))
+                if self.state is not WsState.OPEN or self.parser_exc is not None:
+                    self._count(0)
+                    return self._give_up(out, buf[stop:]) if stop < end else out
+            pos = stop
+        rest = buf[pos:] if pos else buf
+        self._tail = rest
+        if not self._count(len(rest) + (self.current_size or 0)):  # as `receive_data` counts
+            self._tail = None
+        return out
+
+    def _slow(self, data: bytes) -> list[Frame | Message]:
+        self.receive_data(data)
+        return [e for e in self.events_received() if isinstance(e, Frame)]
+
+    def _give_up(self, out: list[Frame | Message], rest: bytes) -> list[Frame | Message]:
+        """Let websockets parse from `rest` on (it judges what is wrong with it)."""
+        self._tail = None
+        out.extend(self._slow(rest))
+        return out
+
+    def _count(self, size: int) -> bool:
+        """Our held partial frame is `size` bytes; False (failed 1013) past the budget."""
+        budget = self._budget
+        if budget is None or budget.update(self._partial, size):
+            self._partial = size if budget is not None else 0
+            return True
+        self.release_budget()
+        self.fail(TRY_AGAIN_LATER, OVER_BUDGET)
+        return False
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Parse `data`; fail the connection 1013 if its partial frame passes the budget."""
@@ -70,10 +164,7 @@ class BudgetedServerProtocol(ServerProtocol):
             self._partial = partial
             return
         self.release_budget()
-        self.fail(
-            TRY_AGAIN_LATER,
-            "the server is receiving too many large frames at once; retry shortly",
-        )
+        self.fail(TRY_AGAIN_LATER, OVER_BUDGET)
 
     def receive_eof(self) -> None:
         """The peer ended the stream: no partial frame will complete, so give its bytes back."""
