@@ -56,7 +56,15 @@ from spear_rt.protocol.conversation_settings import (
     conversation_update,
 )
 from spear_rt.protocol.settings import SessionSettings
-from spear_rt.session.conversation_items import Item, chat_messages, item_from_wire, render_item
+from spear_rt.session.conversation_items import (
+    Item,
+    chat_messages,
+    insert_position,
+    item_from_wire,
+    render_item,
+    truncate,
+    truncation_error,
+)
 from spear_rt.session.relay import RelayLink
 from spear_rt.session.response_writer import (
     AudioOut,
@@ -241,7 +249,7 @@ class Conversation:
             if self._find(item_id) is not None:
                 raise SettingsError("item.id", f"an item with id {item_id!r} exists already")
             item = item_from_wire(wire, item_id)
-            at = self._insert_at(event.previous_item_id)
+            at = insert_position(self.items, event.previous_item_id)
         except SettingsError as exc:
             self._error(exc.code, str(exc), event.event_id, exc.param)
             return
@@ -253,16 +261,6 @@ class Conversation:
             self._emit(se.ItemDone(item=rendered, previous_item_id=previous))
         if self.relay is not None:
             self.relay.item_created(item, previous)
-
-    def _insert_at(self, previous_item_id: str | None) -> int:
-        if previous_item_id is None:
-            return len(self.items)
-        if previous_item_id == "root":
-            return 0
-        for i, item in enumerate(self.items):
-            if item.id == previous_item_id:
-                return i + 1
-        raise SettingsError("previous_item_id", f"no item {previous_item_id!r} in the conversation")
 
     def _delete_item(self, event: ce.ConversationItemDelete) -> None:
         item = self._item_or_error(event.item_id, event.event_id)
@@ -288,42 +286,13 @@ class Conversation:
         item = self._item_or_error(event.item_id, event.event_id)
         if item is None:
             return
-        parts = item.content
-        if (
-            item.role != "assistant"
-            or not (0 <= event.content_index < len(parts))
-            or (parts[event.content_index]["kind"] != "audio")
-        ):
-            self._error(
-                "invalid_value",
-                "only the audio content part of an assistant message can be truncated",
-                event.event_id,
-                "content_index",
-            )
+        in_progress = self.response is not None and item in self.response.output
+        refusal = truncation_error(item, event.content_index, event.audio_end_ms, in_progress)
+        if refusal is not None:
+            code, message, param = refusal
+            self._error(code, message, event.event_id, param)
             return
-        if self.response is not None and item in self.response.output:
-            self._error(
-                "item_in_progress",
-                "the item's response is still in progress; cancel it before truncating",
-                event.event_id,
-                "item_id",
-            )
-            return
-        if not 0 <= event.audio_end_ms <= round(item.audio_ms):
-            self._error(
-                "invalid_value",
-                f"audio_end_ms must be within 0..{round(item.audio_ms)} (the item's audio)",
-                event.event_id,
-                "audio_end_ms",
-            )
-            return
-        heard = [s for s in item.segments if s.audio_end_ms <= event.audio_end_ms]
-        part = parts[event.content_index]
-        part["transcript"] = _words_upto(
-            part.get("transcript", ""), heard[-1].text_chars if heard else 0
-        )
-        item.audio_ms = float(event.audio_end_ms)
-        item.segments = heard
+        truncate(item, event.content_index, event.audio_end_ms)
         self._emit(
             re.ItemTruncated(
                 item_id=item.id,
@@ -501,13 +470,3 @@ class Conversation:
                 "item_id",
             )
         return item
-
-
-def _words_upto(text: str, chars: int) -> str:
-    """`text` cut to its first `chars` characters, then back to a whole word."""
-    if chars >= len(text):
-        return text
-    cut = text[:chars]
-    if not text[chars].isspace():
-        cut = cut[: cut.rfind(" ") + 1]  # a word the cut went through was not heard whole
-    return cut.rstrip()

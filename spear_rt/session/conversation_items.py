@@ -246,3 +246,67 @@ def render_response(
     if spear:
         out["spear"] = spear
     return out
+
+
+def insert_position(items: list[Item], previous_item_id: str | None) -> int:
+    """Where an item created after `previous_item_id` goes (None: the end, "root": first)."""
+    if previous_item_id is None:
+        return len(items)
+    if previous_item_id == "root":
+        return 0
+    for i, item in enumerate(items):
+        if item.id == previous_item_id:
+            return i + 1
+    raise SettingsError("previous_item_id", f"no item {previous_item_id!r} in the conversation")
+
+
+def truncation_error(
+    item: Item, content_index: int, audio_end_ms: int, in_progress: bool
+) -> tuple[str, str, str] | None:
+    """Why `item` cannot be truncated so, as (code, message, param); None when it can."""
+    parts = item.content
+    if (
+        item.role != "assistant"
+        or not (0 <= content_index < len(parts))
+        or (parts[content_index]["kind"] != "audio")
+    ):
+        return (
+            "invalid_value",
+            "only the audio content part of an assistant message can be truncated",
+            "content_index",
+        )
+    if in_progress:
+        return (
+            "item_in_progress",
+            "the item's response is still in progress; cancel it before truncating",
+            "item_id",
+        )
+    if not 0 <= audio_end_ms <= round(item.audio_ms):
+        return (
+            "invalid_value",
+            f"audio_end_ms must be within 0..{round(item.audio_ms)} (the item's audio)",
+            "audio_end_ms",
+        )
+    return None
+
+
+def truncate(item: Item, content_index: int, audio_end_ms: int) -> None:
+    """Keep what was heard of the item's audio part: its audio up to `audio_end_ms` and the
+    whole words of its transcript spoken by then."""
+    heard = [s for s in item.segments if s.audio_end_ms <= audio_end_ms]
+    part = item.content[content_index]
+    part["transcript"] = _words_upto(
+        part.get("transcript", ""), heard[-1].text_chars if heard else 0
+    )
+    item.audio_ms = float(audio_end_ms)
+    item.segments = heard
+
+
+def _words_upto(text: str, chars: int) -> str:
+    """`text` cut to its first `chars` characters, then back to a whole word."""
+    if chars >= len(text):
+        return text
+    cut = text[:chars]
+    if not text[chars].isspace():
+        cut = cut[: cut.rfind(" ") + 1]  # a word the cut went through was not heard whole
+    return cut.rstrip()
