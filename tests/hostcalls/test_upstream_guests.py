@@ -394,3 +394,35 @@ async def test_a_stream_answered_to_a_whole_request_is_closed_and_refused() -> N
     sent = await anyio.to_thread.run_sync(send, "/v1/embeddings", "application/json", b"{}",
                                           None, None)  # fmt: skip
     assert sent.status == 502 and b"unexpected_stream" in sent.body and closed == [True]
+
+
+async def test_a_streamed_chat_from_a_real_upstream_reaches_the_guest_as_it_arrives(
+    serve: Any, nursery: Any
+) -> None:
+    """chat_and_rt's streaming chat fd over an `openai_http` instance (the fake upstream's SSE),
+    not the stub: the guest's text is the upstream's answer, asked for with stream: true."""
+    from tests.fakes.openai_upstream import FakeOpenAI
+
+    up = FakeOpenAI()
+    await nursery.start(up.serve)
+    backends = (
+        f'[[backends]]\nname = "up"\nkind = "openai_http"\nbase_url = "{up.base_url}"\n'
+        'ops = ["chat_completions"]\n'
+        '[[backends]]\nname = "stub"\nkind = "stub"\nops = ["speech_to_text", "realtime_voice"]\n'
+    )
+    server = await serve(make_config(backends=backends))
+    lines = Lines()
+    with anyio.fail_after(60):
+        await run_guest(
+            build("chat_and_rt"),
+            server.sessions,
+            audio=load_fixture_24k("speech_open_window.wav").astype("<i2").tobytes(),
+            oneshot=server.oneshot.handle,
+            log_sink=lines,
+        )
+    texts = [t.removeprefix("chat text: ").removesuffix("\n") for t in lines.info()
+             if t.startswith("chat text: ")]  # fmt: skip
+    assert "".join(texts) == "echo: what is the capital of France"
+    chats = [r for r in up.requests if r.path == "/v1/chat/completions"]
+    assert len(chats) == 1 and chats[0].json["stream"] is True
+    assert json.loads(lines.value("transcript event: "))["transcript"]
