@@ -279,6 +279,24 @@ async def test_run_wasm_listen_prints_the_streams_url_before_the_guest_starts(
 
 
 async def test_the_one_shot_families_answer_as_the_http_endpoints_do(server: Server) -> None:
+    await check_families(server, "stub")
+
+
+async def test_the_one_shot_families_over_a_real_upstream(serve: Any, nursery: Any) -> None:
+    """The same through an `openai_http` instance (the fake upstream), not the stub."""
+    from tests.fakes.openai_upstream import FakeOpenAI
+
+    up = FakeOpenAI()
+    await nursery.start(up.serve)
+    backend = f'[[backends]]\nname = "up"\nkind = "openai_http"\nbase_url = "{up.base_url}"\n'
+    await check_families(await serve(make_config(backends=backend)), "up")
+    paths = {r.path for r in up.requests}
+    assert {"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/embeddings",
+            "/v1/images/generations"} <= paths  # fmt: skip
+
+
+async def check_families(server: Server, backend: str) -> None:
+    """oneshot_families' answers equal the HTTP endpoints' for the same requests."""
     lines = await run_c("oneshot_families", server)
     base = f"http://127.0.0.1:{server.port}/v1"
     async with httpx.AsyncClient() as client:
@@ -302,7 +320,7 @@ async def test_the_one_shot_families_answer_as_the_http_endpoints_do(server: Ser
         )
     assert int(lines.value("tts_bytes=")) == len(speech.content) > 1000
     tts = json.loads(lines.value("tts_status="))
-    assert tts == {"status": 200, "content_type": "audio/wav", "backend": "stub",
+    assert tts == {"status": 200, "content_type": "audio/wav", "backend": backend,
                    "bytes": len(speech.content)}  # fmt: skip
     assert json.loads(lines.value("asr_json=")) == heard.json()
     assert json.loads(lines.value("emb_json=")) == embedded.json()
