@@ -194,3 +194,31 @@ def test_client_key_and_push_to_talk(tmp_path: Path) -> None:
         p.mouse.up()
         text = final_words(p)
         assert "window" in words(text), text
+
+
+def test_talk_mode_resumes_mid_answer_and_the_answer_plays_once(tmp_path: Path) -> None:
+    """The socket dies while a long answer is playing: `resumed`, and that answer is shown
+    once, whole, and finishes playing (its audio from the replay, not a second answer)."""
+    mic = mic_wav(tmp_path / "mic.wav", [("speech_open_window.wav", 2.0)])
+    with serve_in_thread(fake_chat) as fake:
+        slow = fake.slow_stream(text_events([w + " " for w in LONG_ANSWER.split()]))
+        slow.release(1000)
+        config = WHISPER + CASCADE.format(url=fake.base_url)
+        with (
+            spear_server(config, tmp_path) as port,
+            browser_page(mic, tmp_path, "talk-resume") as page,
+        ):
+            proxy = Proxy(port)
+            p: Any = page
+            go_live(p, proxy.port, "talk")
+            until_stats(p, lambda s: s["audioPlayedMs"] > 300)  # the answer is playing
+            assert proxy.cut() >= 1
+            expect(p.locator("#status")).to_have_text("resumed", timeout=TURN_MS)
+            stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
+            expect(p.locator("#answer .assistant")).to_have_count(1)
+            shown = p.locator("#answer .assistant").first.text_content() or ""
+            assert "close it again before you leave the house" in shown, shown
+            assert stats["audioPlayedMs"] > 3000 and stats["answersPlayed"] == 1, stats
+            log = p.locator("#log").text_content() or ""
+            assert "reconnecting" in log and "resumed session" in log, log
+            proxy.close()
