@@ -222,3 +222,30 @@ def test_talk_mode_resumes_mid_answer_and_the_answer_plays_once(tmp_path: Path) 
             log = p.locator("#log").text_content() or ""
             assert "reconnecting" in log and "resumed session" in log, log
             proxy.close()
+
+
+def test_push_to_talk_in_talk_mode_answers_the_held_turn(tmp_path: Path) -> None:
+    """Talk mode with push to talk: what is said while the button is held is one turn, and
+    releasing it gets that turn answered (and nothing is answered before)."""
+    mic = mic_wav(tmp_path / "mic.wav", [("speech_open_window.wav", 0.3)], tail_s=0.3)  # loops
+    with serve_in_thread(fake_chat) as fake:
+        config = WHISPER + CASCADE.format(url=fake.base_url)
+        with (
+            spear_server(config, tmp_path) as port,
+            browser_page(mic, tmp_path, "ptt-talk") as page,
+        ):
+            p: Any = page
+            p.goto(f"http://127.0.0.1:{port}/")
+            p.select_option("#mode", "talk")
+            p.select_option("#turns", "ptt")
+            p.click("#connect")
+            expect(p.locator("#status")).to_have_text("live", timeout=TURN_MS)
+            p.locator("#ptt").hover()
+            p.mouse.down()
+            p.wait_for_timeout(4000)  # a person holding the button while speaking
+            assert p.locator("#answer .assistant").count() == 0  # nothing until released
+            p.mouse.up()
+            expect(p.locator("#answer .assistant")).to_contain_text("window", timeout=TURN_MS)
+            stats = until_stats(p, lambda s: s["answersPlayed"] >= 1)
+            assert stats["audioPlayedMs"] > 300, stats
+            expect(p.locator("#answer .assistant")).to_have_count(1)
