@@ -485,11 +485,8 @@ class Server:
         if self.worker is not None:
             health["worker"] = self.worker  # which of `serve --workers N` answered
         redis = self.cluster.redis if self.cluster is not None else None
-        if redis is not None:  # a node of several: where the others reach it, and Redis
-            health["cluster"] = {
-                "node": redis.node_address,
-                "redis": "down" if redis.down else "up",
-            }
+        if redis is not None:  # a node of several (its address stays private: /healthz is open)
+            health["cluster"] = {"redis": "down" if redis.down else "up"}
         return json_response(200, health)
 
     async def _backends(self, request: HttpRequest) -> Response:
