@@ -288,7 +288,7 @@ async def rate_accuracy(addresses: list[str], args: argparse.Namespace) -> dict[
     served = refused = sent = 0
     interval = 1 / (3 * args.rate)
     async with httpx.AsyncClient() as client:
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         while time.perf_counter() - start < args.rate_seconds:
             answer = await client.post(
                 f"http://{addresses[sent % 3]}/v1/chat/completions", json=body, headers=headers
@@ -296,8 +296,9 @@ async def rate_accuracy(addresses: list[str], args: argparse.Namespace) -> dict[
             sent += 1
             served += answer.status_code == 200
             refused += answer.status_code == 429
+            last = time.perf_counter()  # tokens earned after the last request never count
             await asyncio.sleep(max(0.0, sent * interval - (time.perf_counter() - start)))
-        window = time.perf_counter() - start
+        window = last - start
     expected = args.burst + args.rate * window
     return {
         "sent": sent,
