@@ -235,10 +235,17 @@ class WebSocketConnection:
             proto.receive_eof()
             self.closed_by_peer = True
             return None
-        proto.receive_data(data)
+        if isinstance(proto, BudgetedServerProtocol):  # parses the common frames itself
+            events: list[Any] = proto.receive_frames(data)
+        else:
+            proto.receive_data(data)
+            events = proto.events_received()
         messages: list[Message] = []
         control = False
-        for event in proto.events_received():
+        for event in events:
+            if isinstance(event, Message):
+                messages.append(event)
+                continue
             if not isinstance(event, Frame):
                 continue
             if event.opcode in CONTROL_OPCODES:

@@ -162,7 +162,8 @@ class RealtimeTranscription:
         sink: Callable[[UpstreamEvent], bool] | None,
         done: Callable[[], None] | None = None,
     ) -> None:
-        """asyncio link: hand events to `sink` as they are read, instead of queueing them.
+        """Hand events to `sink` as they are read (by the link's callbacks on asyncio, the
+        reader task on trio), instead of queueing them.
 
         Only while `receive` waits with nothing queued or in flight, so a sunk event never
         overtakes a queued one; `sink` returning False (not now) queues the event as usual.
@@ -270,11 +271,30 @@ class RealtimeTranscription:
         self._delivering = True
         try:
             for event in events:
-                await self._tx.send(event)
+                if not self._try_sink(event):
+                    await self._tx.send(event)
         except anyio.BrokenResourceError:
             pass  # closing: nobody reads events any more
         finally:
             self._delivering = False
+        if self._sunk:
+            self._sunk = False
+            if self._sink_done is not None:
+                self._sink_done()
+
+    def _try_sink(self, event: UpstreamEvent) -> bool:
+        """Hand `event` to the sink (see `set_sink`); False: queue it."""
+        sink = self._sink
+        if (
+            sink is not None
+            and self._receiving
+            and not self._closed
+            and waits_idle(self._tx)
+            and sink(event)
+        ):
+            self._sunk = True
+            return True
+        return False
 
     async def _writer(self) -> None:
         stream = self._stream
@@ -415,15 +435,7 @@ class RealtimeTranscription:
             if held:
                 held.append(event)
                 continue
-            sink = self._sink
-            if (
-                sink is not None
-                and self._receiving
-                and not self._closed
-                and waits_idle(self._tx)
-                and sink(event)
-            ):
-                self._sunk = True
+            if self._try_sink(event):
                 continue
             try:
                 self._tx.send_nowait(event)
