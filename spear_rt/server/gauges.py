@@ -81,25 +81,30 @@ def register_gauges(server: Server) -> None:
         (),
         lambda: {(): float(server.sessions.total_sessions)},
     )
+    _register_cluster_gauges(server)
+
+
+def _register_cluster_gauges(server: Server) -> None:
+    """Gauges of a server among workers and nodes (none for a server alone)."""
     cluster = server.cluster
-    if cluster is not None:
-        server.metrics.gauge(
-            "spear_resumes_forwarded_total",
-            "Resumes sent on to the worker or node holding their session",
-            (),
-            lambda: {(): float(cluster.forwarded)},
-        )
-        redis = cluster.redis
-        if redis is not None:
-            server.metrics.gauge(
-                "spear_cluster_redis_errors_total",
-                "Redis calls that failed (the node counted alone meanwhile)",
-                (),
-                lambda: {(): float(redis.errors)},
-            )
-            server.metrics.gauge(
-                "spear_cluster_redis_down",
-                "1 while Redis is unreachable",
-                (),
-                lambda: {(): float(redis.down)},
-            )
+    if cluster is None:
+        return
+    gauges: list[tuple[str, str, Callable[[], float]]] = [
+        ("spear_resumes_forwarded_total",
+         "Resumes sent on to the worker or node holding their session",
+         lambda: cluster.forwarded),
+    ]  # fmt: skip
+    redis = cluster.redis
+    if redis is not None:
+        gauges += [
+            ("spear_cluster_redis_errors_total",
+             "Redis calls that failed (the node counted alone meanwhile)", lambda: redis.errors),
+            ("spear_cluster_redis_down", "1 while Redis is unreachable", lambda: redis.down),
+        ]  # fmt: skip
+    for name, text, value in gauges:
+        server.metrics.gauge(name, text, (), _unlabelled(value))
+
+
+def _unlabelled(value: Callable[[], float]) -> Callable[[], dict[tuple[str, ...], float]]:
+    """A gauge's reader for one unlabelled sample."""
+    return lambda: {(): float(value())}
