@@ -166,7 +166,10 @@ class Gen:
         self.expect_completed = args.protocol == "spear"
         self.turn_appends = max(1, round(args.turn_seconds * 1000 / FRAME_MS))
         key = os.urandom(4)
-        session = {"input_audio_format": "pcm16", "turn_detection": None}
+        # early_deltas: a turn's deltas as they are decoded (what this bench times), not held
+        # until its commit announces the item (the SDKs' default since the delta-order fix)
+        session: dict[str, Any] = {"input_audio_format": "pcm16", "turn_detection": None,
+                                   "spear": {"early_deltas": True}}  # fmt: skip
         if args.vad:
             session["turn_detection"] = {"type": "server_vad"}
         self.update_frame = client_frame(
