@@ -29,7 +29,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -37,6 +37,7 @@ from websockets.frames import Frame
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
+from spear_rt.aio_buffer import BufferedProtocol, BufferStream
 from spear_rt.backend import TranscriptionUpstream, UpstreamCommand, UpstreamEvent
 from spear_rt.errors import BackendFailure
 from spear_rt.server.ws import BudgetedServerProtocol, Message, MessageAssembler
@@ -47,134 +48,55 @@ from spear_rt.session.runner import CLOSE_GRACE_S, NOT_READING, fail_session, ha
 
 log = logging.getLogger(__name__)
 
-READ_HIGH_WATER = 256 * 1024  # buffered unread request bytes before we pause reading
 
-
-class ConnectionProtocol(asyncio.Protocol):
+class ConnectionProtocol(BufferedProtocol):
     """One TCP connection: feeds a `ProtocolStream`, or a `CallbackRunner` once switched."""
 
     def __init__(self, on_connect: Callable[[ProtocolStream], None]) -> None:
+        super().__init__()
         self._on_connect = on_connect
-        self.transport: asyncio.Transport | None = None
         self.session: CallbackRunner | None = None
-        # Unread request bytes: past READ_HIGH_WATER the transport stops reading (TCP pushes
-        # back), so this holds at most READ_HIGH_WATER plus one read.
-        self.buffer: deque[bytes] = deque()
-        self.buffered = 0
-        self.eof = False
-        self.lost = False
-        self.write_paused = False
-        self._reader: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing asyncio.Transport
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
         self._on_connect(ProtocolStream(self))
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
             self.session.data_received(data)
             return
-        self.buffer.append(data)
-        self.buffered += len(data)
-        if self.buffered > READ_HIGH_WATER and self.transport is not None:
-            self.transport.pause_reading()
-        self._wake_reader()
+        self.keep(data)
 
     def eof_received(self) -> bool | None:
         self.eof = True
         if self.session is not None:
             self.session.eof_received()
-            self._wake_reader()
+            self.wake_reader()
             return None  # let the transport close
-        self._wake_reader()
+        self.wake_reader()
         # HTTP: a client may half-close after its request and still read the answer (as on
         # the anyio drivers); the connection's handler closes the transport when it is done.
         # (SSL transports cannot stay half-open; asyncio would only warn.)
         return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = self.eof = True
-        self._wake_reader()
-        self._wake_drain()
+        super().connection_lost(exc)
         if self.session is not None:
             self.session.connection_lost()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
     def resume_writing(self) -> None:
-        self.write_paused = False
-        self._wake_drain()
+        super().resume_writing()
         if self.session is not None:
             self.session.writable()
 
-    def _wake_reader(self) -> None:
-        if self._reader is not None and not self._reader.done():
-            self._reader.set_result(None)
 
-    def _wake_drain(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
-    async def wait_readable(self) -> None:
-        """Wait for data, EOF or loss."""
-        self._reader = asyncio.get_running_loop().create_future()
-        await self._reader
-
-    async def wait_drained(self) -> None:
-        """Wait until the transport takes writes again."""
-        self._drain = asyncio.get_running_loop().create_future()
-        await self._drain
-
-    def take_buffered(self) -> bytes:
-        """Everything read but not yet consumed (handed over when switching to callbacks)."""
-        data = b"".join(self.buffer)
-        self.buffer.clear()
-        self.buffered = 0
-        return data
-
-
-class ProtocolStream(anyio.abc.ByteStream):
+class ProtocolStream(BufferStream):
     """A coroutine view of a `ConnectionProtocol` (for HTTP and the handshake)."""
 
+    protocol: ConnectionProtocol
+
     def __init__(self, protocol: ConnectionProtocol) -> None:
-        self.protocol = protocol
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        """The next bytes received; EndOfStream at EOF."""
-        proto = self.protocol
-        while not proto.buffer:
-            if proto.eof:
-                raise anyio.EndOfStream
-            await proto.wait_readable()
-        data = proto.buffer.popleft()
-        if len(data) > max_bytes:
-            proto.buffer.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        proto.buffered -= len(data)
-        if (
-            proto.buffered <= READ_HIGH_WATER // 2
-            and proto.transport is not None
-            and not proto.lost
-        ):
-            proto.transport.resume_reading()
-        return data
-
-    async def send(self, item: bytes) -> None:
-        """Write; waits while the transport's buffer is over its high-water mark."""
-        proto = self.protocol
-        if proto.lost or proto.transport is None or proto.transport.is_closing():
-            raise anyio.BrokenResourceError
-        proto.transport.write(item)
-        while proto.write_paused and not proto.lost:
-            await proto.wait_drained()
-
-    async def send_eof(self) -> None:
-        """Half-close our side."""
-        if self.protocol.transport is not None and self.protocol.transport.can_write_eof():
-            self.protocol.transport.write_eof()
+        super().__init__(protocol)
 
     async def aclose(self) -> None:
         """Close the connection (unless a callback session now owns it)."""

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import anyio
-import anyio.abc
-import anyio.lowlevel
 import sniffio
 
-HIGH_WATER = 256 * 1024  # bytes read during the opening and not taken yet: pause reading
+from spear_rt.aio_buffer import BufferedProtocol, BufferStream
 
 
 class LinkHandler(Protocol):
@@ -34,131 +29,52 @@ class LinkHandler(Protocol):
     def link_writable(self) -> None: ...
 
 
-class LinkProtocol(asyncio.Protocol):
+class LinkProtocol(BufferedProtocol):
     """One upstream TCP (or TLS) connection: buffers for `LinkStream`, or calls a handler."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+        super().__init__()
         self.handler: LinkHandler | None = None
-        self.buffer: deque[bytes] = deque()  # opening phase only: at most HIGH_WATER + 1 read
-        self.buffered = 0
-        self.eof = False
-        self.lost = False
-        self.write_paused = False
-        self._reader: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing asyncio.Transport
-        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.handler is not None:
             self.handler.link_data(data)
             return
-        self.buffer.append(data)
-        self.buffered += len(data)
-        if self.buffered > HIGH_WATER and self.transport is not None:
-            self.transport.pause_reading()
-        _wake(self._reader)
+        self.keep(data)  # the opening phase only
 
     def eof_received(self) -> bool | None:
         self.eof = True
-        _wake(self._reader)
+        self.wake_reader()
         if self.handler is not None:
             self.handler.link_eof()
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = self.eof = True
-        _wake(self._reader)
-        _wake(self._drain)
+        super().connection_lost(exc)
         if self.handler is not None:
             self.handler.link_lost(exc)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
     def resume_writing(self) -> None:
-        self.write_paused = False
-        _wake(self._drain)
+        super().resume_writing()
         if self.handler is not None:
             self.handler.link_writable()
 
     def switch(self, handler: LinkHandler) -> bytes:
         """Hand the connection to `handler`; returns what was read and not taken yet."""
         self.handler = handler
-        data = b"".join(self.buffer)
-        self.buffer.clear()
-        self.buffered = 0
+        data = self.take_buffered()
         if self.transport is not None and not self.lost:
             self.transport.resume_reading()
         return data
 
-    async def wait_readable(self) -> None:
-        self._reader = asyncio.get_running_loop().create_future()
-        await self._reader
 
-    async def wait_drained(self) -> None:
-        self._drain = asyncio.get_running_loop().create_future()
-        await self._drain
-
-
-def _wake(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
-
-
-class LinkStream(anyio.abc.ByteStream):
+class LinkStream(BufferStream):
     """A coroutine view of a `LinkProtocol` (the opening, and the close at the end)."""
 
+    protocol: LinkProtocol
+
     def __init__(self, protocol: LinkProtocol) -> None:
-        self.protocol = protocol
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        """The next bytes received; EndOfStream at EOF."""
-        proto = self.protocol
-        while not proto.buffer:
-            if proto.eof:
-                raise anyio.EndOfStream
-            await proto.wait_readable()
-        data = proto.buffer.popleft()
-        if len(data) > max_bytes:
-            proto.buffer.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        proto.buffered -= len(data)
-        if proto.buffered <= HIGH_WATER // 2 and proto.transport is not None and not proto.lost:
-            proto.transport.resume_reading()
-        return data
-
-    async def send(self, item: bytes) -> None:
-        """Write; waits while the transport's buffer is over its high-water mark."""
-        proto = self.protocol
-        transport = proto.transport
-        if proto.lost or transport is None or transport.is_closing():
-            raise anyio.BrokenResourceError
-        transport.write(item)
-        while proto.write_paused and not proto.lost:
-            await proto.wait_drained()
-        if proto.lost:
-            raise anyio.BrokenResourceError
-
-    async def send_eof(self) -> None:
-        """Half-close our side."""
-        transport = self.protocol.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-
-    async def aclose(self) -> None:
-        """Close the connection (what is buffered is still written)."""
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-        await anyio.lowlevel.checkpoint()
-
-    @property
-    def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
-        return {}
+        super().__init__(protocol)
 
 
 def on_asyncio() -> bool:
