@@ -35,6 +35,8 @@ class WorkerDirectory:
         self.root = Path(run_dir)
         self.worker = worker
         self._sessions = self.root / "sessions"
+        # made before the server serves (its first session is recorded here at once)
+        self._sessions.mkdir(exist_ok=True)
         self._queue: dict[str, bool] = {}  # session id -> ended (False), to be written
         self._wake = anyio.Event()
 
@@ -62,8 +64,7 @@ class WorkerDirectory:
         return int(text)
 
     async def write_forever(self) -> None:
-        """Write queued registrations as they come (one thread hop per batch)."""
-        await anyio.to_thread.run_sync(lambda: self._sessions.mkdir(exist_ok=True))
+        """Write queued endings as they come (one thread hop per batch)."""
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()

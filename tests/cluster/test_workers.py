@@ -106,7 +106,7 @@ async def test_a_resume_landing_on_the_other_worker_reaches_its_session(
     """Each resume is a new connection the kernel gives to either worker: every one must
     get the session; resumes go on until one was forwarded (each has a 1/2 chance)."""
     with anyio.fail_after(60):
-        async with two_workers(tmp_path, loop) as (process, _said, port):
+        async with two_workers(tmp_path, loop) as (process, said, port):
             client = await WsClient.connect(port, TRANSCRIPTION, headers=BETA)
             created = await client.recv()
             session_id, token = created["session"]["id"], created["spear"]["resume_token"]
@@ -135,7 +135,12 @@ async def test_a_resume_landing_on_the_other_worker_reaches_its_session(
             assert (await client.recv_until(COMPLETED))[-1]["transcript"]
             await client.close()
             process.send_signal(signal.SIGTERM)
-            assert await process.wait() == 0
+            code = await process.wait()
+            assert process.stderr is not None
+            with anyio.move_on_after(2):
+                async for chunk in process.stderr:
+                    said.extend(chunk)
+            assert code == 0, said.decode(errors="replace")[-3000:]
 
 
 async def test_a_resume_crosses_a_node_and_then_a_worker(tmp_path: Path, redis_url: str) -> None:
