@@ -53,8 +53,9 @@ async def open_owner(
             host, _, port = target.rpartition(":")
             if tls is None:
                 return await anyio.connect_tcp(host.strip("[]"), int(port))
-            return await anyio.connect_tcp(host.strip("[]"), int(port), ssl_context=tls,
-                                           tls_standard_compatible=False)  # fmt: skip
+            return await anyio.connect_tcp(
+                host.strip("[]"), int(port), ssl_context=tls, tls_standard_compatible=False
+            )
     except (OSError, TimeoutError, ValueError, ssl.SSLError) as exc:
         log.warning("cannot forward a resume to %s: %s", target, exc or type(exc).__name__)
         return None

@@ -32,6 +32,9 @@ from spear_rt.cluster.resp import (
 
 Arg = str | bytes | int | float
 READ_SIZE = 65536
+# what a call that cannot complete raises: the connection is dropped, Redis is unavailable
+_UNREACHABLE = (OSError, TimeoutError, ProtocolError, anyio.EndOfStream,
+                anyio.BrokenResourceError, anyio.ClosedResourceError)  # fmt: skip
 
 
 class RedisUnavailable(Exception):
@@ -108,8 +111,7 @@ class Redis:
                     else:
                         self._idle.append(conn)
                     return replies
-        except (OSError, TimeoutError, ProtocolError, anyio.EndOfStream,
-                anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:  # fmt: skip
+        except _UNREACHABLE as exc:
             if conn is not None:
                 await _close(conn)
             raise RedisUnavailable(f"{self.address!r}: {_reason(exc)}") from None

@@ -79,8 +79,9 @@ class RedisShare:
 
     async def take_token(self, name: str, rate_per_s: float, burst: float) -> float | None:
         """None when a token was taken from `name`'s bucket, else seconds until one."""
-        reply = await self._script(scripts.TOKEN_BUCKET, [self._k("rate", name)],
-                                   [rate_per_s, burst])  # fmt: skip
+        reply = await self._script(
+            scripts.TOKEN_BUCKET, [self._k("rate", name)], [rate_per_s, burst]
+        )
         taken, wait = _pair(reply)
         return None if taken == "1" else float(wait)
 
@@ -104,8 +105,9 @@ class RedisShare:
 
     async def hold(self, key_id: str, member: str, cap: int) -> bool:
         """Take one of `key_id`'s `cap` session places for `member`; False at the cap."""
-        reply = await self._script(scripts.HOLD_SESSION, [self._k("keysessions", key_id)],
-                                   [member, cap, self._ttl_ms])  # fmt: skip
+        reply = await self._script(
+            scripts.HOLD_SESSION, [self._k("keysessions", key_id)], [member, cap, self._ttl_ms]
+        )
         if reply == 1:
             self._places[member] = key_id
             return True
@@ -124,8 +126,9 @@ class RedisShare:
         self._sessions.add(session_id)
         self._gone.discard(session_id)
         try:
-            await self.redis.call("SET", self._k("session", session_id), self.node_address,
-                                  "PX", self._ttl_ms)  # fmt: skip
+            await self.redis.call(
+                "SET", self._k("session", session_id), self.node_address, "PX", self._ttl_ms
+            )
         except (RedisUnavailable, RedisError) as exc:
             self.errors += 1
             log.warning("cluster: cannot record a session's node: %s", exc)
@@ -177,8 +180,16 @@ class RedisShare:
             args: list[str | int | float] = [self._ttl_ms, len(cap_keys)]
             args += [member for member, _ in places]
             args.append(self.node_address)
-            commands.append(["EVAL", scripts.REFRESH, len(cap_keys) + len(dir_keys),
-                             *cap_keys, *dir_keys, *args])  # fmt: skip
+            commands.append(
+                [
+                    "EVAL",
+                    scripts.REFRESH,
+                    len(cap_keys) + len(dir_keys),
+                    *cap_keys,
+                    *dir_keys,
+                    *args,
+                ]
+            )
         if not commands:
             return
         try:

@@ -256,8 +256,15 @@ class Server:
         """Take resumes the other workers forward to this one (a socket in the run dir), on
         the driver the port has: a session made by the callback driver resumes on it."""
         if sniffio.current_async_library() == "asyncio" and self.config.server.driver == "auto":
-            await serve_asyncio("", 0, tg, self._handle_connection, lambda _port: None,
-                                anyio.CancelScope(), unix_path=path)  # fmt: skip
+            await serve_asyncio(
+                "",
+                0,
+                tg,
+                self._handle_connection,
+                lambda _port: None,
+                anyio.CancelScope(),
+                unix_path=path,
+            )
             return
         listener = await anyio.create_unix_listener(path)
         async with listener:

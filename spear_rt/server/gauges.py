@@ -90,17 +90,22 @@ def _register_cluster_gauges(server: Server) -> None:
     if cluster is None:
         return
     gauges: list[tuple[str, str, Callable[[], float]]] = [
-        ("spear_resumes_forwarded_total",
-         "Resumes sent on to the worker or node holding their session",
-         lambda: cluster.forwarded),
-    ]  # fmt: skip
+        (
+            "spear_resumes_forwarded_total",
+            "Resumes sent on to the worker or node holding their session",
+            lambda: cluster.forwarded,
+        ),
+    ]
     redis = cluster.redis
     if redis is not None:
         gauges += [
-            ("spear_cluster_redis_errors_total",
-             "Redis calls that failed (the node counted alone meanwhile)", lambda: redis.errors),
+            (
+                "spear_cluster_redis_errors_total",
+                "Redis calls that failed (the node counted alone meanwhile)",
+                lambda: redis.errors,
+            ),
             ("spear_cluster_redis_down", "1 while Redis is unreachable", lambda: redis.down),
-        ]  # fmt: skip
+        ]
     for name, text, value in gauges:
         server.metrics.gauge(name, text, (), _unlabelled(value))
 

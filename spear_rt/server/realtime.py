@@ -91,8 +91,9 @@ async def upgrade_to_session(
     if url.path != REALTIME_PATH:
         await http.send(error_response(404, f"no WebSocket endpoint at {url.path}", "not_found"))
         return
-    if cluster is not None and await _forwarded(stream, http, request, url, client_keys,
-                                                sessions, cluster):  # fmt: skip
+    if cluster is not None and await _forwarded(
+        stream, http, request, url, client_keys, sessions, cluster
+    ):
         return
     protocol = BudgetedServerProtocol(
         frame_budget,
