@@ -15,6 +15,7 @@ come back as `RedisError` values, or are raised by `call`.
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -62,9 +63,23 @@ class RedisAddress:
 
 
 class _Connection:
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
         self.parser = ReplyParser()
+
+    def gone(self) -> bool:
+        """Whether the server closed this idle connection (a restart, its idle timeout): a
+        peek that never blocks, so a restarted Redis costs no failed call."""
+        fd = self.stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+        peek = socket.socket(fileno=fd)  # a view of the same descriptor (asyncio wraps its own)
+        try:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # nothing to read: alive
+        except OSError:
+            return True
+        finally:
+            peek.detach()  # the descriptor stays the stream's
 
     async def roundtrip(self, payload: bytes, count: int) -> list[Reply]:
         await self.stream.send(payload)
@@ -104,7 +119,7 @@ class Redis:
             # the bound covers waiting for a free connection too: a slow Redis is a missing one
             with anyio.fail_after(self.timeout_s):
                 async with self._slots:
-                    conn = self._idle.pop() if self._idle else await self._connect()
+                    conn = await self._idle_connection() or await self._connect()
                     replies = await conn.roundtrip(payload, len(commands))
                     if self._closed:
                         await _close(conn)
@@ -119,6 +134,15 @@ class Redis:
             if conn is not None:
                 await _close(conn)
             raise
+
+    async def _idle_connection(self) -> _Connection | None:
+        """A pooled connection still open at the server's end, if any (the rest closed)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.gone():
+                return conn
+            await _close(conn)
+        return None
 
     async def script(self, source: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
         """Run a Lua script by its SHA1, loading it once when Redis does not know it."""

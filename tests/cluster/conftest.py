@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,20 +20,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """redis://127.0.0.1:PORT/0 of a fresh redis-server (CI installs it: no skip)."""
+@contextmanager
+def redis_server(port: int, workdir: Path) -> Iterator[str]:
+    """A redis-server on 127.0.0.1:`port` until the block ends (CI installs it: no skip)."""
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is not installed (make install-test installs it)"
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("redis")
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
         while True:  # until it answers PING (bounded: 10 s)
@@ -50,3 +45,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """redis://127.0.0.1:PORT/0 of a fresh redis-server, one per test module."""
+    with redis_server(free_port(), tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -20,7 +21,7 @@ from spear_rt.cluster.resp import RedisError
 from spear_rt.cluster.shared import RedisShare
 from spear_rt.router.accounting import SharedUnavailable
 
-from .conftest import free_port
+from .conftest import free_port, redis_server
 
 
 def node(url: str, address: str = "127.0.0.2:1", *, ttl_s: float = 10.0, prefix: str) -> RedisShare:
@@ -175,3 +176,17 @@ async def test_a_redis_that_never_answers_fails_every_call_within_its_timeout() 
                     calls.start_soon(one)
             tg.cancel_scope.cancel()
     assert len(failures) == 20 and max(failures) < 0.3 + 0.2
+
+
+def test_a_restarted_redis_costs_no_failed_call(tmp_path: Path) -> None:
+    """The pooled connection the restart closed is noticed before it is used."""
+    port = free_port()
+
+    async def ping(redis: Redis) -> object:
+        return await redis.call("PING")
+
+    redis = Redis(RedisAddress(f"redis://127.0.0.1:{port}/0"), timeout_s=2.0)
+    with redis_server(port, tmp_path):
+        assert anyio.run(ping, redis, backend="trio") == "PONG"
+    with redis_server(port, tmp_path):
+        assert anyio.run(ping, redis, backend="trio") == "PONG"
