@@ -22,8 +22,10 @@ rate of 175 words per minute. An input that starts with ``<speak`` is SSML (``-m
 
 Each instance runs at most ``max_processes`` espeak-ng processes at once (option; default the
 CPU count), so N parallel requests queue instead of forking N processes. A cancelled request
-kills its process (anyio's ``run_process``). Options: ``max_chars`` (default 4096, OpenAI's
-limit), ``max_processes``, ``words_per_minute`` (default 175).
+kills its process. espeak-ng is started and waited for in a worker thread, never from the
+event loop's thread (a spawn there can block the loop: see worker_processes.py). Options:
+``max_chars`` (default 4096, OpenAI's limit), ``max_processes``, ``words_per_minute``
+(default 175).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import msgspec
 import numpy as np
 import soundfile  # type: ignore[import-untyped]  # ships no type hints
@@ -272,7 +276,7 @@ class EspeakKind:
             raise BackendFailure(MISSING, retryable=True)
         args = espeak_args(binary, speech, int_option(instance, "words_per_minute", DEFAULT_WPM))
         async with self._limiter(instance):
-            done = await anyio.run_process(args, input=speech.text.encode(), check=False)
+            done = await run_off_loop(args, speech.text.encode())
         if done.returncode != 0 or not done.stdout:
             message = done.stderr.decode("utf-8", "replace").strip() or f"exit {done.returncode}"
             if "voice does not exist" in message:
@@ -285,6 +289,24 @@ class EspeakKind:
             body=body,
             usage=Usage(characters=len(request.payload["input"])),
         )
+
+
+async def run_off_loop(args: list[str], data: bytes) -> subprocess.CompletedProcess[bytes]:
+    """Run `args` with `data` on stdin, started and waited for in a worker thread: a spawn
+    from the loop's thread in this threaded server can block the loop (worker_processes).
+    Cancelled: the process is killed."""
+
+    def start() -> subprocess.Popen[bytes]:
+        pipe = subprocess.PIPE
+        return subprocess.Popen(args, stdin=pipe, stdout=pipe, stderr=pipe)
+
+    process = await anyio.to_thread.run_sync(start)
+    try:
+        out, err = await anyio.to_thread.run_sync(process.communicate, data, abandon_on_cancel=True)
+    except BaseException:
+        process.kill()  # the thread's communicate returns once it is gone
+        raise
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
 KIND = EspeakKind()

@@ -19,8 +19,9 @@ and the pending bound (`max_pending_ms`, default 60 s, at least twice the segmen
 waits for segments already queued for decoding, which free it as they finish.
 
 pocketsphinx holds the GIL while decoding (a decoder in a thread stalled the event loop for
-up to 190 ms here), so segments are decoded in worker processes (`anyio.to_process`), each
-keeping one loaded decoder; the event loop only buffers audio.
+up to 190 ms here), so segments are decoded in worker processes (`worker_processes`: made by
+a fork server, never by forking this threaded server), each keeping one loaded decoder; the
+event loop only buffers audio.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import anyio.to_process
 import numpy as np
 
 from spear_rt import redecode
@@ -63,6 +63,7 @@ from spear_rt.backend import (
 )
 from spear_rt.errors import CanonicalFailure, echo
 from spear_rt.ir import ErrorCode, Feature, Hosting, Operation, Transport
+from spear_rt_backends.worker_processes import run_in_worker
 
 RATE_HZ = 16000
 MAX_SEGMENT_MS = 15_000  # an open turn without a pause is cut by then (option max_segment_ms)
@@ -106,9 +107,9 @@ def decode_segment(pcm_bytes: bytes) -> str:
 
 async def transcribe_pcm16(pcm16_16k: Pcm16, limiter: anyio.CapacityLimiter | None = None) -> str:
     """The engine's transcript of a whole recording as one utterance (the direct reference)."""
-    return await anyio.to_process.run_sync(
-        decode_segment, pcm16_16k.astype("<i2").tobytes(), limiter=limiter
-    )
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(1)
+    return await run_in_worker(decode_segment, pcm16_16k.astype("<i2").tobytes(), limiter=limiter)
 
 
 def quietest_cut(audio: Pcm16, window: int) -> int:
@@ -247,7 +248,7 @@ async def _warm(instance: InstanceInfo, limiter: anyio.CapacityLimiter) -> None:
     """Start every worker process and load its decoder (~1 s each) before the first segment."""
     async with anyio.create_task_group() as tg:
         for _ in range(int(limiter.total_tokens)):
-            tg.start_soon(partial(anyio.to_process.run_sync, decode_segment, b"", limiter=limiter))
+            tg.start_soon(partial(run_in_worker, decode_segment, b"", limiter=limiter))
 
 
 def _limiter(instance: InstanceInfo) -> anyio.CapacityLimiter:

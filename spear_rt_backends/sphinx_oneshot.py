@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 
 import anyio
-import anyio.to_process
 import anyio.to_thread
 import numpy as np
 
@@ -23,6 +22,7 @@ from spear_rt.backend import InstanceInfo, OneShotRequest, OneShotResponse, Pcm1
 from spear_rt.errors import BackendFailure
 from spear_rt.ir import Operation
 from spear_rt.transcripts import Segment, Transcript, Word, granularities, render, response_format
+from spear_rt_backends.worker_processes import run_in_worker
 
 RATE_HZ = 16000
 FRAMES_PER_S = 100  # pocketsphinx's default frame rate (-frate)
@@ -98,7 +98,7 @@ async def transcribe_timed(
     segments = []
     for start, end in ranges:
         audio = pcm16k[start:end].astype("<i2").tobytes()
-        text, words = await anyio.to_process.run_sync(decode_timed, audio, limiter=limiter)
+        text, words = await run_in_worker(decode_timed, audio, limiter=limiter)
         if not text:
             continue
         offset = start / RATE_HZ

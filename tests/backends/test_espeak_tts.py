@@ -6,7 +6,9 @@ These tests need Debian's espeak-ng (CI installs it); without it they fail, neve
 from __future__ import annotations
 
 import io
+import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -166,18 +168,18 @@ async def test_parallel_requests_share_a_bounded_number_of_processes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     running = peak = 0
-    real_run_process = anyio.run_process
+    real_run = espeak_tts.run_off_loop
 
-    async def counting_run_process(*args: Any, **kwargs: Any) -> Any:
+    async def counting_run(*args: Any, **kwargs: Any) -> Any:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         try:
-            return await real_run_process(*args, **kwargs)
+            return await real_run(*args, **kwargs)
         finally:
             running -= 1
 
-    monkeypatch.setattr(espeak_tts.anyio, "run_process", counting_run_process)
+    monkeypatch.setattr(espeak_tts, "run_off_loop", counting_run)
     limited = InstanceInfo(name="espeak-two", options={"max_processes": 2})
     bodies: list[bytes] = []
 
@@ -216,3 +218,22 @@ def test_the_kind_serves_one_event_loop_after_another() -> None:
     for backend in ("trio", "asyncio", "trio"):
         response = anyio.run(speak, "hello", backend=backend)
         assert decode(response, "wav")[0].size > 0
+
+
+async def test_a_cancelled_run_kills_its_process(tmp_path: Path) -> None:
+    """The process is started off the loop; cancelling the request kills it (and it is reaped)."""
+    pidfile = tmp_path / "pid"
+    args = ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(espeak_tts.run_off_loop, args, b"")
+            while not (pidfile.exists() and pidfile.read_text().strip()):  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # another process's state: polled, bounded
+            pid = int(pidfile.read_text())
+            tg.cancel_scope.cancel()
+        while True:  # reaped by the thread once killed
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            await anyio.sleep(0.01)
