@@ -18,9 +18,7 @@ The generator's JSON line is mapped onto the bench's record (``delta_ms``, ``ser
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,16 +83,10 @@ def run_step(args: argparse.Namespace, mode: str, n: int, logdir: Path, tag: str
                    "--label", mode, "--commit-every-10", "--first-event", FIRST_EVENT]  # fmt: skip
         rec["gen_cmd"] = shlex.join(gen_cmd)
         budget = args.connect_timeout + args.warmup + args.seconds + args.drain + 30
-        try:
-            out = subprocess.run(gen_cmd, capture_output=True, timeout=budget, check=False)
-        except subprocess.TimeoutExpired:
-            rec["error"] = f"generator timed out after {budget} s"
+        result = rl.run_generator_process(gen_cmd, budget, rec)
+        if result is None:
             return rec
-        line = next((ln for ln in out.stdout.decode().splitlines() if ln.startswith("{")), None)
-        if line is None:
-            rec["error"] = f"generator exit {out.returncode}: {out.stderr.decode()[-1500:]}"
-            return rec
-        rec.update(_record(json.loads(line)))
+        rec.update(_record(result))
         if mode.startswith("spear-"):
             rec["sessions_after_close"] = _sessions_left(port)
         return rec

@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -202,16 +201,10 @@ def run_step(
             gen_cmd += ["--header", h]
         rec["gen_cmd"] = shlex.join(gen_cmd)
         budget = args.connect_timeout + args.warmup + args.seconds + max(args.drain, 10) + 30
-        try:
-            out = subprocess.run(gen_cmd, capture_output=True, timeout=budget, check=False)
-        except subprocess.TimeoutExpired:
-            rec["error"] = f"generator timed out after {budget} s"
+        result = rl.run_generator_process(gen_cmd, budget, rec)
+        if result is None:
             return rec
-        line = next((ln for ln in out.stdout.decode().splitlines() if ln.startswith("{")), None)
-        if line is None:
-            rec["error"] = f"generator exit {out.returncode}: {out.stderr.decode()[-1500:]}"
-            return rec
-        rec.update(json.loads(line))
+        rec.update(result)
         end = rec.get("server_rss_end_mb")
         start, n_ok = rec.get("server_rss_start_mb"), rec.get("connected")
         if end is not None and n_ok:

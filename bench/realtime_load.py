@@ -762,6 +762,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_generator_process(
+    gen_cmd: list[str], budget: float, rec: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Run a load generator to its end (bounded by `budget` s): its one JSON result line, or
+    None with `rec["error"]` saying why there is none."""
+    try:
+        out = subprocess.run(gen_cmd, capture_output=True, timeout=budget, check=False)
+    except subprocess.TimeoutExpired:
+        rec["error"] = f"generator timed out after {budget} s"
+        return None
+    line = next((ln for ln in out.stdout.decode().splitlines() if ln.startswith("{")), None)
+    if line is None:
+        rec["error"] = f"generator exit {out.returncode}: {out.stderr.decode()[-1500:]}"
+        return None
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
 def wait_for_log(
     path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float
 ) -> re.Match[str]:
@@ -968,16 +986,10 @@ def run_step(args: argparse.Namespace, mode: str, n: int, logdir: Path, tag: str
             gen_cmd += ["--header", h]
         rec["gen_cmd"] = shlex.join(gen_cmd)
         budget = args.connect_timeout + args.warmup + args.seconds + args.drain + 30
-        try:
-            out = subprocess.run(gen_cmd, capture_output=True, timeout=budget, check=False)
-        except subprocess.TimeoutExpired:
-            rec["error"] = f"generator timed out after {budget} s"
+        result = run_generator_process(gen_cmd, budget, rec)
+        if result is None:
             return rec
-        line = next((ln for ln in out.stdout.decode().splitlines() if ln.startswith("{")), None)
-        if line is None:
-            rec["error"] = f"generator exit {out.returncode}: {out.stderr.decode()[-1500:]}"
-            return rec
-        rec.update(json.loads(line))
+        rec.update(result)
         # after the generator closed every session: does the server let go of them and memory?
         if mode.startswith("spear-") and port:
             left = None
