@@ -117,14 +117,14 @@ class RealtimeTranscription:
             raise anyio.ClosedResourceError
         if self._proto.state is not State.OPEN:  # the peer is closing: the reader will tell
             raise _closed_failure(self._proto)
+        if isinstance(command, AppendAudio):
+            pcm = command.pcm
+            if pcm.dtype != np.int16 or pcm.ndim != 1:
+                raise ValueError("AppendAudio.pcm must be a 1-D int16 array")
+            if not pcm.size:
+                return True
         link = self._link
         if link is not None:
-            if isinstance(command, AppendAudio):
-                pcm = command.pcm
-                if pcm.dtype != np.int16 or pcm.ndim != 1:
-                    raise ValueError("AppendAudio.pcm must be a 1-D int16 array")
-                if not pcm.size:
-                    return True
             if link.write_paused:
                 return False
             frame = self._translator.encode(command)
@@ -133,12 +133,7 @@ class RealtimeTranscription:
             return True
         size = FRAME_OVERHEAD
         if isinstance(command, AppendAudio):
-            pcm = command.pcm
-            if pcm.dtype != np.int16 or pcm.ndim != 1:
-                raise ValueError("AppendAudio.pcm must be a 1-D int16 array")
-            if not pcm.size:
-                return True
-            size += (pcm.nbytes + 2) // 3 * 4
+            size += (command.pcm.nbytes + 2) // 3 * 4
         elif isinstance(command, BeginTurn):
             size = 0
         used = self._queued + self._writing
