@@ -436,19 +436,7 @@ class CallbackRunner:
             return
         fast = self._send_nowait
         if fast is not None and not self._backlog:
-            sent = 0
-            for command in commands:
-                try:
-                    accepted = fast(command)
-                except BackendFailure as exc:
-                    self.machine.upstream_failed(f"upstream failed: {exc}")
-                    commands.clear()
-                    return
-                if not accepted:
-                    break
-                sent += 1
-            del commands[:sent]
-            if not commands:
+            if not task_runner.send_taken(self.machine, fast) or not commands:
                 return
         self._backlog.extend(commands)
         commands.clear()

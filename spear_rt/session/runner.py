@@ -133,6 +133,24 @@ def fail_session(machine: SessionMachine) -> None:
         machine.close = machine.close or CloseAction(1011, "internal error")
 
 
+def send_taken(machine: SessionMachine, send_nowait: Callable[[UpstreamCommand], bool]) -> bool:
+    """Send, in order, the machine's upstream commands the upstream takes at once (each leaves
+    the list once sent); False when the upstream failed (the machine is told, the rest go)."""
+    commands = machine.upstream
+    sent = 0
+    try:
+        for command in commands:
+            if not send_nowait(command):
+                break
+            sent += 1
+    except BackendFailure as exc:
+        machine.upstream_failed(f"upstream failed: {exc}")
+        commands.clear()
+        return False
+    del commands[:sent]
+    return True
+
+
 class SessionRunner:
     """Runs one machine against its client links and one upstream."""
 
@@ -376,14 +394,7 @@ class SessionRunner:
         commands = self.machine.upstream
         fast = self._send_nowait
         if fast is not None and commands and not self._upstream_lock.locked():
-            try:
-                while commands and fast(commands[0]):
-                    del commands[0]
-            except BackendFailure as exc:
-                self.machine.upstream_failed(f"upstream failed: {exc}")
-                commands.clear()
-                return
-            if not commands:
+            if not send_taken(self.machine, fast) or not commands:
                 return
         async with self._upstream_lock:
             commands = self.machine.upstream
