@@ -10,7 +10,7 @@ request from. The client key comes from `Authorization: Bearer` or the subprotoc
 from __future__ import annotations
 
 import logging
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import anyio.abc
 import h11
@@ -91,8 +91,9 @@ async def upgrade_to_session(
     if url.path != REALTIME_PATH:
         await http.send(error_response(404, f"no WebSocket endpoint at {url.path}", "not_found"))
         return
+    params = {k: v[-1] for k, v in parse_qs(url.query).items()}  # the last of a repeated name
     if cluster is not None and await _forwarded(
-        stream, http, request, url, client_keys, sessions, cluster
+        stream, http, request, params, client_keys, sessions, cluster
     ):
         return
     protocol = BudgetedServerProtocol(
@@ -101,7 +102,9 @@ async def upgrade_to_session(
         max_size=config.server.max_frame_bytes,
     )
     try:
-        await _accept_and_run(stream, http, request, url, protocol, config, client_keys, sessions)
+        await _accept_and_run(
+            stream, http, request, params, protocol, config, client_keys, sessions
+        )
     finally:
         protocol.release_budget()
 
@@ -110,7 +113,7 @@ async def _accept_and_run(
     stream: anyio.abc.ByteStream,
     http: HttpConnection,
     request: h11.Request,
-    url: SplitResult,
+    params: dict[str, str],
     protocol: BudgetedServerProtocol,
     config: Config,
     client_keys: list[str],
@@ -125,7 +128,6 @@ async def _accept_and_run(
             conn, CanonicalError(ErrorCode.UNAUTHORIZED, "missing or invalid client key"), 1008
         )
         return
-    params = {k: v[-1] for k, v in parse_qs(url.query).items()}  # the last of a repeated name
     connect = _connect_request(params, request, key_id)
     if isinstance(connect, CanonicalError):
         await reject(conn, connect, 1008)
@@ -172,13 +174,13 @@ async def _forwarded(
     stream: anyio.abc.ByteStream,
     http: HttpConnection,
     request: h11.Request,
-    url: SplitResult,
+    params: dict[str, str],
     client_keys: list[str],
     sessions: SessionManager,
     cluster: Cluster,
 ) -> bool:
     """Forward a resume to the worker or node holding its session (True: done here)."""
-    session_id = parse_qs(url.query).get("session_id", [None])[-1]
+    session_id = params.get("session_id")
     if session_id is None or session_id in sessions.sessions:
         return False
     if not client_key_id(client_keys, request)[0]:
