@@ -31,7 +31,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +45,7 @@ import pytest
 from spear_rt.cli import build_parser
 from spear_rt.config import parse_config
 from tests.node_sdk import NODE_MODULES, install_node_sdk
+from tests.redis_rig import free_port, wait_for_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 README = Path(os.environ.get("SPEAR_README", ROOT / "README.md"))
@@ -307,24 +307,12 @@ def _start_redis(w: World, step: Step) -> None:
     argv = list(step.argv)
     at = argv.index("--port") + 1
     readme_port = int(argv[at])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        argv[at] = str(sock.getsockname()[1])
+    argv[at] = str(free_port())
     process = subprocess.Popen(
         [*argv, "--bind", "127.0.0.1", "--dir", str(w.root)], cwd=w.root,
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", int(argv[at])), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "redis-server failed"
-        time.sleep(0.05)
+    wait_for_redis(int(argv[at]), process, START_TIMEOUT_S)
     w.servers[readme_port] = Started(process, int(argv[at]), [])
     w.done[step.line] = f"started redis-server for port {readme_port}"
 

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS's pick)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from tests.redis_rig import free_port, wait_for_redis
 
 
 @contextmanager
@@ -29,18 +22,7 @@ def redis_server(port: int, workdir: Path) -> Iterator[str]:
             "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:  # until it answers PING (bounded: 10 s)
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            assert process.poll() is None, "redis-server exited"
-            time.sleep(0.05)
+        wait_for_redis(port, process)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()

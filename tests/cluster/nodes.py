@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import free_port
+from tests.redis_rig import free_port
 
 SPEAR = str(Path(sys.executable).parent / "spear-rt")
 KEYS = {"SPEAR_KEY_RATE": "k-rate-0123456789", "SPEAR_KEY_OPS": "k-ops-0123456789",

@@ -10,9 +10,8 @@ import pytest
 from spear_rt.errors import ConfigError
 from spear_rt.server.app import Server
 from tests.conftest import ServerFactory, WsClient, make_config
+from tests.redis_rig import free_port
 from tests.server.test_realtime import BETA, TRANSCRIPTION
-
-from .conftest import free_port
 
 KEY = "alone-key-0123456789"
 

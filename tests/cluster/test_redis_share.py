@@ -20,8 +20,9 @@ from spear_rt.cluster.redis_client import Redis, RedisAddress, RedisUnavailable
 from spear_rt.cluster.resp import RedisError
 from spear_rt.cluster.shared import RedisShare
 from spear_rt.router.accounting import SharedUnavailable
+from tests.redis_rig import free_port
 
-from .conftest import free_port, redis_server
+from .conftest import redis_server
 
 
 def node(url: str, address: str = "127.0.0.2:1", *, ttl_s: float = 10.0, prefix: str) -> RedisShare:
