@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Awaitable, Callable, Collection
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -167,9 +167,13 @@ class Router:
         now = self._clock()
         for error in (self.budgets.check(key, now), self.key_limiter.check(key, now)):
             if error is not None:
-                error.operation = req.operation
-                self.metrics.rate_limited.inc(req.operation, "")
-                raise CanonicalFailure(error)
+                self._refuse(req, error)
+
+    def _refuse(self, req: CanonicalRequestEnvelope, error: CanonicalError) -> NoReturn:
+        """Raise `error` (a key over its rate or budget) for `req`, counted."""
+        error.operation = req.operation
+        self.metrics.rate_limited.inc(req.operation, "")
+        raise CanonicalFailure(error)
 
     async def admit_shared(self, req: CanonicalRequestEnvelope) -> None:
         """`admit`, counted across the cluster's nodes when there is one (else this node's)."""
@@ -181,9 +185,7 @@ class Router:
         except SharedUnavailable:
             return self.admit(req)  # Redis is away: this node counts alone meanwhile
         if error is not None:
-            error.operation = req.operation
-            self.metrics.rate_limited.inc(req.operation, "")
-            raise CanonicalFailure(error)
+            self._refuse(req, error)
 
     async def _shared_error(self, shared: SharedCounters, key: str) -> CanonicalError | None:
         budget = self.budgets.config
