@@ -33,6 +33,7 @@ from spear_rt.router import Router
 from spear_rt.server.admin import AdminApi
 from spear_rt.server.aio import serve_asyncio
 from spear_rt.server.browser import BrowserGuard, page_routes, require_json
+from spear_rt.server.discovery import DiscoveryApi
 from spear_rt.server.gauges import register_gauges
 from spear_rt.server.http import (
     BodyBudget,
@@ -42,7 +43,6 @@ from spear_rt.server.http import (
     HttpRequest,
     Response,
     error_response,
-    json_response,
     keys_from_env,
     match_key,
     protocol_error_response,
@@ -135,9 +135,7 @@ class Server:
         self.sessions.executor = self.oneshot.executor
         self.sessions.conversation_metrics = ConversationMetrics(self.metrics)
         self._routes: dict[tuple[bytes, str], Handler] = {
-            (b"GET", "/healthz"): self._healthz,
-            (b"GET", "/v1/backends"): self._backends,
-            (b"GET", "/v1/capabilities"): self._capabilities,
+            **DiscoveryApi(self).routes(),
             **admin.routes(),  # type: ignore[dict-item]
             **self.oneshot.routes(),
             **page_routes(),  # the browser voice page at GET /
@@ -478,35 +476,6 @@ class Server:
                 "invalid_api_key",
             )
         return key_id
-
-    # --- endpoints ----------------------------------------------------------------------------
-
-    async def _healthz(self, request: HttpRequest) -> Response:
-        instances = self.registry.instances.values()
-        health: dict[str, object] = {
-            "status": "draining" if self.sessions.draining else "ok",
-            "sessions": len(self.sessions.sessions),
-            "backends_available": sum(1 for i in instances if i.unavailable is None),
-            "backends_configured": len(self.registry.instances),
-        }
-        if self.worker is not None:
-            health["worker"] = self.worker  # which of `serve --workers N` answered
-        redis = self.cluster.redis if self.cluster is not None else None
-        if redis is not None:  # a node of several (its address stays private: /healthz is open)
-            health["cluster"] = {"redis": "down" if redis.down else "up"}
-        return json_response(200, health)
-
-    async def _backends(self, request: HttpRequest) -> Response:
-        return json_response(
-            200,
-            {
-                "config": self.config.source,
-                "data": [i.describe() for i in self.registry.instances.values()],
-            },
-        )
-
-    async def _capabilities(self, request: HttpRequest) -> Response:
-        return json_response(200, {"operations": self.registry.capabilities()})
 
 
 def _register_secrets(registry: BackendRegistry) -> None:
