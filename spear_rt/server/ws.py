@@ -18,15 +18,10 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # websockets without its C extension
-    from websockets.utils import apply_mask
-
 from spear_rt.server.http import HttpConnection
+from spear_rt.wsframes import OPCODES, apply_mask, fast_path_open, frame_head, frame_header
 
 READ_SIZE = 65536
-_OPCODES = frozenset({0, 1, 2, 8, 9, 10})  # RFC 6455's: others fail the connection
 CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
 TRY_AGAIN_LATER = 1013
 OVER_BUDGET = "the server is receiving too many large frames at once; retry shortly"
@@ -82,27 +77,13 @@ class BudgetedServerProtocol(ServerProtocol):
         the closing handshake, extensions) hands it everything from then on.
         """
         tail = self._tail
-        if (
-            tail is None
-            or self.state is not WsState.OPEN
-            or self.extensions
-            or self.max_fragment_size is not None
-        ):
+        if tail is None or not fast_path_open(self):
             return self._slow(data)
         buf = tail + data if tail else data
         out: list[Frame | Message] = []
         pos, end = 0, len(buf)
-        while end - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, head = b1 & 0x7F, 2
-            if length == 126:
-                if end - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 4]), 4
-            elif length == 127:
-                if end - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 10]), 10
+        while (header := frame_header(buf, pos, end)) is not None:
+            b0, b1, head, length = header
             opcode, current = b0 & 0x0F, self.current_size
             limit = self.max_message_size
             if limit is not None and current is not None:
@@ -110,7 +91,7 @@ class BudgetedServerProtocol(ServerProtocol):
             if (
                 b0 & 0x70
                 or not b1 & 0x80
-                or opcode not in _OPCODES
+                or opcode not in OPCODES
                 or (limit is not None and length > limit)
             ):
                 return self._give_up(out, buf[pos:])  # websockets fails it at the header
@@ -132,6 +113,14 @@ class BudgetedServerProtocol(ServerProtocol):
         if not self._count(len(rest) + (self.current_size or 0)):  # as `receive_data` counts
             self._tail = None
         return out
+
+    def send_text(self, data: Any, fin: bool = True) -> None:
+        """Queue one text frame; a whole message on an open connection is framed here
+        (`Frame.serialize`'s bytes, without its generic path: every event goes through it)."""
+        if not fin or self.expect_continuation_frame or not fast_path_open(self) or self.debug:
+            super().send_text(data, fin)
+            return
+        self.writes.append(frame_head(0x81, len(data)) + data)  # one chunk: b"" means EOF
 
     def _slow(self, data: bytes) -> list[Frame | Message]:
         self.receive_data(data)

@@ -7,8 +7,6 @@ are sent and reads are decoded in its callbacks (no reader or writer task; see a
 from __future__ import annotations
 
 import logging
-import os
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -20,15 +18,11 @@ import numpy as np
 from anyio.streams.memory import MemoryObjectSendStream
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
-
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # websockets without its C extension
-    from websockets.utils import apply_mask
 from websockets.protocol import State
 
 from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEvent
 from spear_rt.errors import BackendFailure
+from spear_rt.wsframes import FastClientProtocol
 
 from .aio_link import LinkProtocol, LinkStream
 from .options import RealtimeOptions
@@ -39,8 +33,6 @@ FRAME_OVERHEAD = 96  # bytes of JSON and framing around an event's payload (an e
 _NON_RETRYABLE_CLOSE = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 
 log = logging.getLogger(__name__)
-_HEAD16 = struct.Struct("!BBH")
-_HEAD64 = struct.Struct("!BBQ")
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -72,7 +64,7 @@ class RealtimeTranscription:
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
-        protocol: ClientProtocol,
+        protocol: FastClientProtocol,
         translator: Translator,
         assembler: _Assembler,
         options: RealtimeOptions,
@@ -104,7 +96,6 @@ class RealtimeTranscription:
         self._sink: Callable[[UpstreamEvent], bool] | None = None
         self._sink_done: Callable[[], None] | None = None
         self._sunk = False  # the sink took an event of the read being handled
-        self._keys = b""  # link: random masking keys, 4 bytes a frame (see `_send_text`)
         self._receiving = False  # `receive` is waiting (see `set_sink`)
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
@@ -227,8 +218,7 @@ class RealtimeTranscription:
                 except anyio.EndOfStream:
                     proto.receive_eof()
                     break
-                proto.receive_data(data)
-                events, failure = self._frames(proto.events_received())
+                events, failure = self._frames(proto.receive_frames(data))
                 await self._deliver(events)  # what came before a failure still counts
                 if failure is not None:
                     raise failure
@@ -242,12 +232,10 @@ class RealtimeTranscription:
         else:
             self._fail(_closed_failure(proto))
 
-    def _frames(self, frames: list[Any]) -> tuple[list[UpstreamEvent], BackendFailure | None]:
+    def _frames(self, frames: list[Frame]) -> tuple[list[UpstreamEvent], BackendFailure | None]:
         """Our events for the frames of one read, up to the failure among them if any."""
         events: list[UpstreamEvent] = []
         for frame in frames:
-            if not isinstance(frame, Frame):
-                continue
             opcode = frame.opcode
             if opcode in _DATA:
                 try:
@@ -343,27 +331,12 @@ class RealtimeTranscription:
             transport.write(data)
 
     def _send_text(self, link: LinkProtocol, payload: bytes) -> None:
-        """One masked text frame, written now (websockets' `send_text` builds the same frame
-        through a generic serializer and one `os.urandom(4)` per frame; this path carries
-        every append, so it is done here). What the protocol queued (pongs) goes first."""
+        """One text frame, written now, after what the protocol queued before it (pongs)."""
         transport = link.transport
         if transport is None or link.lost or transport.is_closing():
             return
-        pending = self._proto.data_to_send()
-        if pending:
-            transport.write(b"".join(pending))
-        keys = self._keys
-        if len(keys) < 4:
-            keys = os.urandom(4096)
-        key, self._keys = keys[:4], keys[4:]
-        n = len(payload)
-        if n < 126:
-            head = bytes((0x81, 0x80 | n))
-        elif n < 65536:
-            head = _HEAD16.pack(0x81, 0xFE, n)
-        else:
-            head = _HEAD64.pack(0x81, 0xFF, n)
-        transport.write(head + key + apply_mask(payload, key))
+        self._proto.send_text(payload)
+        transport.write(b"".join(self._proto.data_to_send()))
 
     def _switch_link(self, link: LinkProtocol) -> None:
         """Take the connection over from the opening's coroutines (see aio_link.py)."""
@@ -386,8 +359,7 @@ class RealtimeTranscription:
             return
         proto = self._proto
         try:
-            proto.receive_data(data)
-            events, failure = self._frames(proto.events_received())
+            events, failure = self._frames(proto.receive_frames(data))
             self._deliver_now(events)  # what came before a failure still counts
             if self._sunk:
                 self._sunk = False
@@ -410,7 +382,8 @@ class RealtimeTranscription:
         if self._ended():
             return
         self._proto.receive_eof()
-        events, _ = self._frames(self._proto.events_received())
+        frames = [e for e in self._proto.events_received() if isinstance(e, Frame)]
+        events, _ = self._frames(frames)
         self._deliver_now(events)
         self._fail(_closed_failure(self._proto))
 

@@ -21,6 +21,7 @@ from spear_rt.backend import InstanceInfo, TranscriptionSpec, UpdateConversation
 from spear_rt.errors import BackendFailure
 from spear_rt.protocol.settings import Dialect
 from spear_rt.redact import redactor_for, register_secret
+from spear_rt.wsframes import FastClientProtocol
 
 from . import aio_link
 from .connection import READ_SIZE, RealtimeTranscription, _closed_failure
@@ -71,7 +72,7 @@ async def _open(
     translator: Translator,
     assembler: _Assembler,
     redact: Callable[[str], str],
-) -> tuple[anyio.abc.ByteStream, ClientProtocol]:
+) -> tuple[anyio.abc.ByteStream, FastClientProtocol]:
     """Connect, upgrade, wait for `*.created`, send the session config (no task started)."""
     try:
         uri = parse_uri(url)
@@ -97,7 +98,7 @@ async def _open(
                 )
             try:
                 stage = "in the WebSocket handshake"
-                proto = ClientProtocol(uri, max_size=options.max_message_bytes, logger=_ws_log)
+                proto = FastClientProtocol(uri, max_size=options.max_message_bytes, logger=_ws_log)
                 request = proto.connect()
                 for name, value in headers.items():
                     request.headers[name] = value

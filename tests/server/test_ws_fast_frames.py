@@ -135,3 +135,28 @@ def test_a_held_partial_frame_counts_against_the_budget() -> None:
     assert proto2.receive_frames(frame[:600]) == [] and budget.held == 600
     assert [bytes(m.data) for m in proto2.receive_frames(frame[600:])] == [b"w" * 900]  # type: ignore[union-attr]
     assert budget.held == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_sent_text_is_what_websockets_writes(size: int) -> None:
+    payload = bytes(random.Random(size).choices(b'abc{}":', k=size))
+    ours_proto = opened(BudgetedServerProtocol, budget=FrameBudget(1 << 20), max_size=1000)
+    theirs = opened(ServerProtocol, max_size=1000)
+    for proto in (ours_proto, theirs):
+        proto.send_text(payload)
+        proto.send_text(b"second")
+    ours_bytes, theirs_bytes = ours_proto.data_to_send(), theirs.data_to_send()
+    assert b"".join(ours_bytes) == b"".join(theirs_bytes)
+    assert b"" not in ours_bytes  # an empty chunk would tell the driver to close the socket
+
+
+def test_sending_off_the_common_path_is_websockets_own() -> None:
+    proto = opened(BudgetedServerProtocol, budget=FrameBudget(1 << 20), max_size=1000)
+    proto.send_text(b"part-", fin=False)
+    with pytest.raises(Exception, match="continuation"):
+        proto.send_text(b"not now")
+    proto.send_continuation(b"end", fin=True)
+    proto.send_close(1000)
+    with pytest.raises(Exception, match="closing"):
+        proto.send_text(b"too late")
+    assert b"".join(proto.data_to_send()).startswith(bytes([0x01, 5]) + b"part-")
