@@ -57,7 +57,9 @@ from spear_rt.protocol.conversation_settings import (
 )
 from spear_rt.protocol.settings import SessionSettings
 from spear_rt.session.conversation_items import (
+    MAX_CONVERSATION_ITEMS,
     Item,
+    ItemList,
     chat_messages,
     insert_position,
     item_from_wire,
@@ -132,7 +134,7 @@ class Conversation:
         self._emit = emit
         self._error = error
         self._ids = ids
-        self.items: list[Item] = []
+        self.items = ItemList()
         self._writer = ResponseWriter(emit, ids, self.items)
         self.settings = ConversationSettings()
         self.model: str | None = None
@@ -215,6 +217,7 @@ class Conversation:
             self._answer.discard(item_id)
             if transcript and transcript.strip() and self._queued is None:
                 self._queued = _Queued(self.settings, turn_ended_at=now)
+        self._bound()
         self._maybe_start()
 
     def speech_started(self) -> None:
@@ -261,6 +264,7 @@ class Conversation:
             self._emit(se.ItemDone(item=rendered, previous_item_id=previous))
         if self.relay is not None:
             self.relay.item_created(item, previous)
+        self._bound()
 
     def _delete_item(self, event: ce.ConversationItemDelete) -> None:
         item = self._item_or_error(event.item_id, event.event_id)
@@ -274,13 +278,18 @@ class Conversation:
                 "item_id",
             )
             return
+        self._forget_item(item)
+        self._maybe_start()
+
+    def _forget_item(self, item: Item) -> None:
+        """Take `item` out of the conversation, and tell the client (and the upstream)."""
         self.items.remove(item)
         self._untranscribed.discard(item.id)
         self._answer.discard(item.id)
+        self._committed_at.pop(item.id, None)
         self._emit(re.ItemDeleted(item_id=item.id))
         if self.relay is not None:
             self.relay.item_deleted(item.id)
-        self._maybe_start()
 
     def _truncate(self, event: ce.ConversationItemTruncate) -> None:
         item = self._item_or_error(event.item_id, event.event_id)
@@ -451,10 +460,20 @@ class Conversation:
         self._emit(
             re.ResponseDone(response=self._writer.render(response, status, details, usage, spear))
         )
+        self._bound()
         self._maybe_start()
 
     def _find(self, item_id: str) -> Item | None:
-        return next((i for i in self.items if i.id == item_id), None)
+        return self.items.find(item_id)
+
+    def _bound(self) -> None:
+        """Past MAX_CONVERSATION_ITEMS, let the oldest items go (not the answer's own)."""
+        over = len(self.items) - MAX_CONVERSATION_ITEMS
+        if over <= 0:
+            return
+        busy = self.response.output if self.response is not None else ()
+        for item in [i for i in self.items[: over + len(busy)] if i not in busy][:over]:
+            self._forget_item(item)
 
     def _previous(self, item: Item) -> str | None:
         at = self.items.index(item)

@@ -22,6 +22,10 @@ from spear_rt.protocol.conversation_settings import (
 )
 
 MAX_ITEM_TEXT_CHARS = 256 * 1024  # of one created item's text (a client's, or a tool output)
+# Items one conversation keeps. Past it the oldest go, each announced with
+# `conversation.item.deleted` (and deleted upstream on a relay): a session that runs for
+# hours holds a bounded history, and lookups stay cheap.
+MAX_CONVERSATION_ITEMS = 1000
 
 
 class Segment(msgspec.Struct, frozen=True):
@@ -54,6 +58,41 @@ class Item(msgspec.Struct, kw_only=True):
     def text(self) -> str:
         """The words of a message item (text parts, transcripts of audio parts)."""
         return "".join(p.get("text") or p.get("transcript") or "" for p in self.content)
+
+
+class ItemList(list[Item]):
+    """A conversation's items in order, indexed by id.
+
+    Only `append`, `insert` and `remove` change it (they keep the index); membership is
+    identity, found through the index instead of a scan.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_id: dict[str, Item] = {}
+
+    def append(self, item: Item) -> None:
+        """Add `item` at the end."""
+        super().append(item)
+        self._by_id[item.id] = item
+
+    def insert(self, at: Any, item: Item) -> None:
+        """Add `item` at position `at`."""
+        super().insert(at, item)
+        self._by_id[item.id] = item
+
+    def remove(self, item: Item) -> None:
+        """Take `item` out."""
+        super().remove(item)
+        if self._by_id.get(item.id) is item:
+            del self._by_id[item.id]
+
+    def find(self, item_id: str) -> Item | None:
+        """The item with id `item_id`, if the conversation has it."""
+        return self._by_id.get(item_id)
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, Item) and self._by_id.get(item.id) is item
 
 
 _GA_KIND = {

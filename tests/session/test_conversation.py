@@ -197,3 +197,24 @@ def test_cancelling_a_response_that_has_not_started_drops_it_silently() -> None:
     h.conversation.user_transcript("item_u1", "hello")
     assert h.take_actions() == []
     assert "response.created" not in h.types() and h.errors == []
+
+
+def test_a_long_conversation_keeps_a_bounded_history_and_says_what_it_let_go() -> None:
+    from spear_rt.session.conversation_items import MAX_CONVERSATION_ITEMS
+
+    h = Harness()
+    turns = MAX_CONVERSATION_ITEMS + 5
+    for n in range(turns):
+        h.conversation.user_audio_committed(f"item_u{n}", by_vad=False, now=float(n))
+        h.conversation.user_transcript(f"item_u{n}", f"turn {n}")
+    items = h.conversation.items
+    assert len(items) == MAX_CONVERSATION_ITEMS
+    assert [i.id for i in items[:2]] == ["item_u5", "item_u6"]  # the oldest went first
+    assert items[-1].id == f"item_u{turns - 1}"
+    deleted = [e["item_id"] for e in h.events if e["type"] == "conversation.item.deleted"]
+    assert deleted == [f"item_u{n}" for n in range(5)]
+    h.send({"type": "conversation.item.retrieve", "item_id": "item_u0"})
+    assert h.errors == [("item_not_found", "item_id")]
+    h.send({"type": "conversation.item.retrieve", "item_id": "item_u5"})
+    assert h.events[-1]["type"] == "conversation.item.retrieved"
+    assert h.events[-1]["item"]["content"][0]["transcript"] == "turn 5"
