@@ -141,6 +141,7 @@ class CallbackRunner:
         self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(
             upstream, "send_nowait", None
         )
+        self._flush_upstream: Callable[[], None] | None = getattr(upstream, "flush", None)
         # Commands the upstream could not take at once. Reading the client pauses as soon as
         # this is non-empty and resumes when the pump has sent them all, so it never holds
         # more than the commands of one read (bounded by the frame size): nothing is dropped.
@@ -436,7 +437,10 @@ class CallbackRunner:
             return
         fast = self._send_nowait
         if fast is not None and not self._backlog:
-            if not task_runner.send_taken(self.machine, fast) or not commands:
+            sent = task_runner.send_taken(self.machine, fast)
+            if self._flush_upstream is not None:
+                self._flush_upstream()  # the commands of this read in one write
+            if not sent or not commands:
                 return
         self._backlog.extend(commands)
         commands.clear()

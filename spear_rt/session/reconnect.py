@@ -148,6 +148,12 @@ class ReconnectingUpstream:
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Write what the connection queued (a connection that batches writes has `flush`)."""
+        flush: Callable[[], None] | None = getattr(self._up, "flush", None)
+        if flush is not None:
+            flush()
+
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Send without waiting; False (nothing done) while reconnecting or when it would wait."""
         self._raise_if_over()

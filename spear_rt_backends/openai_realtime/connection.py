@@ -6,6 +6,7 @@ are sent and reads are decoded in its callbacks (no reader or writer task; see a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class RealtimeTranscription:
         self._sink_done: Callable[[], None] | None = None
         self._sunk = False  # the sink took an event of the read being handled
         self._receiving = False  # `receive` is waiting (see `set_sink`)
+        self._flush_due = False  # link: frames queued, a `flush` is scheduled
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
@@ -331,12 +333,22 @@ class RealtimeTranscription:
             transport.write(data)
 
     def _send_text(self, link: LinkProtocol, payload: bytes) -> None:
-        """One text frame, written now, after what the protocol queued before it (pongs)."""
+        """Queue one text frame for `flush`, which the caller (the session's read of its
+        client) calls once it has sent the commands of that read, so they go in one write;
+        a caller that does not is flushed by the loop before it next polls."""
         transport = link.transport
         if transport is None or link.lost or transport.is_closing():
             return
         self._proto.send_text(payload)
-        transport.write(b"".join(self._proto.data_to_send()))
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the frames `send_nowait` queued (asyncio link; trio's writer task batches)."""
+        self._flush_due = False
+        if self._link is not None:
+            self._write()
 
     def _switch_link(self, link: LinkProtocol) -> None:
         """Take the connection over from the opening's coroutines (see aio_link.py)."""

@@ -7,14 +7,18 @@ autojump clock (virtual time), backpressure with `wait_all_tasks_blocked`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import queue
+import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import numpy as np
 import pytest
@@ -609,3 +613,48 @@ async def test_works_on_asyncio_too() -> None:
     with trio.fail_after(BOUND_S):
         transcript = await trio.to_thread.run_sync(run)
     assert transcript == await stub_transcript(noise_pcm(RATE_HZ, seed=13))
+
+
+async def test_on_asyncio_the_frames_of_one_batch_go_in_one_write() -> None:
+    """`send_nowait` queues; `flush` (the session's read of its client calls it) writes them
+    together; without it the loop writes them before it next polls. Peeked at on the fake's
+    socket, which nothing reads in between (one thread, no await)."""
+
+    def arrived(sock: Any) -> int:
+        try:
+            return len(sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return 0
+
+    async def main() -> list[int]:
+        seen: list[int] = []
+        async with anyio.create_task_group() as tg, contextlib.AsyncExitStack() as stack:
+            fake = FakeRealtime(api_key=KEY)
+            await tg.start(fake.serve)
+            async with opened(instance(fake)) as up:
+                raw = fake.connections[0].socket  # asyncio's wrapper: peek through a dup
+                sock = socket.socket(fileno=os.dup(raw.fileno()))
+                stack.callback(sock.close)
+                before = arrived(sock)
+                assert up.send_nowait(BeginTurn("b"))
+                for _ in range(3):
+                    assert up.send_nowait(AppendAudio(noise_pcm(RATE_HZ // 50, seed=5)))
+                seen.append(arrived(sock) - before)  # queued, not written
+                up.flush()
+                seen.append(arrived(sock) - before)  # all three, at once
+                assert up.send_nowait(Commit("b"))
+                unflushed = arrived(sock)
+                await anyio.lowlevel.checkpoint()  # one loop iteration: the loop's own flush
+                seen.append(arrived(sock) - unflushed)
+                _, done = await until_final(up, "b")
+                assert isinstance(done, TranscriptCompleted)
+            tg.cancel_scope.cancel()
+        return seen
+
+    with trio.fail_after(BOUND_S):
+        queued, flushed, by_loop = await trio.to_thread.run_sync(
+            lambda: anyio.run(main, backend="asyncio")
+        )
+    assert queued == 0
+    assert flushed > 3 * (RATE_HZ // 50) * 2  # three appends' audio, base64 and framed
+    assert by_loop > 0

@@ -178,6 +178,7 @@ class RecordedConnection:
         self.pongs: list[bytes] = []
         self.close_code: int | None = None  # of the client's close frame
         self.ended = anyio.Event()
+        self.socket: Any = None  # the fake's end of the TCP connection (to peek at)
 
     def types(self) -> list[str]:
         """The `type` of every client event, in order."""
@@ -357,6 +358,7 @@ class FakeRealtime:
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         record = RecordedConnection(len(self.connections) + 1)
+        record.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         self.connections.append(record)
         plan = self._plans.popleft() if self._plans else Plan()
         proto = ServerProtocol(max_size=None, logger=_ws_log)
