@@ -148,8 +148,14 @@ class ReconnectingUpstream:
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
+    def cork(self) -> None:
+        """Hold the connection's writes until `flush` (if it can: see `RealtimeTranscription`)."""
+        cork: Callable[[], None] | None = getattr(self._up, "cork", None)
+        if cork is not None:
+            cork()
+
     def flush(self) -> None:
-        """Write what the connection queued (a connection that batches writes has `flush`)."""
+        """Write what the connection held since `cork`."""
         flush: Callable[[], None] | None = getattr(self._up, "flush", None)
         if flush is not None:
             flush()

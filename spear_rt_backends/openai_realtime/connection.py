@@ -6,7 +6,6 @@ are sent and reads are decoded in its callbacks (no reader or writer task; see a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -98,7 +97,7 @@ class RealtimeTranscription:
         self._sink_done: Callable[[], None] | None = None
         self._sunk = False  # the sink took an event of the read being handled
         self._receiving = False  # `receive` is waiting (see `set_sink`)
-        self._flush_due = False  # link: frames queued, a `flush` is scheduled
+        self._corked = False  # link: frames wait for `flush` (see `cork`)
 
     # --- TranscriptionUpstream ----------------------------------------------------------------
 
@@ -333,20 +332,22 @@ class RealtimeTranscription:
             transport.write(data)
 
     def _send_text(self, link: LinkProtocol, payload: bytes) -> None:
-        """Queue one text frame for `flush`, which the caller (the session's read of its
-        client) calls once it has sent the commands of that read, so they go in one write;
-        a caller that does not is flushed by the loop before it next polls."""
+        """One text frame: written now, or at `flush` while corked."""
         transport = link.transport
         if transport is None or link.lost or transport.is_closing():
             return
         self._proto.send_text(payload)
-        if not self._flush_due:
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        if not self._corked:
+            self._write()
+
+    def cork(self) -> None:
+        """Hold the frames `send_nowait` makes until `flush` (asyncio link: the session's read
+        of its client sends that read's commands in one write). Always paired with `flush`."""
+        self._corked = self._link is not None
 
     def flush(self) -> None:
-        """Write the frames `send_nowait` queued (asyncio link; trio's writer task batches)."""
-        self._flush_due = False
+        """Write what was held since `cork`, and write at once again."""
+        self._corked = False
         if self._link is not None:
             self._write()
 

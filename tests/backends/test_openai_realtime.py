@@ -616,8 +616,8 @@ async def test_works_on_asyncio_too() -> None:
 
 
 async def test_on_asyncio_the_frames_of_one_batch_go_in_one_write() -> None:
-    """`send_nowait` queues; `flush` (the session's read of its client calls it) writes them
-    together; without it the loop writes them before it next polls. Peeked at on the fake's
+    """Corked (the session's read of its client does it), `send_nowait` holds its frames and
+    `flush` writes them together; uncorked, each is written at once. Peeked at on the fake's
     socket, which nothing reads in between (one thread, no await)."""
 
     def arrived(sock: Any) -> int:
@@ -637,24 +637,24 @@ async def test_on_asyncio_the_frames_of_one_batch_go_in_one_write() -> None:
                 stack.callback(sock.close)
                 before = arrived(sock)
                 assert up.send_nowait(BeginTurn("b"))
+                up.cork()
                 for _ in range(3):
                     assert up.send_nowait(AppendAudio(noise_pcm(RATE_HZ // 50, seed=5)))
-                seen.append(arrived(sock) - before)  # queued, not written
+                seen.append(arrived(sock) - before)  # held
                 up.flush()
                 seen.append(arrived(sock) - before)  # all three, at once
+                flushed = arrived(sock)
                 assert up.send_nowait(Commit("b"))
-                unflushed = arrived(sock)
-                await anyio.lowlevel.checkpoint()  # one loop iteration: the loop's own flush
-                seen.append(arrived(sock) - unflushed)
+                seen.append(arrived(sock) - flushed)  # uncorked: written at once
                 _, done = await until_final(up, "b")
                 assert isinstance(done, TranscriptCompleted)
             tg.cancel_scope.cancel()
         return seen
 
     with trio.fail_after(BOUND_S):
-        queued, flushed, by_loop = await trio.to_thread.run_sync(
+        held, flushed, uncorked = await trio.to_thread.run_sync(
             lambda: anyio.run(main, backend="asyncio")
         )
-    assert queued == 0
+    assert held == 0
     assert flushed > 3 * (RATE_HZ // 50) * 2  # three appends' audio, base64 and framed
-    assert by_loop > 0
+    assert uncorked > 0
