@@ -28,7 +28,7 @@ MAX_ITEM_TEXT_CHARS = 256 * 1024  # of one created item's text (a client's, or a
 MAX_CONVERSATION_ITEMS = 1000
 
 
-class Segment(msgspec.Struct, frozen=True):
+class Segment(msgspec.Struct, frozen=True, gc=False):
     """Once an assistant item's audio has played to `audio_end_ms`, its transcript's first
     `text_chars` characters were heard (one per audio chunk sent: for truncation)."""
 
@@ -36,8 +36,11 @@ class Segment(msgspec.Struct, frozen=True):
     text_chars: int
 
 
-class Item(msgspec.Struct, kw_only=True):
+class Item(msgspec.Struct, kw_only=True, gc=False):
     """One conversation item (dialect-neutral).
+
+    Not tracked by the garbage collector (`gc=False`): a long conversation holds many, and an
+    item only ever refers to strings, lists and dicts of plain data (no cycle can pass it).
 
     Message content parts are `{"kind": k, ...}` with k one of input_text, input_audio,
     text, audio (assistant output); `text` / `transcript` hold their words.

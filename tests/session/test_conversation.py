@@ -218,3 +218,22 @@ def test_a_long_conversation_keeps_a_bounded_history_and_says_what_it_let_go() -
     h.send({"type": "conversation.item.retrieve", "item_id": "item_u5"})
     assert h.events[-1]["type"] == "conversation.item.retrieved"
     assert h.events[-1]["item"]["content"][0]["transcript"] == "turn 5"
+
+
+def test_conversation_items_stay_out_of_the_collectors_walks() -> None:
+    """A long history must not lengthen every full collection (issue 16's p99 pauses): items
+    are untracked, only their content lists are walked."""
+    import gc
+
+    h = Harness()
+    h.conversation.user_audio_committed("item_first", by_vad=False, now=0.0)
+    h.conversation.user_transcript("item_first", "first")
+    gc.collect()
+    before = len(gc.get_objects())
+    for n in range(300):
+        h.conversation.user_audio_committed(f"item_u{n}", by_vad=False, now=float(n))
+        h.conversation.user_transcript(f"item_u{n}", f"turn {n}")
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert not gc.is_tracked(h.conversation.items[-1])
+    assert grown <= 2 * 300 + 50  # two lists an item (content, segments), no more
