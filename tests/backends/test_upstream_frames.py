@@ -14,6 +14,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from spear_rt.wsframes import FastClientProtocol, frame_head
+from tests.server.test_ws_fast_frames import splits  # the same random cuts
 
 URI = parse_uri("ws://127.0.0.1/v1/realtime")
 
@@ -56,11 +57,6 @@ def run(cls: type[ClientProtocol], chunks: list[bytes], eof: bool = False) -> Ru
         got += [(int(f.opcode), bytes(f.data), f.fin) for f in proto.events_received()]  # type: ignore[union-attr]
         sent += proto.data_to_send()
     return got, sent_frames(sent), proto
-
-
-def splits(data: bytes, rng: random.Random) -> list[bytes]:
-    cuts = sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(0, 12))))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 STREAM = b"".join([
