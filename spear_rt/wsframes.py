@@ -22,7 +22,7 @@ from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 
 try:
     from websockets.speedups import apply_mask
@@ -32,8 +32,8 @@ except ImportError:  # websockets without its C extension
 __all__ = [
     "OPCODES",
     "FastClientProtocol",
+    "FastOpenProtocol",
     "apply_mask",
-    "fast_path_open",
     "frame_head",
     "frame_header",
 ]
@@ -72,16 +72,38 @@ def frame_head(first: int, length: int, mask_bit: int = 0) -> bytes:
     return _HEAD64.pack(first, mask_bit | 127, length)
 
 
-def fast_path_open(protocol: Any) -> bool:
-    """Whether `protocol` may read or write data frames by hand (module docstring)."""
-    return (
-        protocol.state is State.OPEN
-        and not protocol.extensions
-        and protocol.max_fragment_size is None
-    )
+class FastOpenProtocol(Protocol):
+    """A websockets protocol whose `fast_open` says whether it may read or write data frames
+    by hand (module docstring); kept by the `state` setter, which every change goes through,
+    so the per-frame check is an attribute, not a property and three tests."""
+
+    fast_open = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._update_fast_open()  # the limits are set after the initial state
+
+    @property
+    def state(self) -> State:
+        """State of the connection (websockets' own)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        if self.debug:
+            self.logger.debug("= connection is %s", state.name)
+        self._state = state
+        self._update_fast_open()
+
+    def _update_fast_open(self) -> None:
+        self.fast_open = (
+            self._state is State.OPEN
+            and not getattr(self, "extensions", None)
+            and getattr(self, "max_fragment_size", None) is None
+        )
 
 
-class FastClientProtocol(ClientProtocol):
+class FastClientProtocol(FastOpenProtocol, ClientProtocol):
     """websockets' client protocol with the common frames read and written here."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -91,7 +113,7 @@ class FastClientProtocol(ClientProtocol):
 
     def send_text(self, data: Any, fin: bool = True) -> None:
         """Queue one text frame (masked with a key from a pool of `os.urandom` bytes)."""
-        if not fin or self.expect_continuation_frame or not fast_path_open(self) or self.debug:
+        if not fin or self.expect_continuation_frame or not self.fast_open or self.debug:
             super().send_text(data, fin)
             return
         keys = self._keys
@@ -105,7 +127,7 @@ class FastClientProtocol(ClientProtocol):
         tail = self._tail
         if (
             tail is None
-            or not fast_path_open(self)
+            or not self.fast_open
             or self.current_size is not None
             or self.reader.buffer  # the opening's last read ended inside a frame
         ):
@@ -132,7 +154,7 @@ class FastClientProtocol(ClientProtocol):
             else:  # a control frame or a fragment, complete: websockets handles it
                 self.receive_data(buf[pos:stop])
                 out.extend(e for e in self.events_received() if isinstance(e, Frame))
-                if not fast_path_open(self) or self.parser_exc is not None:
+                if not self.fast_open or self.parser_exc is not None:
                     return self._give_up(out, buf[stop:]) if stop < end else out
                 if self.current_size is not None:  # a fragmented message began
                     return self._give_up(out, buf[stop:])

@@ -13,6 +13,7 @@ they are built once at import with numpy.
 from __future__ import annotations
 
 import enum
+import sys
 from typing import Any
 
 import msgspec
@@ -138,6 +139,8 @@ def input_format_to_wire(fmt: InputFormat, ga: bool) -> str | dict[str, Any]:
 # --- linear PCM -------------------------------------------------------------------------------
 
 _LE_INT16 = np.dtype("<i2")
+_NATIVE_INT16 = np.dtype(np.int16)  # numpy's one instance: `is` tests it
+_LE_HOST = sys.byteorder == "little"
 _INT16_SCALE = 32768.0
 
 
@@ -145,12 +148,14 @@ def pcm16_from_bytes(data: bytes | bytearray | memoryview) -> NDArray[np.int16]:
     """Little-endian 16-bit samples from `data` (read-only view, no copy on LE hosts)."""
     if len(data) % 2:
         raise AudioFormatError(f"pcm16 audio must have an even number of bytes, got {len(data)}")
-    # astype(copy=False) is a no-op on little-endian hosts and a byte swap elsewhere.
-    return np.frombuffer(data, dtype=_LE_INT16).astype(np.int16, copy=False)
+    samples = np.frombuffer(data, dtype=_LE_INT16)
+    return samples if _LE_HOST else samples.astype(np.int16)  # a byte swap on big-endian ones
 
 
 def pcm16_to_bytes(pcm: NDArray[np.int16]) -> bytes:
     """Little-endian bytes of 16-bit samples."""
+    if _LE_HOST and type(pcm) is np.ndarray and pcm.dtype is _NATIVE_INT16:
+        return pcm.tobytes()  # every append upstream: the one call, in C order for any view
     return np.asarray(pcm, dtype=np.int16).astype(_LE_INT16, copy=False).tobytes()
 
 

@@ -132,7 +132,9 @@ class CallbackRunner:
     ) -> None:
         self.machine = machine
         self._responder = responder(self) if responder is not None else None
-        self._room = anyio.Event()  # set each time flush empties the outbound queue
+        # set each time flush empties the outbound queue; asyncio's events here (this is the
+        # asyncio driver): anyio's wrapper costs a call more at every client read
+        self._room = asyncio.Event()
         self.parked = False  # the responder waits for a resume (the session is detached)
         self.connection: ConnectionProtocol | None = connection
         self.ws = ws
@@ -149,7 +151,7 @@ class CallbackRunner:
         self._backlog: deque[UpstreamCommand] = deque()
         self._pump_wake = anyio.Event()
         self._timer_scope: anyio.CancelScope | None = None
-        self._done = anyio.Event()
+        self._done = asyncio.Event()
         self._link_done = anyio.Event()
         self._assembler = MessageAssembler()
         self._close_sent = False
@@ -413,7 +415,7 @@ class CallbackRunner:
             machine.state is State.DETACHED or machine.outbound.nbytes > machine.outbound.max_bytes
         ):
             if self._room.is_set():  # others may wait on the current one: share it
-                self._room = anyio.Event()
+                self._room = asyncio.Event()
             self.parked = machine.state is State.DETACHED
             try:
                 await self._room.wait()

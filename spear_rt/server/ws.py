@@ -19,7 +19,7 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from spear_rt.server.http import HttpConnection
-from spear_rt.wsframes import OPCODES, apply_mask, fast_path_open, frame_head, frame_header
+from spear_rt.wsframes import OPCODES, FastOpenProtocol, apply_mask, frame_head, frame_header
 
 READ_SIZE = 65536
 CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
@@ -49,7 +49,7 @@ class FrameBudget:
         return True
 
 
-class BudgetedServerProtocol(ServerProtocol):
+class BudgetedServerProtocol(FastOpenProtocol, ServerProtocol):
     """websockets' server protocol, its partial-frame bytes counted against a `FrameBudget`.
 
     Both drivers feed bytes through `receive_data`, so both get the same bound; an over-budget
@@ -77,7 +77,7 @@ class BudgetedServerProtocol(ServerProtocol):
         the closing handshake, extensions) hands it everything from then on.
         """
         tail = self._tail
-        if tail is None or not fast_path_open(self):
+        if tail is None or not self.fast_open:
             return self._slow(data)
         buf = tail + data if tail else data
         out: list[Frame | Message] = []
@@ -110,14 +110,16 @@ class BudgetedServerProtocol(ServerProtocol):
             pos = stop
         rest = buf[pos:] if pos else buf
         self._tail = rest
-        if not self._count(len(rest) + (self.current_size or 0)):  # as `receive_data` counts
+        held = len(rest) + (self.current_size or 0)  # as `receive_data` counts
+        # nothing held before or now (the common read): the budget stands as it was
+        if (held or self._partial) and not self._count(held):
             self._tail = None
         return out
 
     def send_text(self, data: Any, fin: bool = True) -> None:
         """Queue one text frame; a whole message on an open connection is framed here
         (`Frame.serialize`'s bytes, without its generic path: every event goes through it)."""
-        if not fin or self.expect_continuation_frame or not fast_path_open(self) or self.debug:
+        if not fin or self.expect_continuation_frame or not self.fast_open or self.debug:
             super().send_text(data, fin)
             return
         self.writes.append(frame_head(0x81, len(data)) + data)  # one chunk: b"" means EOF

@@ -86,7 +86,7 @@ class TurnJournal:
 
     def record_command(self, command: UpstreamCommand) -> bool:
         """Note a command sent (or to be replayed); False when it must not go upstream."""
-        if self.dropped(command):
+        if self._discarding and self.dropped(command):
             if isinstance(command, Commit):
                 self._failures.append(self._failed(command.item_id))
             if not isinstance(command, AppendAudio):

@@ -30,6 +30,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from spear_rt.backend import (
+    AppendAudio,
     Commit,
     TranscriptionUpstream,
     UpstreamCommand,
@@ -122,6 +123,10 @@ class ReconnectingUpstream:
         self._state = _State.RECONNECTING
         self._changed = anyio.Event()
         self._up: TranscriptionUpstream | None = None
+        # the current connection's optional fast paths (looked up once per connection)
+        self._up_send_nowait: Callable[[UpstreamCommand], bool] | None = None
+        self._up_cork: Callable[[], None] | None = None
+        self._up_flush: Callable[[], None] | None = None
         self._instance = ""
         self._generation = 0  # connections opened
         self._reconnects = 0
@@ -150,22 +155,25 @@ class ReconnectingUpstream:
 
     def cork(self) -> None:
         """Hold the connection's writes until `flush` (if it can: see `RealtimeTranscription`)."""
-        cork: Callable[[], None] | None = getattr(self._up, "cork", None)
-        if cork is not None:
+        if (cork := self._up_cork) is not None:
             cork()
 
     def flush(self) -> None:
         """Write what the connection held since `cork`."""
-        flush: Callable[[], None] | None = getattr(self._up, "flush", None)
-        if flush is not None:
+        if (flush := self._up_flush) is not None:
             flush()
 
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Send without waiting; False (nothing done) while reconnecting or when it would wait."""
-        self._raise_if_over()
-        if self._state is not _State.OPEN or self._sending or self._up is None:
+        state = self._state
+        if state is not _State.OPEN:
+            self._raise_if_over()
             return False
-        if self.stale(command):
+        fast = self._up_send_nowait
+        if self._sending or fast is None:
+            return False
+        # audio is never stale (only a cut response's create is): the check costs an append
+        if not isinstance(command, AppendAudio) and self.stale(command):
             return True  # taken, and dropped
         if self.journal.dropped(command):
             if isinstance(command, Commit) and not self._has_room():
@@ -174,9 +182,6 @@ class ReconnectingUpstream:
             for failed in self.journal.take_failures():
                 self._tx.send_nowait(failed)
             return True
-        fast: Callable[[UpstreamCommand], bool] | None = getattr(self._up, "send_nowait", None)
-        if fast is None:
-            return False
         try:
             accepted = fast(command)
         except BackendFailure as exc:
@@ -433,6 +438,8 @@ class ReconnectingUpstream:
         self._generation += 1
         generation = self._generation
         self._up, self._ending, self._drain_deadline = up, None, math.inf
+        self._up_send_nowait = getattr(up, "send_nowait", None)
+        self._up_cork, self._up_flush = getattr(up, "cork", None), getattr(up, "flush", None)
         set_sink: Callable[[Callable[[UpstreamEvent], bool], Callable[[], None]], None] | None = (
             getattr(up, "set_sink", None)
         )

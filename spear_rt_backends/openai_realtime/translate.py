@@ -102,8 +102,10 @@ class Translator:
         """The frame for `command` (None: nothing to send)."""
         match command:
             case AppendAudio(pcm=pcm):
+                self._count += 1  # `_id`, inline: every append
+                event_id = f"spear_{self._count}"
                 audio = pcm16_to_bytes(pcm)
-                return _encoder.encode(ce.InputAudioBufferAppend(event_id=self._id(), audio=audio))
+                return _encoder.encode(ce.InputAudioBufferAppend(event_id=event_id, audio=audio))
             case BeginTurn(item_id=item_id):
                 self._open = item_id
                 return None

@@ -160,3 +160,19 @@ def test_sending_off_the_common_path_is_websockets_own() -> None:
     with pytest.raises(Exception, match="closing"):
         proto.send_text(b"too late")
     assert b"".join(proto.data_to_send()).startswith(bytes([0x01, 5]) + b"part-")
+
+
+def test_the_fast_path_flag_follows_the_state_and_the_limits() -> None:
+    budget = FrameBudget(1 << 20)
+    fresh = BudgetedServerProtocol(budget=budget, max_size=1000)
+    assert fresh.state is State.CONNECTING and not fresh.fast_open
+    proto = opened(BudgetedServerProtocol, budget=budget, max_size=1000)
+    assert isinstance(proto, BudgetedServerProtocol) and proto.fast_open
+    # a fragment limit (max_size as a pair) keeps every frame on websockets' path
+    limited = opened(BudgetedServerProtocol, budget=budget, max_size=(1000, 100))
+    assert isinstance(limited, BudgetedServerProtocol) and not limited.fast_open
+    proto.receive_frames(masked(8, struct.pack("!H", 1000)))  # the client closes
+    assert proto.state is not State.OPEN and not proto.fast_open
+    # off the fast path the frames are websockets' own: a text frame now is refused as it is
+    with pytest.raises(Exception, match=r"closing|closed"):
+        proto.send_text(b"too late")
