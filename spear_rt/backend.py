@@ -28,6 +28,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 import numpy as np
+from anyio.streams.memory import MemoryObjectSendStream
 from numpy.typing import NDArray
 
 from spear_rt.ir import Feature, Hosting, Limits, Operation, Transport, Usage
@@ -500,3 +501,15 @@ def loop_limiter(key: str, total: int) -> anyio.CapacityLimiter:
     if limiter is None:
         limiter = limiters[key] = anyio.CapacityLimiter(total)
     return limiter
+
+
+def waits_idle(tx: MemoryObjectSendStream[Any]) -> bool:
+    """A receiver waits on `tx` and nothing is buffered (an item handed to a receiver that
+    has not woken yet counts as buffered): what `set_sink`'s callers check before handing an
+    event over directly, so that events keep their order.
+
+    Read from the stream's state rather than `statistics()`, which builds a tuple of six
+    counts; this runs for every upstream event of a relayed session.
+    """
+    state = tx._state  # anyio's state, shared by the stream's clones
+    return not state.buffer and bool(state.waiting_receivers)

@@ -27,7 +27,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 import anyio
 import anyio.abc
 import msgspec
-from anyio.streams.memory import MemoryObjectSendStream
 
 from spear_rt.backend import (
     AppendAudio,
@@ -36,6 +35,7 @@ from spear_rt.backend import (
     UpstreamCommand,
     UpstreamEvent,
     UpstreamReconnected,
+    waits_idle,
 )
 from spear_rt.errors import BackendFailure, CanonicalFailure, ConfigError
 from spear_rt.session.journal import MiB, TurnJournal
@@ -292,7 +292,7 @@ class ReconnectingUpstream:
                 sink is None
                 or generation != self._generation
                 or self._state is not _State.OPEN
-                or not (self._receiving and _waits_idle(self._tx))
+                or not (self._receiving and waits_idle(self._tx))
             ):
                 return False
             forwarded = self.journal.record_event(event)
@@ -528,12 +528,6 @@ class ReconnectingUpstream:
 
 def _nothing() -> None:
     pass
-
-
-def _waits_idle(tx: MemoryObjectSendStream[UpstreamEvent]) -> bool:
-    """A receiver waits on `tx` and nothing is buffered (or handed over and not yet taken)."""
-    stats = tx.statistics()
-    return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
 
 
 @asynccontextmanager

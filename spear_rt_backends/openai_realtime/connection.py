@@ -9,18 +9,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
 import numpy as np
-from anyio.streams.memory import MemoryObjectSendStream
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEvent
+from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEvent, waits_idle
 from spear_rt.errors import BackendFailure
 from spear_rt.wsframes import FastClientProtocol
 
@@ -478,12 +476,6 @@ class RealtimeTranscription:
                 await self._io_done.wait()
         self._io_scope.cancel()
         self._tx.close()
-
-
-def waits_idle(tx: MemoryObjectSendStream[Any]) -> bool:
-    """A receiver waits on `tx` and nothing is buffered (or handed over and not yet taken)."""
-    stats = tx.statistics()
-    return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
 
 
 def _closed_failure(proto: ClientProtocol) -> BackendFailure:
