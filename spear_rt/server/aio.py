@@ -143,8 +143,7 @@ class CallbackRunner:
         self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(
             upstream, "send_nowait", None
         )
-        self._cork_upstream: Callable[[], None] | None = getattr(upstream, "cork", None)
-        self._flush_upstream: Callable[[], None] | None = getattr(upstream, "flush", None)
+        self._corking = task_runner.upstream_corking(upstream)
         # Commands the upstream could not take at once. Reading the client pauses as soon as
         # this is non-empty and resumes when the pump has sent them all, so it never holds
         # more than the commands of one read (bounded by the frame size): nothing is dropped.
@@ -440,15 +439,8 @@ class CallbackRunner:
             return
         fast = self._send_nowait
         if fast is not None and not self._backlog:
-            cork, flush = self._cork_upstream, self._flush_upstream
-            if cork is None or flush is None:
-                sent = task_runner.send_taken(self.machine, fast)
-            else:
-                cork()  # the commands of this read in one write
-                try:
-                    sent = task_runner.send_taken(self.machine, fast)
-                finally:
-                    flush()
+            # the commands of this read in one write
+            sent = task_runner.send_taken(self.machine, fast, self._corking)
             if not sent or not commands:
                 return
         self._backlog.extend(commands)

@@ -133,11 +133,18 @@ def fail_session(machine: SessionMachine) -> None:
         machine.close = machine.close or CloseAction(1011, "internal error")
 
 
-def send_taken(machine: SessionMachine, send_nowait: Callable[[UpstreamCommand], bool]) -> bool:
+def send_taken(
+    machine: SessionMachine,
+    send_nowait: Callable[[UpstreamCommand], bool],
+    corking: tuple[Callable[[], None], Callable[[], None]] | None = None,
+) -> bool:
     """Send, in order, the machine's upstream commands the upstream takes at once (each leaves
-    the list once sent); False when the upstream failed (the machine is told, the rest go)."""
+    the list once sent); False when the upstream failed (the machine is told, the rest go).
+    With the upstream's (cork, flush), the commands go in one write."""
     commands = machine.upstream
     sent = 0
+    if corking is not None:
+        corking[0]()
     try:
         for command in commands:
             if not send_nowait(command):
@@ -147,8 +154,18 @@ def send_taken(machine: SessionMachine, send_nowait: Callable[[UpstreamCommand],
         machine.upstream_failed(f"upstream failed: {exc}")
         commands.clear()
         return False
+    finally:
+        if corking is not None:
+            corking[1]()
     del commands[:sent]
     return True
+
+
+def upstream_corking(upstream: object) -> tuple[Callable[[], None], Callable[[], None]] | None:
+    """The upstream's (cork, flush) pair, if it has one (see `send_taken`)."""
+    cork = getattr(upstream, "cork", None)
+    flush = getattr(upstream, "flush", None)
+    return (cork, flush) if cork is not None and flush is not None else None
 
 
 class SessionRunner:
@@ -173,6 +190,7 @@ class SessionRunner:
         self._send_nowait: Callable[[UpstreamCommand], bool] | None = getattr(
             upstream, "send_nowait", None
         )
+        self._corking = upstream_corking(upstream)
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._link_scope: anyio.CancelScope | None = None
@@ -394,7 +412,7 @@ class SessionRunner:
         commands = self.machine.upstream
         fast = self._send_nowait
         if fast is not None and commands and not self._upstream_lock.locked():
-            if not send_taken(self.machine, fast) or not commands:
+            if not send_taken(self.machine, fast, self._corking) or not commands:
                 return
         async with self._upstream_lock:
             commands = self.machine.upstream

@@ -7,6 +7,7 @@ are sent and reads are decoded in its callbacks (no reader or writer task; see a
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEv
 from spear_rt.errors import BackendFailure
 from spear_rt.wsframes import FastClientProtocol
 
-from .aio_link import LinkProtocol, LinkStream
+from .aio_link import LinkProtocol, LinkStream, on_asyncio
 from .options import RealtimeOptions
 from .translate import _DATA, RATE_HZ, Translator, _Assembler
 
@@ -77,6 +78,7 @@ class RealtimeTranscription:
         )
         self._queued = 0  # bytes handed to the protocol since the last write
         self._writing = 0  # bytes of the write in progress
+        self._writer_busy = False  # the writer task is in a send (of any size)
         self._wake = anyio.Event()
         self._space = anyio.Event()
         self._pong: anyio.Event | None = None
@@ -89,6 +91,18 @@ class RealtimeTranscription:
         self._link: LinkProtocol | None = (
             stream.protocol if isinstance(stream, LinkStream) else None
         )
+        # trio, plain TCP: a write the socket takes at once is made by the sender itself, the
+        # writer task only sends what it did not take (`_unsent`, first): a task switch and
+        # an event less per append (issue 16). Not on asyncio without the link: its
+        # transport may hold bytes a direct write would overtake.
+        self._direct: socket.socket | None = None
+        if (
+            self._link is None
+            and isinstance(stream, anyio.abc.SocketStream)
+            and not on_asyncio()  # trio
+        ):
+            self._direct = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        self._unsent = b""
         self._held: deque[UpstreamEvent] = deque()  # link: decoded while the queue was full
         self._end_after_held = False  # link: failed; end the queue once `_held` is delivered
         self._sink: Callable[[UpstreamEvent], bool] | None = None
@@ -133,7 +147,8 @@ class RealtimeTranscription:
         if frame is not None:
             self._proto.send_text(frame)
             self._queued += len(frame)
-            self._wake.set()
+            if not self._corked:
+                self._send_direct()
         return True
 
     async def send(self, command: UpstreamCommand) -> None:
@@ -286,9 +301,13 @@ class RealtimeTranscription:
                 self._wake = anyio.Event()
                 chunks = self._proto.data_to_send()
                 self._writing, self._queued = self._queued, 0
-                data = b"".join(chunks)
+                data, self._unsent = self._unsent + b"".join(chunks), b""
                 if data:
-                    await stream.send(data)
+                    self._writer_busy = True
+                    try:
+                        await stream.send(data)
+                    finally:
+                        self._writer_busy = False
                 self._writing = 0
                 self._space.set()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -321,6 +340,25 @@ class RealtimeTranscription:
         else:
             self._wake.set()
 
+    def _send_direct(self) -> None:
+        """Task path: what the protocol queued, sent now when the writer is idle and the
+        socket takes it (see `_direct`); the rest, or all of it, goes to the writer."""
+        sock = self._direct
+        if sock is None or self._writer_busy or self._unsent:
+            self._wake.set()  # the writer is busy or behind: it sends this after the rest
+            return
+        data = b"".join(self._proto.data_to_send())
+        if not data:
+            return
+        try:
+            sent = sock.send(data)
+        except OSError:  # full (EAGAIN), or broken: the writer waits, or fails the same way
+            sent = 0
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._wake.set()
+        self._queued = len(self._unsent)
+
     def _write(self) -> None:
         link = self._link
         assert link is not None
@@ -341,13 +379,15 @@ class RealtimeTranscription:
     def cork(self) -> None:
         """Hold the frames `send_nowait` makes until `flush` (asyncio link: the session's read
         of its client sends that read's commands in one write). Always paired with `flush`."""
-        self._corked = self._link is not None
+        self._corked = self._link is not None or self._direct is not None
 
     def flush(self) -> None:
         """Write what was held since `cork`, and write at once again."""
         self._corked = False
         if self._link is not None:
             self._write()
+        elif self._direct is not None:
+            self._send_direct()
 
     def _switch_link(self, link: LinkProtocol) -> None:
         """Take the connection over from the opening's coroutines (see aio_link.py)."""

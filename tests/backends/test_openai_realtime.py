@@ -615,10 +615,12 @@ async def test_works_on_asyncio_too() -> None:
     assert transcript == await stub_transcript(noise_pcm(RATE_HZ, seed=13))
 
 
-async def test_on_asyncio_the_frames_of_one_batch_go_in_one_write() -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_the_frames_of_one_batch_go_in_one_write_at_once(backend: str) -> None:
     """Corked (the session's read of its client does it), `send_nowait` holds its frames and
-    `flush` writes them together; uncorked, each is written at once. Peeked at on the fake's
-    socket, which nothing reads in between (one thread, no await)."""
+    `flush` writes them together; uncorked, each is written at once — on trio too, by the
+    caller, not a writer task it wakes. Peeked at on the fake's socket, which nothing reads in
+    between (one thread, no await)."""
 
     def arrived(sock: Any) -> int:
         try:
@@ -632,7 +634,7 @@ async def test_on_asyncio_the_frames_of_one_batch_go_in_one_write() -> None:
             fake = FakeRealtime(api_key=KEY)
             await tg.start(fake.serve)
             async with opened(instance(fake)) as up:
-                raw = fake.connections[0].socket  # asyncio's wrapper: peek through a dup
+                raw = fake.connections[0].socket  # the loop's wrapper: peek through a dup
                 sock = socket.socket(fileno=os.dup(raw.fileno()))
                 stack.callback(sock.close)
                 before = arrived(sock)
@@ -653,7 +655,7 @@ async def test_on_asyncio_the_frames_of_one_batch_go_in_one_write() -> None:
 
     with trio.fail_after(BOUND_S):
         held, flushed, uncorked = await trio.to_thread.run_sync(
-            lambda: anyio.run(main, backend="asyncio")
+            lambda: anyio.run(main, backend=backend)
         )
     assert held == 0
     assert flushed > 3 * (RATE_HZ // 50) * 2  # three appends' audio, base64 and framed
