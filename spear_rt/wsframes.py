@@ -17,9 +17,12 @@ append and every event through them (issue 16's profile). Rules, for both sides:
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from typing import Any
 
+import anyio.abc
+import sniffio
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol, State
@@ -34,8 +37,10 @@ __all__ = [
     "FastClientProtocol",
     "FastOpenProtocol",
     "apply_mask",
+    "direct_socket",
     "frame_head",
     "frame_header",
+    "send_some",
 ]
 
 OPCODES = frozenset({0, 1, 2, 8, 9, 10})  # RFC 6455's: others fail the connection
@@ -180,3 +185,29 @@ class FastClientProtocol(FastOpenProtocol, ClientProtocol):
         if tail:
             self.receive_data(tail)
         super().receive_eof()
+
+
+def direct_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
+    """The socket under `stream` when a sender may write to it itself, without a writer task
+    (trio, plain TCP: a task switch less per write); None otherwise. Not TLS (the bytes must
+    be encrypted), not asyncio (its transports buffer writes a direct one would overtake).
+    Whoever uses it writes only while its writer task is not in a send (see `send_some`)."""
+    if not isinstance(stream, anyio.abc.SocketStream):
+        return None
+    try:
+        if sniffio.current_async_library() != "trio":
+            return None
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    return raw
+
+
+def send_some(sock: socket.socket, data: bytes) -> bytes:
+    """Send what non-blocking `sock` takes of `data` now; the rest, for the writer task (a
+    full or broken socket takes nothing: the writer waits, or fails as it would have)."""
+    try:
+        sent = sock.send(data)
+    except OSError:
+        return data
+    return data[sent:]

@@ -109,6 +109,13 @@ class FdLink:
         """Wake the session's writer."""
         self._wake.set()
 
+    def can_write_now(self) -> bool:
+        """No: the session's writer hands the events over (see `flush`)."""
+        return False
+
+    def write_now(self) -> None:
+        """Not used (`can_write_now`)."""
+
     async def wait_wake(self) -> None:
         """Writer side: wait for `wake()`."""
         await self._wake.wait()

@@ -19,7 +19,15 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from spear_rt.server.http import HttpConnection
-from spear_rt.wsframes import OPCODES, FastOpenProtocol, apply_mask, frame_head, frame_header
+from spear_rt.wsframes import (
+    OPCODES,
+    FastOpenProtocol,
+    apply_mask,
+    direct_socket,
+    frame_head,
+    frame_header,
+    send_some,
+)
 
 READ_SIZE = 65536
 CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG, Opcode.CLOSE})
@@ -212,6 +220,10 @@ class WebSocketConnection:
         self._assembler = MessageAssembler()
         self.closed_by_peer = False
         self.dropped = False  # ended without a close frame from the peer
+        # `write_now` (trio, plain TCP): what the socket did not take, sent first by `flush`
+        self._direct = direct_socket(stream)
+        self._unsent = b""
+        self._flushing = False  # the writer is in a send: a direct write would overtake it
 
     async def receive(self) -> Sequence[Message] | None:
         """Read once; the complete messages it carried, or None when the connection ended."""
@@ -262,6 +274,26 @@ class WebSocketConnection:
         """Tell the writer there is something to send."""
         self._wake.set()
 
+    def can_write_now(self) -> bool:
+        """The socket is ours to write (`direct_socket`), the connection open (so no
+        end-of-stream chunk can come) and nothing of the writer's waits or is in a send."""
+        return (
+            self._direct is not None
+            and not self._flushing
+            and not self._unsent
+            and self.protocol.state is WsState.OPEN
+        )
+
+    def write_now(self) -> None:
+        """Send what is queued now (after `can_write_now`); the rest goes to the writer."""
+        sock = self._direct
+        assert sock is not None
+        data = b"".join(self.protocol.data_to_send())
+        if data:
+            self._unsent = send_some(sock, data)
+            if self._unsent:
+                self.wake()
+
     async def wait_wake(self) -> None:
         """Writer side: wait until someone calls `wake()`."""
         await self._wake.wait()
@@ -270,17 +302,20 @@ class WebSocketConnection:
     async def flush(self) -> None:
         """Send everything the protocol has queued, in one write."""
         chunks = self.protocol.data_to_send()
-        if not chunks:
+        if not chunks and not self._unsent:
             return
-        data = b"".join(chunks)
+        data, self._unsent = self._unsent + b"".join(chunks), b""
         if data:
+            self._flushing = True
             try:
                 await self.stream.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.dropped |= not self.closed_by_peer and self.protocol.close_sent is None
                 self.closed_by_peer = True
                 return
-        if chunks[-1] == b"":
+            finally:
+                self._flushing = False
+        if chunks and chunks[-1] == b"":
             # websockets asks for the TCP connection to close with an empty chunk
             await self._close_transport()
 

@@ -7,7 +7,6 @@ are sent and reads are decoded in its callbacks (no reader or writer task; see a
 from __future__ import annotations
 
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable
 
@@ -21,9 +20,9 @@ from websockets.protocol import State
 
 from spear_rt.backend import AppendAudio, BeginTurn, UpstreamCommand, UpstreamEvent, waits_idle
 from spear_rt.errors import BackendFailure
-from spear_rt.wsframes import FastClientProtocol
+from spear_rt.wsframes import FastClientProtocol, direct_socket, send_some
 
-from .aio_link import LinkProtocol, LinkStream, on_asyncio
+from .aio_link import LinkProtocol, LinkStream
 from .options import RealtimeOptions
 from .translate import _DATA, RATE_HZ, Translator, _Assembler
 
@@ -95,13 +94,7 @@ class RealtimeTranscription:
         # writer task only sends what it did not take (`_unsent`, first): a task switch and
         # an event less per append (issue 16). Not on asyncio without the link: its
         # transport may hold bytes a direct write would overtake.
-        self._direct: socket.socket | None = None
-        if (
-            self._link is None
-            and isinstance(stream, anyio.abc.SocketStream)
-            and not on_asyncio()  # trio
-        ):
-            self._direct = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        self._direct = direct_socket(stream) if self._link is None else None
         self._unsent = b""
         self._held: deque[UpstreamEvent] = deque()  # link: decoded while the queue was full
         self._end_after_held = False  # link: failed; end the queue once `_held` is delivered
@@ -348,15 +341,10 @@ class RealtimeTranscription:
             self._wake.set()  # the writer is busy or behind: it sends this after the rest
             return
         data = b"".join(self._proto.data_to_send())
-        if not data:
-            return
-        try:
-            sent = sock.send(data)
-        except OSError:  # full (EAGAIN), or broken: the writer waits, or fails the same way
-            sent = 0
-        if sent < len(data):
-            self._unsent = data[sent:]
-            self._wake.set()
+        if data:
+            self._unsent = send_some(sock, data)
+            if self._unsent:
+                self._wake.set()
         self._queued = len(self._unsent)
 
     def _write(self) -> None:
