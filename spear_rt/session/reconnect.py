@@ -165,8 +165,7 @@ class ReconnectingUpstream:
 
     def send_nowait(self, command: UpstreamCommand) -> bool:
         """Send without waiting; False (nothing done) while reconnecting or when it would wait."""
-        state = self._state
-        if state is not _State.OPEN:
+        if self._state is not _State.OPEN:
             self._raise_if_over()
             return False
         fast = self._up_send_nowait

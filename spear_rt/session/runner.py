@@ -210,13 +210,14 @@ class SessionRunner:
 
     async def run(self) -> None:
         """Run until the session closes (it may outlive this first connection)."""
-        set_sink: Callable[[Callable[[UpstreamEvent], bool]], None] | None = getattr(
-            self.upstream, "set_sink", None
+        set_sink: Callable[[Callable[[UpstreamEvent], bool], Callable[[], None]], None] | None = (
+            getattr(self.upstream, "set_sink", None)
         )
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if set_sink is not None:
-                set_sink(self._upstream_now)
+                # the events of one upstream read applied, then written once (`_after`)
+                set_sink(self._upstream_now, self._after)
             tg.start_soon(self._upstream_reader)
             tg.start_soon(self._timer)
             if self._responder is not None:
@@ -340,8 +341,7 @@ class SessionRunner:
         machine.upstream_event(event)
         if machine.upstream:  # not expected outside a relay: sent in order by a task
             self._tg.start_soon(self._send_upstream)
-        self._after()
-        return True
+        return True  # `_after` follows the read's last event (`set_sink`'s done)
 
     async def _upstream_reader(self) -> None:
         machine = self.machine
