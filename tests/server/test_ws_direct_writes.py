@@ -87,3 +87,21 @@ def test_on_asyncio_the_writer_sends() -> None:
         return able
 
     assert anyio.run(main, backend="asyncio") is False
+
+
+def test_on_trio_reads_wait_then_read_once_and_see_the_end() -> None:
+    """The direct read (wait, then one recv): messages, then a drop seen as one."""
+
+    async def main() -> tuple[list[bytes], bool, bool]:
+        conn, client = await connected()
+        with client:
+            payload = b'{"type":"input_audio_buffer.commit"}'
+            key = b"\x01\x02\x03\x04"
+            masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            client.sendall(bytes((0x81, 0x80 | len(payload))) + key + masked)
+            got = [bytes(m.data) for m in await conn.receive() or []]
+        ended = await conn.receive()  # the client socket closed: no close frame
+        return got, ended is None, conn.dropped
+
+    got, ended, dropped = anyio.run(main, backend="trio")
+    assert got == [b'{"type":"input_audio_buffer.commit"}'] and ended and dropped
